@@ -1,0 +1,313 @@
+//! The one error type of this crate: every refusal, with the context an auditor needs.
+
+use std::fmt;
+
+use crate::report::{Product, SigningKeyKind};
+
+/// The role a certificate plays in AMD's endorsement hierarchy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertRole {
+    /// AMD Root Key: self-signed, pinned per product.
+    Ark,
+    /// AMD SEV Key: issued by the ARK, issues VCEKs.
+    Ask,
+    /// AMD SEV VLEK Key: issued by the ARK, issues VLEKs.
+    Asvk,
+    /// Versioned Chip Endorsement Key: signs reports of one chip at one TCB.
+    Vcek,
+    /// Versioned Loaded Endorsement Key: signs reports on a cloud provider's hosts.
+    Vlek,
+    /// A certificate whose role is not known yet (for example a malformed one).
+    Unknown,
+}
+
+impl fmt::Display for CertRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CertRole::Ark => "ARK",
+            CertRole::Ask => "ASK",
+            CertRole::Asvk => "ASVK",
+            CertRole::Vcek => "VCEK",
+            CertRole::Vlek => "VLEK",
+            CertRole::Unknown => "certificate",
+        })
+    }
+}
+
+/// One component of a TCB version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcbComponent {
+    /// Firmware (FMC) SPL, Turin and later.
+    Fmc,
+    /// Boot loader SPL.
+    Bootloader,
+    /// PSP OS (TEE) SPL.
+    Tee,
+    /// SNP firmware SPL.
+    Snp,
+    /// CPU microcode SPL.
+    Microcode,
+}
+
+impl fmt::Display for TcbComponent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcbComponent::Fmc => "fmcSPL",
+            TcbComponent::Bootloader => "blSPL",
+            TcbComponent::Tee => "teeSPL",
+            TcbComponent::Snp => "snpSPL",
+            TcbComponent::Microcode => "ucodeSPL",
+        })
+    }
+}
+
+/// Why a piece of evidence was refused. Every variant names the check that failed; none of
+/// them carries secret material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The report is not exactly 1184 bytes long.
+    #[error("report is {actual} bytes, expected {expected}")]
+    ReportLength {
+        /// The required length.
+        expected: usize,
+        /// The length received.
+        actual: usize,
+    },
+    /// The report version is not one this verifier understands (2, 3 or 5).
+    #[error("unsupported report version {version}")]
+    UnsupportedVersion {
+        /// The version field of the report.
+        version: u32,
+    },
+    /// The report is signed with an algorithm other than ECDSA P-384 with SHA-384.
+    #[error("unsupported report signature algorithm {algorithm}")]
+    UnsupportedSignatureAlgorithm {
+        /// The SIGNATURE_ALGO field.
+        algorithm: u32,
+    },
+    /// A byte the specification reserves is not zero.
+    #[error("reserved field {field} is not zero (offset {offset:#x})")]
+    ReservedNonZero {
+        /// Name of the reserved field.
+        field: &'static str,
+        /// Offset of the first non-zero byte within the report.
+        offset: usize,
+    },
+    /// The signature's R or S has a non-zero byte above the 48 that P-384 uses.
+    #[error("signature component {component} is not canonically zero-padded")]
+    NonCanonicalSignature {
+        /// "R" or "S".
+        component: &'static str,
+    },
+    /// The report's key-selection field names a key this verifier cannot check.
+    #[error("report signing key field {value} is not VCEK or VLEK")]
+    UnsupportedSigningKey {
+        /// The SIGNING_KEY bits of the report.
+        value: u8,
+    },
+    /// CPUID family/model in the report are not a known SEV-SNP product.
+    #[error("unknown CPU family {family:#x} model {model:#x}")]
+    UnknownProduct {
+        /// CPUID family.
+        family: u8,
+        /// CPUID model.
+        model: u8,
+    },
+    /// The product in the report and the product of the endorsement chain disagree.
+    #[error("report is from a {report} CPU but the endorsement chain is for {certificate}")]
+    ProductMismatch {
+        /// Product from the report's CPUID fields.
+        report: Product,
+        /// Product from the endorsement certificates.
+        certificate: Product,
+    },
+    /// CHIP_ID is masked (all zero) but the report is signed by a VCEK, which needs it.
+    #[error("CHIP_ID is masked but the report is signed by a VCEK")]
+    MaskedChipId,
+    /// The report's key-selection field and the endorsement certificate disagree.
+    #[error("report says it is signed by a {report} but the certificate is a {certificate}")]
+    SigningKeyMismatch {
+        /// The kind named by the report.
+        report: SigningKeyKind,
+        /// The kind of the supplied certificate.
+        certificate: SigningKeyKind,
+    },
+    /// The report's ECDSA P-384 signature does not verify over the received bytes.
+    #[error("report signature does not verify with the {key}")]
+    ReportSignature {
+        /// The key that was tried.
+        key: SigningKeyKind,
+    },
+    /// A certificate could not be decoded.
+    #[error("malformed {role} certificate: {detail}")]
+    CertificateMalformed {
+        /// Which certificate.
+        role: CertRole,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A certificate the chain needs was not supplied and is not built in.
+    #[error("no {role} certificate available")]
+    MissingCertificate {
+        /// Which certificate is missing.
+        role: CertRole,
+    },
+    /// A root certificate was supplied that is not one of the pinned roots.
+    #[error("supplied root is not a pinned AMD root (SHA-256 {fingerprint})")]
+    UntrustedRoot {
+        /// SHA-256 fingerprint (hex) of the supplied root.
+        fingerprint: String,
+    },
+    /// No pinned root issued the intermediate certificate.
+    #[error("no trusted root issued the {role} ({issuer})")]
+    UnknownIssuer {
+        /// The certificate that has no trusted issuer.
+        role: CertRole,
+        /// Its issuer name.
+        issuer: String,
+    },
+    /// A certificate's signature algorithm is not RSASSA-PSS with SHA-384 as AMD uses it.
+    #[error("{role} is signed with an unexpected algorithm")]
+    UnexpectedSignatureAlgorithm {
+        /// Which certificate.
+        role: CertRole,
+    },
+    /// A certificate's signature does not verify with its issuer's key.
+    #[error("{role} signature does not verify with the {issuer} key")]
+    ChainSignature {
+        /// The certificate whose signature failed.
+        role: CertRole,
+        /// The issuer whose key was used.
+        issuer: CertRole,
+    },
+    /// A certificate is not valid at the verification time.
+    #[error("{role} is not valid at {at} (valid {not_before}..{not_after}, seconds since the epoch)")]
+    CertificateNotValidAt {
+        /// Which certificate.
+        role: CertRole,
+        /// Start of validity, seconds since the Unix epoch.
+        not_before: u64,
+        /// End of validity, seconds since the Unix epoch.
+        not_after: u64,
+        /// Verification time, seconds since the Unix epoch.
+        at: u64,
+    },
+    /// A certificate appears on the ARK's certificate revocation list.
+    #[error("{role} (serial {serial}) is revoked")]
+    Revoked {
+        /// Which certificate.
+        role: CertRole,
+        /// Its serial number (hex).
+        serial: String,
+    },
+    /// A certificate revocation list is malformed, not signed by the ARK, or out of date.
+    #[error("certificate revocation list refused: {detail}")]
+    Crl {
+        /// What was wrong.
+        detail: String,
+    },
+    /// A required AMD extension is missing from the endorsement certificate.
+    #[error("{role} lacks extension {oid}")]
+    MissingExtension {
+        /// Which certificate.
+        role: CertRole,
+        /// The missing extension's OID.
+        oid: &'static str,
+    },
+    /// An AMD extension could not be decoded.
+    #[error("{role} extension {oid} is malformed")]
+    MalformedExtension {
+        /// Which certificate.
+        role: CertRole,
+        /// The malformed extension's OID.
+        oid: String,
+    },
+    /// The VCEK's hwID extension is not the report's CHIP_ID.
+    #[error("VCEK hwID does not match CHIP_ID")]
+    HwIdMismatch,
+    /// A TCB component certified by the VCEK/VLEK differs from the report's REPORTED_TCB.
+    #[error("{component} mismatch: report has {reported}, certificate has {certified}")]
+    TcbMismatch {
+        /// The component that differs.
+        component: TcbComponent,
+        /// The value in REPORTED_TCB.
+        reported: u8,
+        /// The value in the certificate.
+        certified: u64,
+    },
+    /// The endorsement key is not an ECDSA P-384 key.
+    #[error("{role} public key is not ECDSA P-384")]
+    UnexpectedKeyType {
+        /// Which certificate.
+        role: CertRole,
+    },
+    /// A verified chain was produced under other trust anchors than this verifier's.
+    #[error("the endorsement chain was verified under other trust anchors")]
+    ForeignChain,
+    /// A certificate table (GHCB extended-report format) is malformed.
+    #[error("malformed certificate table: {detail}")]
+    CertTable {
+        /// What was wrong.
+        detail: String,
+    },
+    /// An Azure HCL report is malformed.
+    #[error("malformed Azure HCL report: {detail}")]
+    HclMalformed {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The HCL report's variable data does not hash to REPORT_DATA[0..32].
+    #[error("HCL variable data does not match REPORT_DATA")]
+    HclVarDataDigest,
+    /// REPORT_DATA is not the expected binding of the challenge and the guest's key.
+    #[error("REPORT_DATA does not bind the challenge and the ephemeral key")]
+    BindingMismatch,
+    /// An input (PEM, time, trust anchor) given by the caller is not usable.
+    #[error("invalid input: {detail}")]
+    InvalidInput {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl Error {
+    /// A short, stable identifier of the failed check, for audit logs and metrics labels.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Error::ReportLength { .. } => "report_length",
+            Error::UnsupportedVersion { .. } => "report_version",
+            Error::UnsupportedSignatureAlgorithm { .. } => "report_signature_algorithm",
+            Error::ReservedNonZero { .. } => "report_reserved",
+            Error::NonCanonicalSignature { .. } => "report_signature_encoding",
+            Error::UnsupportedSigningKey { .. } => "report_signing_key",
+            Error::UnknownProduct { .. } => "product_unknown",
+            Error::ProductMismatch { .. } => "product_mismatch",
+            Error::MaskedChipId => "masked_chip_id",
+            Error::SigningKeyMismatch { .. } => "signing_key_mismatch",
+            Error::ReportSignature { .. } => "report_signature",
+            Error::CertificateMalformed { .. } => "certificate_malformed",
+            Error::MissingCertificate { .. } => "certificate_missing",
+            Error::UntrustedRoot { .. } => "untrusted_root",
+            Error::UnknownIssuer { .. } => "unknown_issuer",
+            Error::UnexpectedSignatureAlgorithm { .. } => "certificate_algorithm",
+            Error::ChainSignature { .. } => "chain_signature",
+            Error::CertificateNotValidAt { .. } => "certificate_validity",
+            Error::Revoked { .. } => "revoked",
+            Error::Crl { .. } => "crl",
+            Error::MissingExtension { .. } => "extension_missing",
+            Error::MalformedExtension { .. } => "extension_malformed",
+            Error::HwIdMismatch => "hwid_mismatch",
+            Error::TcbMismatch { .. } => "tcb_mismatch",
+            Error::UnexpectedKeyType { .. } => "key_type",
+            Error::ForeignChain => "foreign_chain",
+            Error::CertTable { .. } => "cert_table",
+            Error::HclMalformed { .. } => "hcl_malformed",
+            Error::HclVarDataDigest => "hcl_var_data_digest",
+            Error::BindingMismatch => "binding",
+            Error::InvalidInput { .. } => "invalid_input",
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The verifier: from bytes and endorsements to a [`VerifiedReport`], or a typed refusal.
+
+use std::time::SystemTime;
+
+use aws_lc_rs::signature;
+
+use crate::chain::{Endorsements, RootKind, TrustAnchors, VerifiedChain};
+use crate::claims::Claims;
+use crate::error::{Error, TcbComponent};
+use crate::hcl::HclReport;
+use crate::report::{AttestationReport, Product, SigningKeyKind};
+
+/// Verifies SEV-SNP evidence against a set of trust anchors.
+///
+/// It reads no clock, network or file: the verification time is a parameter.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    anchors: TrustAnchors,
+}
+
+/// A report whose every baseline check passed: AMD chain, extensions, signature over the
+/// received bytes. Only the [`Verifier`] builds one; release decisions take nothing else.
+#[derive(Clone, Debug)]
+pub struct VerifiedReport {
+    report: AttestationReport,
+    product: Product,
+    root: RootKind,
+    vek_fingerprint: String,
+    csp_id: Option<String>,
+    azure: Option<crate::hcl::AzureVarData>,
+}
+
+impl Verifier {
+    /// A verifier trusting `anchors`.
+    pub fn new(anchors: TrustAnchors) -> Verifier {
+        Verifier { anchors }
+    }
+
+    /// The anchors this verifier trusts.
+    pub fn anchors(&self) -> &TrustAnchors {
+        &self.anchors
+    }
+
+    /// Verifies the endorsement chain alone, at time `at`. The result can be cached and
+    /// passed to [`Verifier::verify_report`] for every report signed by the same key.
+    pub fn verify_chain(
+        &self,
+        endorsements: &Endorsements,
+        at: SystemTime,
+    ) -> Result<VerifiedChain, Error> {
+        self.anchors.verify_chain(endorsements, at)
+    }
+
+    /// Parses and verifies a raw report and its endorsements at time `at`.
+    pub fn verify(
+        &self,
+        report: &[u8],
+        endorsements: &Endorsements,
+        at: SystemTime,
+    ) -> Result<VerifiedReport, Error> {
+        let report = AttestationReport::parse(report)?;
+        let chain = self.verify_chain(endorsements, at)?;
+        self.verify_parsed(report, &chain, at)
+    }
+
+    /// Verifies a raw report against a chain verified earlier, at time `at`.
+    pub fn verify_report(
+        &self,
+        report: &[u8],
+        chain: &VerifiedChain,
+        at: SystemTime,
+    ) -> Result<VerifiedReport, Error> {
+        let report = AttestationReport::parse(report)?;
+        self.verify_parsed(report, chain, at)
+    }
+
+    /// Verifies an Azure HCL report: the wrapped SNP report passes every check of
+    /// [`Verifier::verify_report`], and REPORT_DATA binds the HCL variable data.
+    pub fn verify_hcl(
+        &self,
+        hcl: &HclReport,
+        chain: &VerifiedChain,
+        at: SystemTime,
+    ) -> Result<VerifiedReport, Error> {
+        let report = AttestationReport::parse(hcl.snp_report())?;
+        hcl.check_var_data_digest(&report.report_data())?;
+        let var_data = hcl.var_data_claims()?;
+        let mut verified = self.verify_parsed(report, chain, at)?;
+        verified.azure = Some(var_data);
+        Ok(verified)
+    }
+
+    fn verify_parsed(
+        &self,
+        report: AttestationReport,
+        chain: &VerifiedChain,
+        at: SystemTime,
+    ) -> Result<VerifiedReport, Error> {
+        if !self.anchors.holds(chain) {
+            return Err(Error::ForeignChain);
+        }
+        let at_secs = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .map_err(|_| Error::InvalidInput {
+                detail: "verification time is before 1970".into(),
+            })?;
+        chain.check_time(at_secs)?;
+
+        let product = chain.product;
+        if let Some(reported) = report.cpuid_product() {
+            if reported != product {
+                return Err(Error::ProductMismatch {
+                    report: reported,
+                    certificate: product,
+                });
+            }
+        }
+        if report.signing_key() != chain.kind {
+            return Err(Error::SigningKeyMismatch {
+                report: report.signing_key(),
+                certificate: chain.kind,
+            });
+        }
+        let ext = &chain.extensions;
+        if chain.kind == SigningKeyKind::Vcek {
+            if report.chip_id_masked() {
+                return Err(Error::MaskedChipId);
+            }
+            let hwid = ext.hwid.as_deref().ok_or(Error::MissingExtension {
+                role: crate::error::CertRole::Vcek,
+                oid: crate::certs::oid::HWID,
+            })?;
+            let chip_id = report.chip_id();
+            let expected = chip_id.get(..product.hwid_len()).unwrap_or(&[]);
+            if hwid != expected {
+                return Err(Error::HwIdMismatch);
+            }
+        }
+        check_tcb(&report, chain)?;
+
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, &chain.leaf_key)
+            .verify(report.signed_bytes(), &report.signature_fixed())
+            .map_err(|_| Error::ReportSignature { key: chain.kind })?;
+
+        Ok(VerifiedReport {
+            report,
+            product,
+            root: chain.root_kind,
+            vek_fingerprint: chain.leaf_fingerprint.clone(),
+            csp_id: ext.csp_id.clone(),
+            azure: None,
+        })
+    }
+}
+
+fn check_tcb(report: &AttestationReport, chain: &VerifiedChain) -> Result<(), Error> {
+    let role = match chain.kind {
+        SigningKeyKind::Vcek => crate::error::CertRole::Vcek,
+        SigningKeyKind::Vlek => crate::error::CertRole::Vlek,
+    };
+    let tcb = report.reported_tcb(chain.product);
+    let ext = &chain.extensions;
+    let mut checks = vec![
+        (TcbComponent::Bootloader, tcb.bootloader, ext.bl_spl, crate::certs::oid::BL_SPL),
+        (TcbComponent::Tee, tcb.tee, ext.tee_spl, crate::certs::oid::TEE_SPL),
+        (TcbComponent::Snp, tcb.snp, ext.snp_spl, crate::certs::oid::SNP_SPL),
+        (TcbComponent::Microcode, tcb.microcode, ext.ucode_spl, crate::certs::oid::UCODE_SPL),
+    ];
+    if let Some(fmc) = tcb.fmc {
+        checks.insert(0, (TcbComponent::Fmc, fmc, ext.fmc_spl, crate::certs::oid::FMC_SPL));
+    }
+    for (component, reported, certified, oid) in checks {
+        let certified = certified.ok_or(Error::MissingExtension { role, oid })?;
+        if u64::from(reported) != certified {
+            return Err(Error::TcbMismatch {
+                component,
+                reported,
+                certified,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl VerifiedReport {
+    /// The verified report (the received bytes and their decoded fields).
+    pub fn report(&self) -> &AttestationReport {
+        &self.report
+    }
+    /// The product, agreed between the report and the endorsement chain.
+    pub fn product(&self) -> Product {
+        self.product
+    }
+    /// Whether the chain ends in an AMD root or a simulated one.
+    pub fn root(&self) -> RootKind {
+        self.root
+    }
+    /// SHA-256 of the VCEK/VLEK certificate that signed the report.
+    pub fn vek_fingerprint(&self) -> &str {
+        &self.vek_fingerprint
+    }
+    /// The cloud provider named in a VLEK.
+    pub fn csp_id(&self) -> Option<&str> {
+        self.csp_id.as_deref()
+    }
+    /// The Azure HCL variable data, for reports that came wrapped in one.
+    pub fn azure(&self) -> Option<&crate::hcl::AzureVarData> {
+        self.azure.as_ref()
+    }
+    /// The typed claims a policy decides on.
+    pub fn claims(&self) -> Claims {
+        Claims::from_verified(self)
+    }
+    /// Checks that REPORT_DATA is, byte for byte, the binding of `nonce` and `public_key`
+    /// (see [`crate::binding`]). Constant time in the compared bytes.
+    pub fn check_binding(&self, nonce: &[u8], public_key: &[u8]) -> Result<(), Error> {
+        crate::binding::check(&self.report.report_data(), nonce, public_key)
+    }
+}
