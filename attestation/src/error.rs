@@ -184,7 +184,12 @@ pub enum Error {
         issuer: CertRole,
     },
     /// A certificate is not valid at the verification time.
-    #[error("{role} is not valid at {at} (valid {not_before}..{not_after}, seconds since the epoch)")]
+    #[error(
+        "{role} is not valid at {} (valid from {} to {})",
+        rfc3339(.at),
+        rfc3339(.not_before),
+        rfc3339(.not_after)
+    )]
     CertificateNotValidAt {
         /// Which certificate.
         role: CertRole,
@@ -271,6 +276,15 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+}
+
+/// Formats seconds since the Unix epoch as an RFC 3339 UTC time.
+pub fn rfc3339(secs: &u64) -> String {
+    i64::try_from(*secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{secs}s after the epoch"))
 }
 
 impl Error {

@@ -1,0 +1,31 @@
+//! The broker's error type.
+
+use std::path::PathBuf;
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An input file is larger than the broker accepts.
+    #[error("{path} is larger than {limit} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
+    },
+    /// An argument or input is not usable.
+    #[error("{0}")]
+    Input(String),
+    /// The evidence was refused by verification.
+    #[error("refused: {0}")]
+    Refused(#[from] attestation::Error),
+}

@@ -1,0 +1,13 @@
+//! The key broker: verifies SEV-SNP evidence and, from the broker service on, releases
+//! secrets to guests whose evidence the operator's policy accepts.
+//!
+//! This crate holds the `broker` binary's library parts. Today: loading evidence files and
+//! the `broker verify` command.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod evidence;
+pub mod verify_cmd;
+
+pub use error::Error;
