@@ -49,6 +49,9 @@ mod tests {
         assert_eq!(check(&rd, b"nonce", b"kez"), Err(Error::BindingMismatch));
         let mut flipped = rd;
         flipped[63] ^= 1;
-        assert_eq!(check(&flipped, b"nonce", b"key"), Err(Error::BindingMismatch));
+        assert_eq!(
+            check(&flipped, b"nonce", b"key"),
+            Err(Error::BindingMismatch)
+        );
     }
 }

@@ -176,9 +176,18 @@ mod tests {
     #[test]
     fn round_trip_and_refusals() {
         let entries = vec![
-            CertEntry { kind: CertKind::Vcek, der: vec![1, 2, 3] },
-            CertEntry { kind: CertKind::Ask, der: vec![4, 5] },
-            CertEntry { kind: CertKind::Ark, der: vec![6] },
+            CertEntry {
+                kind: CertKind::Vcek,
+                der: vec![1, 2, 3],
+            },
+            CertEntry {
+                kind: CertKind::Ask,
+                der: vec![4, 5],
+            },
+            CertEntry {
+                kind: CertKind::Ark,
+                der: vec![6],
+            },
         ];
         let table = build(&entries);
         assert_eq!(parse(&table).unwrap(), entries);

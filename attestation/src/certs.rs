@@ -85,7 +85,11 @@ pub(crate) fn split_signed(der: &[u8]) -> Result<Signed, der::Error> {
     let signature = raw
         .signature
         .as_bytes()
-        .ok_or_else(|| der::Error::from(der::ErrorKind::Noncanonical { tag: der::Tag::BitString }))?
+        .ok_or_else(|| {
+            der::Error::from(der::ErrorKind::Noncanonical {
+                tag: der::Tag::BitString,
+            })
+        })?
         .to_vec();
     Ok(Signed {
         tbs,
@@ -331,7 +335,10 @@ mod tests {
 
         let cert = parse_certificate(TURIN, CertRole::Vcek).unwrap();
         let ext = AmdExtensions::from_certificate(&cert, CertRole::Vcek).unwrap();
-        assert_eq!(ext.hwid.as_deref(), Some(&hex::decode("1e550a8ee5cf9f4d").unwrap()[..]));
+        assert_eq!(
+            ext.hwid.as_deref(),
+            Some(&hex::decode("1e550a8ee5cf9f4d").unwrap()[..])
+        );
         assert_eq!(ext.fmc_spl, Some(0));
         assert_eq!(ext.ucode_spl, Some(9));
     }

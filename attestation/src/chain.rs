@@ -220,7 +220,9 @@ impl TrustAnchors {
             anchors.add_root(der, RootKind::Amd)?;
         }
         for der in AMD_INTERMEDIATES {
-            anchors.intermediates.push(Intermediate { der: der.to_vec() });
+            anchors
+                .intermediates
+                .push(Intermediate { der: der.to_vec() });
         }
         Ok(anchors)
     }
@@ -404,7 +406,8 @@ impl TrustAnchors {
                 candidates.push((&i.der, cert));
             }
         }
-        let leaf_issuer_cn = certs::common_name(leaf.tbs_certificate().issuer()).unwrap_or_default();
+        let leaf_issuer_cn =
+            certs::common_name(leaf.tbs_certificate().issuer()).unwrap_or_default();
         if candidates.is_empty() {
             let role = if leaf_issuer_cn.starts_with("SEV-VLEK-") {
                 CertRole::Asvk
@@ -500,16 +503,16 @@ impl TrustAnchors {
         }
 
         let extensions = AmdExtensions::from_certificate(leaf, leaf_role)?;
-        if let Some(name) = &extensions.product_name {
-            if Product::from_name(name) != Some(root.product) {
-                return Err(Error::CertificateMalformed {
-                    role: leaf_role,
-                    detail: format!(
-                        "product name {name:?} does not match the issuing ARK ({})",
-                        root.product
-                    ),
-                });
-            }
+        if let Some(name) = &extensions.product_name
+            && Product::from_name(name) != Some(root.product)
+        {
+            return Err(Error::CertificateMalformed {
+                role: leaf_role,
+                detail: format!(
+                    "product name {name:?} does not match the issuing ARK ({})",
+                    root.product
+                ),
+            });
         }
         Ok(VerifiedChain {
             product: root.product,
@@ -553,7 +556,8 @@ fn check_crl(
     if tbs.issuer != root.subject {
         return Ok(());
     }
-    if !certs::is_amd_pss_owned(&crl.signature_algorithm) || !certs::is_amd_pss_owned(&tbs.signature)
+    if !certs::is_amd_pss_owned(&crl.signature_algorithm)
+        || !certs::is_amd_pss_owned(&tbs.signature)
     {
         return Err(Error::Crl {
             detail: "unexpected signature algorithm".into(),
@@ -570,12 +574,12 @@ fn check_crl(
             detail: "issued after the verification time".into(),
         });
     }
-    if let Some(next) = tbs.next_update {
-        if next.to_unix_duration().as_secs() < at {
-            return Err(Error::Crl {
-                detail: "out of date (nextUpdate has passed)".into(),
-            });
-        }
+    if let Some(next) = tbs.next_update
+        && next.to_unix_duration().as_secs() < at
+    {
+        return Err(Error::Crl {
+            detail: "out of date (nextUpdate has passed)".into(),
+        });
     }
     for revoked in tbs.revoked_certificates.iter().flatten() {
         for (role, cert) in subjects {

@@ -283,7 +283,10 @@ pub fn rfc3339(secs: &u64) -> String {
     i64::try_from(*secs)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{secs}s after the epoch"))
 }
 

@@ -235,7 +235,10 @@ mod tests {
         hcl.check_var_data_digest(&report.report_data()).unwrap();
         let claims = hcl.var_data_claims().unwrap();
         assert_eq!(claims.secure_boot, Some(true));
-        assert_eq!(claims.vm_id.as_deref(), Some("390CBCF5-6C67-4D9B-98EF-C3F1699CC8FC"));
+        assert_eq!(
+            claims.vm_id.as_deref(),
+            Some("390CBCF5-6C67-4D9B-98EF-C3F1699CC8FC")
+        );
         assert_eq!(claims.attestation_key.unwrap().e, "AQAB");
     }
 
@@ -259,15 +262,18 @@ mod tests {
             assert!(HclReport::parse(&GENOA[..len]).is_err());
         }
         for (offset, value) in [
-            (IGVM_OFFSET + 12, 9u32),         // hash type
-            (IGVM_OFFSET + 8, 4),             // report type (TDX)
-            (IGVM_OFFSET + 16, u32::MAX),     // var data size
-            (IGVM_OFFSET, 0),                 // data size
-            (0x08, 1),                        // header report size
+            (IGVM_OFFSET + 12, 9u32),     // hash type
+            (IGVM_OFFSET + 8, 4),         // report type (TDX)
+            (IGVM_OFFSET + 16, u32::MAX), // var data size
+            (IGVM_OFFSET, 0),             // data size
+            (0x08, 1),                    // header report size
         ] {
             let mut bytes = GENOA.to_vec();
             bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
-            assert!(matches!(HclReport::parse(&bytes), Err(Error::HclMalformed { .. })));
+            assert!(matches!(
+                HclReport::parse(&bytes),
+                Err(Error::HclMalformed { .. })
+            ));
         }
     }
 }

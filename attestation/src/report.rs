@@ -138,7 +138,16 @@ impl Tcb {
     /// Turin only.
     pub fn encode(&self, product: Product) -> [u8; 8] {
         match product.tcb_layout() {
-            TcbLayout::MilanGenoa => [self.bootloader, self.tee, 0, 0, 0, 0, self.snp, self.microcode],
+            TcbLayout::MilanGenoa => [
+                self.bootloader,
+                self.tee,
+                0,
+                0,
+                0,
+                0,
+                self.snp,
+                self.microcode,
+            ],
             TcbLayout::Turin => [
                 self.fmc.unwrap_or(0),
                 self.bootloader,
@@ -290,9 +299,7 @@ impl AttestationReport {
             0 => SigningKeyKind::Vcek,
             1 => SigningKeyKind::Vlek,
             other => {
-                return Err(Error::UnsupportedSigningKey {
-                    value: other as u8,
-                });
+                return Err(Error::UnsupportedSigningKey { value: other as u8 });
             }
         };
 
@@ -504,7 +511,10 @@ mod tests {
         assert_eq!(r.signing_key(), SigningKeyKind::Vcek);
         assert_eq!(r.cpuid_product(), None);
         let tcb = r.reported_tcb(Product::Milan);
-        assert_eq!((tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode), (3, 0, 8, 115));
+        assert_eq!(
+            (tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode),
+            (3, 0, 8, 115)
+        );
         assert_eq!(
             hex::encode(r.measurement()),
             "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f"

@@ -46,7 +46,9 @@ fn x509_time(secs: u64) -> Result<Time, Error> {
     let d = Duration::from_secs(secs);
     // RFC 5280: UTCTime through 2049, GeneralizedTime from 2050.
     if secs < 2_524_608_000 {
-        Ok(Time::UtcTime(der::asn1::UtcTime::from_unix_duration(d).map_err(der_err)?))
+        Ok(Time::UtcTime(
+            der::asn1::UtcTime::from_unix_duration(d).map_err(der_err)?,
+        ))
     } else {
         Ok(Time::GeneralTime(
             der::asn1::GeneralizedTime::from_unix_duration(d).map_err(der_err)?,
@@ -55,7 +57,9 @@ fn x509_time(secs: u64) -> Result<Time, Error> {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn pss_algorithm() -> Result<AlgorithmIdentifierOwned, Error> {
@@ -345,7 +349,11 @@ impl SimulatedAmd {
                 .map(|d| d.as_ref().to_vec())
                 .map_err(|_| sim_err("RSA key export"))
         };
-        Ok([der(&self.ark.key)?, der(&self.ask.key)?, der(&self.asvk.key)?])
+        Ok([
+            der(&self.ark.key)?,
+            der(&self.ask.key)?,
+            der(&self.asvk.key)?,
+        ])
     }
 
     /// Issues a VCEK for `chip_id` at `tcb`, valid for 7 years from `not_before`.
@@ -380,7 +388,10 @@ impl SimulatedAmd {
         tcb: Tcb,
         not_before: SystemTime,
     ) -> Result<SimulatedKey, Error> {
-        let hwid = chip_id.get(..self.product.hwid_len()).unwrap_or(&[]).to_vec();
+        let hwid = chip_id
+            .get(..self.product.hwid_len())
+            .unwrap_or(&[])
+            .to_vec();
         let mut exts = self.tcb_extensions(tcb)?;
         exts.push(ext(oid::HWID, false, hwid)?);
         let start = unix(not_before);
@@ -409,7 +420,10 @@ impl SimulatedAmd {
         let key = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING)
             .map_err(|_| sim_err("ECDSA keygen"))?;
         let mut exts = self.tcb_extensions(tcb)?;
-        let csp = Ia5StringRef::new(csp_id).map_err(der_err)?.to_der().map_err(der_err)?;
+        let csp = Ia5StringRef::new(csp_id)
+            .map_err(der_err)?
+            .to_der()
+            .map_err(der_err)?;
         exts.push(ext(oid::CSP_ID, false, csp)?);
         let start = unix(not_before);
         let cert_der = self.asvk.issue(

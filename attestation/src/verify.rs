@@ -108,13 +108,13 @@ impl Verifier {
         chain.check_time(at_secs)?;
 
         let product = chain.product;
-        if let Some(reported) = report.cpuid_product() {
-            if reported != product {
-                return Err(Error::ProductMismatch {
-                    report: reported,
-                    certificate: product,
-                });
-            }
+        if let Some(reported) = report.cpuid_product()
+            && reported != product
+        {
+            return Err(Error::ProductMismatch {
+                report: reported,
+                certificate: product,
+            });
         }
         if report.signing_key() != chain.kind {
             return Err(Error::SigningKeyMismatch {
@@ -162,13 +162,41 @@ fn check_tcb(report: &AttestationReport, chain: &VerifiedChain) -> Result<(), Er
     let tcb = report.reported_tcb(chain.product);
     let ext = &chain.extensions;
     let mut checks = vec![
-        (TcbComponent::Bootloader, tcb.bootloader, ext.bl_spl, crate::certs::oid::BL_SPL),
-        (TcbComponent::Tee, tcb.tee, ext.tee_spl, crate::certs::oid::TEE_SPL),
-        (TcbComponent::Snp, tcb.snp, ext.snp_spl, crate::certs::oid::SNP_SPL),
-        (TcbComponent::Microcode, tcb.microcode, ext.ucode_spl, crate::certs::oid::UCODE_SPL),
+        (
+            TcbComponent::Bootloader,
+            tcb.bootloader,
+            ext.bl_spl,
+            crate::certs::oid::BL_SPL,
+        ),
+        (
+            TcbComponent::Tee,
+            tcb.tee,
+            ext.tee_spl,
+            crate::certs::oid::TEE_SPL,
+        ),
+        (
+            TcbComponent::Snp,
+            tcb.snp,
+            ext.snp_spl,
+            crate::certs::oid::SNP_SPL,
+        ),
+        (
+            TcbComponent::Microcode,
+            tcb.microcode,
+            ext.ucode_spl,
+            crate::certs::oid::UCODE_SPL,
+        ),
     ];
     if let Some(fmc) = tcb.fmc {
-        checks.insert(0, (TcbComponent::Fmc, fmc, ext.fmc_spl, crate::certs::oid::FMC_SPL));
+        checks.insert(
+            0,
+            (
+                TcbComponent::Fmc,
+                fmc,
+                ext.fmc_spl,
+                crate::certs::oid::FMC_SPL,
+            ),
+        );
     }
     for (component, reported, certified, oid) in checks {
         let certified = certified.ok_or(Error::MissingExtension { role, oid })?;

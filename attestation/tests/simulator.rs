@@ -56,7 +56,11 @@ fn endorse(key: &SimulatedKey) -> Endorsements {
 
 #[test]
 fn simulated_reports_verify_only_against_the_simulated_root() {
-    for (product, version) in [(Product::Turin, 5), (Product::Genoa, 3), (Product::Milan, 2)] {
+    for (product, version) in [
+        (Product::Turin, 5),
+        (Product::Genoa, 3),
+        (Product::Milan, 2),
+    ] {
         let fields = ReportFields::new(product);
         assert_eq!(fields.version, version);
         let key = vcek(product, &fields);
@@ -69,13 +73,18 @@ fn simulated_reports_verify_only_against_the_simulated_root() {
         assert_eq!(claims.product, product);
         assert_eq!(claims.report_version, version);
         assert_eq!(claims.root, RootKind::Simulated);
-        assert_eq!(claims.tcb.reported.fmc, (product == Product::Turin).then_some(1));
+        assert_eq!(
+            claims.tcb.reported.fmc,
+            (product == Product::Turin).then_some(1)
+        );
 
         // AMD's anchors: without the simulated ASK there is no chain at all…
         let amd = Verifier::new(TrustAnchors::amd().unwrap());
         assert_eq!(
             amd.verify(&report, &endorse(&key), now()).unwrap_err(),
-            Error::MissingCertificate { role: CertRole::Ask }
+            Error::MissingCertificate {
+                role: CertRole::Ask
+            }
         );
         // …with it, the simulated ASK has no AMD issuer…
         let mut e = endorse(&key);
@@ -90,7 +99,9 @@ fn simulated_reports_verify_only_against_the_simulated_root() {
         // …and supplying the simulated ARK does not make it trusted.
         let mut e = endorse(&key);
         e.chain = decode_pem_or_der(
-            hierarchy(product).cert_chain_pem(SigningKeyKind::Vcek).as_bytes(),
+            hierarchy(product)
+                .cert_chain_pem(SigningKeyKind::Vcek)
+                .as_bytes(),
             "chain",
         )
         .unwrap();
@@ -130,7 +141,10 @@ fn simulated_vlek_with_masked_chip_id_verifies() {
     let later = now() + 400 * DAY;
     assert!(matches!(
         sim_verifier(product).verify(&report, &endorse(&key), later),
-        Err(Error::CertificateNotValidAt { role: CertRole::Vlek, .. })
+        Err(Error::CertificateNotValidAt {
+            role: CertRole::Vlek,
+            ..
+        })
     ));
 }
 
@@ -142,7 +156,9 @@ fn masked_chip_id_needs_a_vlek() {
     fields.chip_id = [0; 64];
     let report = key.sign_report(&fields).unwrap();
     assert_eq!(
-        sim_verifier(product).verify(&report, &endorse(&key), now()).unwrap_err(),
+        sim_verifier(product)
+            .verify(&report, &endorse(&key), now())
+            .unwrap_err(),
         Error::MaskedChipId
     );
 }
@@ -158,7 +174,9 @@ fn key_selection_field_must_match_the_certificate_kind() {
     let mut raw: [u8; 0x4A0] = fields.encode(SigningKeyKind::Vcek);
     vlek.sign_raw(&mut raw).unwrap();
     assert_eq!(
-        sim_verifier(product).verify(&raw, &endorse(&vlek), now()).unwrap_err(),
+        sim_verifier(product)
+            .verify(&raw, &endorse(&vlek), now())
+            .unwrap_err(),
         Error::SigningKeyMismatch {
             report: SigningKeyKind::Vcek,
             certificate: SigningKeyKind::Vlek
@@ -174,7 +192,9 @@ fn cpuid_product_must_match_the_chain() {
     fields.product = Product::Genoa;
     let report = key.sign_report(&fields).unwrap();
     assert_eq!(
-        sim_verifier(Product::Milan).verify(&report, &endorse(&key), now()).unwrap_err(),
+        sim_verifier(Product::Milan)
+            .verify(&report, &endorse(&key), now())
+            .unwrap_err(),
         Error::ProductMismatch {
             report: Product::Genoa,
             certificate: Product::Milan
@@ -210,7 +230,10 @@ fn every_tcb_component_is_compared_with_the_certificate() {
             certified,
         };
         let report = key.sign_report(&f).unwrap();
-        assert_eq!(v.verify(&report, &endorse(&key), now()).unwrap_err(), expected);
+        assert_eq!(
+            v.verify(&report, &endorse(&key), now()).unwrap_err(),
+            expected
+        );
     }
 }
 
@@ -222,7 +245,9 @@ fn hwid_must_equal_chip_id() {
     fields.chip_id[63] ^= 1;
     let report = key.sign_report(&fields).unwrap();
     assert_eq!(
-        sim_verifier(product).verify(&report, &endorse(&key), now()).unwrap_err(),
+        sim_verifier(product)
+            .verify(&report, &endorse(&key), now())
+            .unwrap_err(),
         Error::HwIdMismatch
     );
 }
@@ -273,12 +298,21 @@ fn crl_signed_by_the_ark_revokes_each_level() {
     // A CRL that is out of date, or not signed by this ARK, is refused.
     let mut e = endorse(&key);
     e.crls = vec![h.crl(&[], now() - 10 * DAY, now() - DAY).unwrap()];
-    assert!(matches!(v.verify(&report, &e, now()), Err(Error::Crl { .. })));
+    assert!(matches!(
+        v.verify(&report, &e, now()),
+        Err(Error::Crl { .. })
+    ));
     let impostor = SimulatedAmd::generate(product, now()).unwrap();
     e.crls = vec![impostor.crl(&[], now() - DAY, now() + DAY).unwrap()];
-    assert!(matches!(v.verify(&report, &e, now()), Err(Error::Crl { .. })));
+    assert!(matches!(
+        v.verify(&report, &e, now()),
+        Err(Error::Crl { .. })
+    ));
     e.crls = vec![b"not a crl".to_vec()];
-    assert!(matches!(v.verify(&report, &e, now()), Err(Error::Crl { .. })));
+    assert!(matches!(
+        v.verify(&report, &e, now()),
+        Err(Error::Crl { .. })
+    ));
 }
 
 #[test]
@@ -310,7 +344,10 @@ fn chains_built_from_the_published_fake_amd_keys_are_refused() {
     // With the fake ARK supplied: not the pinned root.
     let mut e = endorse(&vcek);
     e.chain = decode_pem_or_der(fake.cert_chain_pem(SigningKeyKind::Vcek).as_bytes(), "c").unwrap();
-    assert!(matches!(amd.verify(&report, &e, now()), Err(Error::UntrustedRoot { .. })));
+    assert!(matches!(
+        amd.verify(&report, &e, now()),
+        Err(Error::UntrustedRoot { .. })
+    ));
 
     // Without it: the fake ASK names AMD's ARK as issuer, but AMD's key did not sign it.
     e.chain.truncate(1);
@@ -329,9 +366,14 @@ fn a_chain_verified_under_other_anchors_is_foreign() {
     let fields = ReportFields::new(product);
     let key = vcek(product, &fields);
     let report = key.sign_report(&fields).unwrap();
-    let chain = sim_verifier(product).verify_chain(&endorse(&key), now()).unwrap();
+    let chain = sim_verifier(product)
+        .verify_chain(&endorse(&key), now())
+        .unwrap();
     let amd = Verifier::new(TrustAnchors::amd().unwrap());
-    assert_eq!(amd.verify_report(&report, &chain, now()).unwrap_err(), Error::ForeignChain);
+    assert_eq!(
+        amd.verify_report(&report, &chain, now()).unwrap_err(),
+        Error::ForeignChain
+    );
 }
 
 #[test]
@@ -341,8 +383,12 @@ fn binding_of_nonce_and_key() {
     fields.report_data = binding::report_data(b"nonce-1", b"ephemeral-public-key");
     let key = vcek(product, &fields);
     let report = key.sign_report(&fields).unwrap();
-    let verified = sim_verifier(product).verify(&report, &endorse(&key), now()).unwrap();
-    verified.check_binding(b"nonce-1", b"ephemeral-public-key").unwrap();
+    let verified = sim_verifier(product)
+        .verify(&report, &endorse(&key), now())
+        .unwrap();
+    verified
+        .check_binding(b"nonce-1", b"ephemeral-public-key")
+        .unwrap();
     assert_eq!(
         verified.check_binding(b"nonce-2", b"ephemeral-public-key"),
         Err(Error::BindingMismatch)
@@ -360,9 +406,18 @@ fn certificate_table_from_an_extended_report() {
     let key = vcek(product, &fields);
     let h = hierarchy(product);
     let table = cert_table::build(&[
-        CertEntry { kind: CertKind::Vcek, der: key.cert_der().to_vec() },
-        CertEntry { kind: CertKind::Ask, der: h.ask_der().to_vec() },
-        CertEntry { kind: CertKind::Ark, der: h.ark_der().to_vec() },
+        CertEntry {
+            kind: CertKind::Vcek,
+            der: key.cert_der().to_vec(),
+        },
+        CertEntry {
+            kind: CertKind::Ask,
+            der: h.ask_der().to_vec(),
+        },
+        CertEntry {
+            kind: CertKind::Ark,
+            der: h.ark_der().to_vec(),
+        },
     ]);
     let e = Endorsements::from_cert_table(&table).unwrap();
     let report = key.sign_report(&fields).unwrap();
@@ -381,6 +436,8 @@ fn keys_survive_export_and_reload() {
     )
     .unwrap();
     let report = reloaded.sign_report(&fields).unwrap();
-    sim_verifier(product).verify(&report, &endorse(&key), now()).unwrap();
+    sim_verifier(product)
+        .verify(&report, &endorse(&key), now())
+        .unwrap();
     assert_eq!(hierarchy(product).private_keys_pkcs8().unwrap().len(), 3);
 }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use broker::verify_cmd::{self, VerifyRequest};
 
 #[derive(Parser)]
-#[command(name = "broker", version, about = "Key broker for AMD SEV-SNP confidential VMs")]
+#[command(
+    name = "broker",
+    version,
+    about = "Key broker for AMD SEV-SNP confidential VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -42,7 +42,9 @@ pub fn run(request: &VerifyRequest) -> Result<Claims, Error> {
         ..Default::default()
     };
     if let Some(chain) = &request.chain {
-        endorsements.chain.extend(evidence::read_certificates(chain)?);
+        endorsements
+            .chain
+            .extend(evidence::read_certificates(chain)?);
     }
     for crl in &request.crls {
         endorsements.crls.extend(evidence::read_certificates(crl)?);

@@ -212,9 +212,14 @@ fn a_supplied_root_that_is_not_pinned_is_refused() {
         decode_pem_or_der(&pem, n).unwrap().remove(0)
     };
     let now = std::time::SystemTime::now();
-    let fake =
-        SimulatedAmd::impersonating_amd(Product::Milan, &key("ark"), &key("ask"), &key("asvk"), now)
-            .unwrap();
+    let fake = SimulatedAmd::impersonating_amd(
+        Product::Milan,
+        &key("ark"),
+        &key("ask"),
+        &key("asvk"),
+        now,
+    )
+    .unwrap();
     let fields = ReportFields::new(Product::Milan);
     let vcek = fake
         .issue_vcek_with_key(&key("vcek"), &fields.chip_id, fields.tcb, now)
@@ -227,9 +232,14 @@ fn a_supplied_root_that_is_not_pinned_is_refused() {
     };
     let report = write("report.bin", &vcek.sign_report(&fields).unwrap());
     let vek = write("vcek.der", vcek.cert_der());
-    let chain = write("chain.pem", fake.cert_chain_pem(SigningKeyKind::Vcek).as_bytes());
+    let chain = write(
+        "chain.pem",
+        fake.cert_chain_pem(SigningKeyKind::Vcek).as_bytes(),
+    );
 
-    let out = broker(&["verify", "--report", &report, "--vek", &vek, "--chain", &chain]);
+    let out = broker(&[
+        "verify", "--report", &report, "--vek", &vek, "--chain", &chain,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).starts_with("refused: supplied root is not a pinned AMD root (SHA-256 "),
@@ -253,7 +263,15 @@ fn unusable_input_exits_2() {
 
     let report = path("trustee-milan-v2/report.bin");
     let vek = path("trustee-milan-v2/vek.der");
-    let out = broker(&["verify", "--report", &report, "--vek", &vek, "--at", "yesterday"]);
+    let out = broker(&[
+        "verify",
+        "--report",
+        &report,
+        "--vek",
+        &vek,
+        "--at",
+        "yesterday",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("is not an RFC 3339 time"));
 
@@ -264,8 +282,21 @@ fn unusable_input_exits_2() {
     // A truncated report is a refusal (the evidence is bad), not an input error.
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short.bin");
-    std::fs::write(&short, &std::fs::read(vectors().join("trustee-milan-v2/report.bin")).unwrap()[..100]).unwrap();
-    let out = broker(&["verify", "--report", &short.display().to_string(), "--vek", &vek]);
+    std::fs::write(
+        &short,
+        &std::fs::read(vectors().join("trustee-milan-v2/report.bin")).unwrap()[..100],
+    )
+    .unwrap();
+    let out = broker(&[
+        "verify",
+        "--report",
+        &short.display().to_string(),
+        "--vek",
+        &vek,
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(stderr(&out).trim_end(), "refused: report is 100 bytes, expected 1184");
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "refused: report is 100 bytes, expected 1184"
+    );
 }

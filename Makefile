@@ -1,0 +1,64 @@
+# The project's two promises: `make demo` runs the demo, `make test` runs every check.
+# Both install what they need on a fresh Debian machine (packages via apt-get when run as
+# root; crates via cargo).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Debian packages the build, tests and benchmarks need.
+#   build-essential: the C compiler aws-lc-sys builds with.
+#   pkg-config:      used by -sys crates to find system libraries.
+#   openssl:         `openssl speed`, the baseline of `make bench`.
+DEB_PACKAGES := build-essential pkg-config openssl
+FUZZ_SECONDS ?= 20
+
+.PHONY: all deps build test fmt-check clippy unit fuzz-smoke fuzz bench demo clean
+
+all: build
+
+# Install missing Debian packages when running as root; otherwise say what is missing.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else \
+	    echo "missing Debian packages:$$missing (run make as root, or install them)"; exit 1; \
+	  fi; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo is not installed (https://rustup.rs)"; exit 1; }
+
+build: deps
+	$(CARGO) build --workspace --all-features --locked --bins
+
+fmt-check: deps
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+# Binaries first: the end-to-end tests run them as real processes.
+unit: build
+	$(CARGO) test --workspace --all-features --locked
+
+# Each fuzz target for a short time (cargo-fuzz, libFuzzer, stable toolchain).
+fuzz-smoke: deps
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+test: fmt-check clippy unit fuzz-smoke
+
+# Longer fuzzing run: make fuzz FUZZ_SECONDS=600
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+bench: deps
+	scripts/bench.sh
+
+demo: build
+	scripts/demo.sh
+
+clean:
+	$(CARGO) clean
