@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Verification cost, as ratios against baselines measured in the same run:
+#   - `openssl speed -seconds 3 ecdsap384` (ECDSA P-384 verifies per second, OpenSSL)
+#   - the raw aws-lc ECDSA P-384 verify, benchmarked beside the verifier
+# Prints a table; criterion's full results stay under target/criterion/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== baseline: openssl speed -seconds 3 ecdsap384"
+openssl_out=$(openssl speed -seconds 3 ecdsap384 2>/dev/null)
+# Last line: " 384 bits ecdsa (nistp384)   0.0011s   0.0009s    909.7   1111.9"
+openssl_verify=$(echo "$openssl_out" | awk '/ecdsa \(nistp384\)/ {v=$NF} END {print v}')
+echo "openssl ECDSA P-384 verify/s: $openssl_verify"
+
+echo "== cargo bench -p attestation --bench verify"
+cargo bench -p attestation --bench verify --locked -- --noplot 2>&1 | grep -E "^(report|chain|ecdsa)|time:" || true
+
+mean_ns() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
+report_ns=$(mean_ns report_verify_cached_chain)
+chain_ns=$(mean_ns chain_verify)
+ecdsa_ns=$(mean_ns ecdsa_p384_verify_baseline)
+
+python3 - "$openssl_verify" "$report_ns" "$chain_ns" "$ecdsa_ns" <<'PY'
+import sys
+openssl, report, chain, ecdsa = (float(x) for x in sys.argv[1:])
+rows = [
+    ("parse + full verify, cached chain", report),
+    ("chain verification alone (ARK->ASK->VCEK)", chain),
+    ("raw ECDSA P-384 verify (aws-lc)", ecdsa),
+]
+print()
+print(f"{'measurement':45} {'mean':>12} {'per second':>12} {'vs openssl verify':>18}")
+for name, ns in rows:
+    per_s = 1e9 / ns
+    print(f"{name:45} {ns/1000:>9.1f} us {per_s:>12.0f} {per_s/openssl:>17.2f}x")
+print(f"{'openssl speed ecdsap384 verify':45} {1e6/openssl:>9.1f} us {openssl:>12.0f} {1.0:>17.2f}x")
+print()
+print(f"full report verify costs {report/ecdsa:.2f}x one raw aws-lc ECDSA P-384 verify")
+PY
