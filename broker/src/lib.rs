@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod evidence;
+pub mod policy_cmd;
 pub mod verify_cmd;
 
 pub use error::Error;

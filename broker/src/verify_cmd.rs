@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use attestation::{Claims, Endorsements, TrustAnchors, Verifier};
+use attestation::{Claims, Endorsements, TrustAnchors, VerifiedReport, Verifier};
 
 use crate::Error;
 use crate::evidence::{self, ReportInput};
@@ -25,6 +25,11 @@ pub struct VerifyRequest {
 
 /// Verifies evidence against AMD's pinned roots and returns its claims.
 pub fn run(request: &VerifyRequest) -> Result<Claims, Error> {
+    Ok(verify(request)?.claims())
+}
+
+/// Verifies evidence against AMD's pinned roots.
+pub fn verify(request: &VerifyRequest) -> Result<VerifiedReport, Error> {
     let report = evidence::read_report(&request.report)?;
     let Some(vek_path) = &request.vek else {
         return Err(Error::Input(
@@ -51,11 +56,10 @@ pub fn run(request: &VerifyRequest) -> Result<Claims, Error> {
     }
     let verifier = Verifier::new(TrustAnchors::amd()?);
     let chain = verifier.verify_chain(&endorsements, request.at)?;
-    let verified = match &report {
+    Ok(match &report {
         ReportInput::Raw(bytes) => verifier.verify_report(bytes, &chain, request.at)?,
         ReportInput::Hcl(hcl) => verifier.verify_hcl(hcl, &chain, request.at)?,
-    };
-    Ok(verified.claims())
+    })
 }
 
 /// A short human summary of verified claims.

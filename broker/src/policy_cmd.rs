@@ -1,0 +1,87 @@
+//! `broker policy schema | check | suggest`: the release policy from the command line.
+
+use std::path::Path;
+
+use attestation::policy::{self, Decision, Outcome, Policy};
+
+use crate::Error;
+use crate::evidence::read_bounded;
+use crate::verify_cmd::{self, VerifyRequest};
+
+/// Loads a policy file, with the file name in any error.
+pub fn load(path: &Path) -> Result<Policy, Error> {
+    let bytes = read_bounded(path)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::Input(format!("{}: not UTF-8", path.display())))?;
+    Policy::from_json(text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
+}
+
+/// The outcome of `broker policy check`: verification succeeded and each secret's decision.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckReport {
+    /// Decisions, one per secret checked.
+    pub decisions: Vec<Decision>,
+}
+
+/// Verifies the evidence, then evaluates the policy for `secrets` (all the policy names when
+/// empty).
+pub fn check(
+    request: &VerifyRequest,
+    policy: &Policy,
+    secrets: &[String],
+) -> Result<CheckReport, Error> {
+    let verified = verify_cmd::verify(request)?;
+    let claims = verified.claims();
+    let names: Vec<String> = if secrets.is_empty() {
+        policy.secrets().map(str::to_string).collect()
+    } else {
+        secrets.to_vec()
+    };
+    if names.is_empty() {
+        return Err(Error::Input(
+            "the policy maps no secrets; name one with --secret".into(),
+        ));
+    }
+    Ok(CheckReport {
+        decisions: names.iter().map(|s| policy.decide(s, &claims)).collect(),
+    })
+}
+
+fn render_outcome(o: &Outcome, depth: usize, out: &mut String) {
+    let mark = if o.passed { "pass" } else { "FAIL" };
+    out.push_str(&format!(
+        "{}{mark}  {}\n",
+        "  ".repeat(depth + 2),
+        o.description
+    ));
+    for c in &o.children {
+        render_outcome(c, depth + 1, out);
+    }
+}
+
+/// Renders a check report for people.
+pub fn render(report: &CheckReport) -> String {
+    let mut out = String::new();
+    for d in &report.decisions {
+        let verdict = if d.released { "RELEASE" } else { "REFUSE" };
+        out.push_str(&format!("{verdict} {}: {}\n", d.secret, d.reason));
+        for r in &d.rules {
+            out.push_str(&format!(
+                "  rule {} {}\n",
+                r.rule,
+                if r.passed { "holds" } else { "fails" }
+            ));
+            render_outcome(&r.conditions, 0, &mut out);
+        }
+    }
+    out
+}
+
+/// Drafts a strict policy from verified evidence.
+pub fn suggest(request: &VerifyRequest, secrets: &[String]) -> Result<serde_json::Value, Error> {
+    let claims = verify_cmd::verify(request)?.claims();
+    let draft = policy::suggest(&claims, "suggested", secrets);
+    // The draft must load: a suggestion that the broker would refuse is a bug.
+    Policy::from_value(draft.clone()).map_err(|e| Error::Input(format!("drafted policy: {e}")))?;
+    Ok(draft)
+}

@@ -1,0 +1,129 @@
+//! `broker policy schema | suggest | check` as real processes on real evidence.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Command, Output};
+
+use e2e::{binary, vectors};
+
+const SEPT_2025: &str = "2025-09-01T00:00:00Z";
+
+fn broker(args: &[&str]) -> Output {
+    Command::new(binary("broker").unwrap())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn evidence(dir: &str) -> Vec<String> {
+    let d = vectors().join(dir);
+    vec![
+        "--report".into(),
+        d.join("report.bin").display().to_string(),
+        "--vek".into(),
+        d.join("vek.der").display().to_string(),
+        "--at".into(),
+        SEPT_2025.into(),
+    ]
+}
+
+fn run(mut args: Vec<String>, more: &[&str]) -> Output {
+    args.extend(more.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    broker(&refs)
+}
+
+#[test]
+fn schema_is_json_schema() {
+    let out = broker(&["policy", "schema"]);
+    assert!(out.status.success());
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    assert_eq!(schema["required"], serde_json::json!(["rules", "secrets"]));
+}
+
+#[test]
+fn suggested_policy_releases_to_its_guest_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    let mut args = vec!["policy".to_string(), "suggest".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(args, &["--secret", "web-tls"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&policy, &out.stdout).unwrap();
+    let p = policy.display().to_string();
+
+    let mut args = vec!["policy".to_string(), "check".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(args, &["--policy", &p]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("RELEASE web-tls: rule \"suggested\" holds"),
+        "{text}"
+    );
+
+    // Another guest: refused, and the first failed condition is named.
+    let mut args = vec!["policy".to_string(), "check".to_string()];
+    args.extend(evidence("virtee-sev-milan-v2"));
+    let out = run(args.clone(), &["--policy", &p]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("REFUSE web-tls: rule \"suggested\": measurement == "),
+        "{text}"
+    );
+    assert!(text.contains("FAIL  measurement"), "{text}");
+
+    let out = run(args, &["--policy", &p, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decisions"][0]["released"], false);
+    assert_eq!(v["decisions"][0]["rules"][0]["conditions"]["kind"], "allOf");
+}
+
+#[test]
+fn a_debug_guest_is_refused_by_a_no_debug_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"rules": {"no-debug": {"claim": "policy.debug_allowed", "equals": false}},
+            "secrets": {"db": ["no-debug"]}}"#,
+    )
+    .unwrap();
+    let mut args = vec!["policy".to_string(), "check".to_string()];
+    args.extend(evidence("go-sev-guest-milan-v2"));
+    let out = run(args, &["--policy", &policy.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap(),
+        "REFUSE db: rule \"no-debug\": policy.debug_allowed == false (actual true)"
+    );
+}
+
+#[test]
+fn a_malformed_policy_names_the_json_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"rules": {"r": {"allOf": [{"claim": "tcb.reported.snp", "greaterOrEquals": "22"}]}}, "secrets": {}}"#,
+    )
+    .unwrap();
+    let mut args = vec!["policy".to_string(), "check".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(args, &["--policy", &policy.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy /rules/r/allOf/0/greaterOrEquals: must be a non-negative integer"),
+        "{err}"
+    );
+}
