@@ -28,6 +28,7 @@ pub mod claims;
 pub mod error;
 pub mod hcl;
 pub mod policy;
+pub mod protocol;
 pub mod report;
 #[cfg(feature = "simulator")]
 pub mod sim;
