@@ -22,6 +22,23 @@ pub enum Error {
         /// The limit.
         limit: u64,
     },
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A cryptographic operation failed (never carries key material).
+    #[error("crypto: {0}")]
+    Crypto(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// An argument or input is not usable.
     #[error("{0}")]
     Input(String),

@@ -6,9 +6,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod error;
 pub mod evidence;
+pub mod keys;
+pub mod nonce;
 pub mod policy_cmd;
+pub mod store;
 pub mod verify_cmd;
 
 pub use error::Error;

@@ -1,0 +1,424 @@
+//! The embedded engine: one SQLite file, WAL journal, schema migrations at open.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use super::{AuditQuery, AuditRecord, PolicyVersion, SecretInfo, Store, StoreError, StoredSecret};
+
+/// Schema migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE secrets (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        deleted_at BIGINT,
+        sealed BLOB,
+        meta TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE policies (
+        version BIGINT PRIMARY KEY,
+        document TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE used_nonces (
+        digest BLOB PRIMARY KEY,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX used_nonces_expiry ON used_nonces (expires_at);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at);
+    CREATE TABLE kds_cache (
+        key TEXT PRIMARY KEY,
+        bytes BLOB NOT NULL,
+        fetched_at BIGINT NOT NULL
+    );",
+];
+
+/// The SQLite store.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let url = format!("sqlite://{}", path.display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {current} is newer than this broker ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn secret_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredSecret, StoreError> {
+    let meta: String = row.try_get("meta")?;
+    Ok(StoredSecret {
+        name: row.try_get("name")?,
+        version: to_u64(row.try_get("version")?),
+        kind: row.try_get("kind")?,
+        meta: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
+        sealed: row.try_get::<Option<Vec<u8>>, _>("sealed")?.unwrap_or_default(),
+    })
+}
+
+fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreError> {
+    Ok(PolicyVersion {
+        version: to_u64(row.try_get("version")?),
+        document: row.try_get("document")?,
+        created_at: row.try_get("created_at")?,
+        created_by: row.try_get("created_by")?,
+    })
+}
+
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn last_secret_version(&self, name: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(v.unwrap_or(0)))
+    }
+
+    async fn insert_secret(
+        &self,
+        s: &StoredSecret,
+        created_at: i64,
+        created_by: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&s.name)
+        .bind(to_i64(s.version))
+        .bind(&s.kind)
+        .bind(created_at)
+        .bind(created_by)
+        .bind(&s.sealed)
+        .bind(s.meta.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn current_secret(&self, name: &str) -> Result<Option<StoredSecret>, StoreError> {
+        let row = sqlx::query(
+            "SELECT name, version, kind, sealed, meta FROM secrets
+             WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(secret_from_row).transpose()
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<SecretInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, s.version, s.kind, s.created_at, s.created_by, s.meta FROM secrets s
+             WHERE s.deleted_at IS NULL AND s.version =
+               (SELECT MAX(t.version) FROM secrets t WHERE t.name = s.name AND t.deleted_at IS NULL)
+             ORDER BY s.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let meta: String = row.try_get("meta")?;
+                Ok(SecretInfo {
+                    name: row.try_get("name")?,
+                    version: to_u64(row.try_get("version")?),
+                    kind: row.try_get("kind")?,
+                    created_at: row.try_get("created_at")?,
+                    created_by: row.try_get("created_by")?,
+                    meta: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, name: &str, at: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE secrets SET deleted_at = $1, sealed = NULL WHERE name = $2 AND deleted_at IS NULL",
+        )
+        .bind(at)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_policy(&self, document: &str, at: i64, by: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policies")
+            .fetch_one(&mut *tx)
+            .await?;
+        let version = last.unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO policies (version, document, created_at, created_by) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(version)
+        .bind(document)
+        .bind(at)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(to_u64(version))
+    }
+
+    async fn active_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, document, created_at, created_by FROM policies ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(policy_from_row).transpose()
+    }
+
+    async fn policy_history(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT version, document, created_at, created_by FROM policies ORDER BY version DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(policy_from_row).collect()
+    }
+
+    async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO used_nonces (digest, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&digest[..])
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(r.at)
+        .bind(&r.actor)
+        .bind(&r.action)
+        .bind(&r.outcome)
+        .bind(r.detail.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = i64::from(q.limit.unwrap_or(100).clamp(1, 1000));
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, outcome, detail FROM audit
+             WHERE ($1 IS NULL OR action = $1) AND ($2 IS NULL OR outcome = $2) AND ($3 IS NULL OR at >= $3)
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(q.action.as_deref())
+        .bind(q.outcome.as_deref())
+        .bind(q.since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let detail: String = row.try_get("detail")?;
+                Ok(AuditRecord {
+                    id: row.try_get("id")?,
+                    at: row.try_get("at")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    outcome: row.try_get("outcome")?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let row = sqlx::query("SELECT bytes, fetched_at FROM kds_cache WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some((r.try_get("bytes")?, r.try_get("fetched_at")?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn cache_put(&self, key: &str, bytes: &[u8], at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO kds_cache (key, bytes, fetched_at) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO UPDATE SET bytes = excluded.bytes, fetched_at = excluded.fetched_at",
+        )
+        .bind(key)
+        .bind(bytes)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("b.db")).await.unwrap();
+        (dir, s)
+    }
+
+    fn secret(name: &str, version: u64) -> StoredSecret {
+        StoredSecret {
+            name: name.into(),
+            version,
+            kind: "opaque".into(),
+            meta: serde_json::json!({"bytes": 3}),
+            sealed: vec![version as u8; 40],
+        }
+    }
+
+    #[tokio::test]
+    async fn secrets_are_versioned_and_deleted_records_erased() {
+        let (_d, s) = store().await;
+        assert_eq!(s.last_secret_version("a").await.unwrap(), 0);
+        s.insert_secret(&secret("a", 1), 10, "op").await.unwrap();
+        s.insert_secret(&secret("a", 2), 11, "op").await.unwrap();
+        assert!(matches!(
+            s.insert_secret(&secret("a", 2), 12, "op").await,
+            Err(StoreError::Conflict(_))
+        ));
+        let cur = s.current_secret("a").await.unwrap().unwrap();
+        assert_eq!((cur.version, cur.sealed[0]), (2, 2));
+        assert_eq!(s.list_secrets().await.unwrap().len(), 1);
+        assert!(s.delete_secret("a", 20).await.unwrap());
+        assert!(s.current_secret("a").await.unwrap().is_none());
+        assert!(s.list_secrets().await.unwrap().is_empty());
+        assert!(!s.delete_secret("a", 21).await.unwrap());
+        assert_eq!(s.last_secret_version("a").await.unwrap(), 2, "versions are never reused");
+    }
+
+    #[tokio::test]
+    async fn nonces_are_single_use_and_purged() {
+        let (_d, s) = store().await;
+        assert!(s.use_nonce(&[1; 32], 100).await.unwrap());
+        assert!(!s.use_nonce(&[1; 32], 100).await.unwrap());
+        assert_eq!(s.purge_nonces(101).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn policy_history_and_audit_queries() {
+        let (dir, s) = store().await;
+        assert_eq!(s.insert_policy("{1}", 1, "a").await.unwrap(), 1);
+        assert_eq!(s.insert_policy("{2}", 2, "b").await.unwrap(), 2);
+        assert_eq!(s.active_policy().await.unwrap().unwrap().document, "{2}");
+        assert_eq!(s.policy_history().await.unwrap().len(), 2);
+        for (i, outcome) in ["released", "refused", "refused"].iter().enumerate() {
+            s.append_audit(&AuditRecord {
+                id: 0,
+                at: i as i64,
+                actor: "guest 127.0.0.1".into(),
+                action: "attest".into(),
+                outcome: (*outcome).into(),
+                detail: serde_json::json!({"i": i}),
+            })
+            .await
+            .unwrap();
+        }
+        let refused = s
+            .query_audit(&AuditQuery {
+                outcome: Some("refused".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].id > refused[1].id, "newest first");
+        s.cache_put("k", b"v1", 1).await.unwrap();
+        s.cache_put("k", b"v2", 2).await.unwrap();
+        assert_eq!(s.cache_get("k").await.unwrap(), Some((b"v2".to_vec(), 2)));
+        // Reopening keeps everything and does not re-run migrations.
+        drop(s);
+        let s = SqliteStore::open(&dir.path().join("b.db")).await.unwrap();
+        assert_eq!(s.policy_history().await.unwrap().len(), 2);
+    }
+}
