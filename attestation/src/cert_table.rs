@@ -76,7 +76,8 @@ pub struct CertEntry {
     pub der: Vec<u8>,
 }
 
-/// Parses a certificate table. Never panics; overlapping or out-of-range entries are errors.
+/// Parses a certificate table. Never panics; entries pointing into the header or out of
+/// range are errors (entries may share bytes: each is decoded on its own).
 pub fn parse(table: &[u8]) -> Result<Vec<CertEntry>, Error> {
     let err = |detail: String| Error::CertTable { detail };
     let mut out = Vec::new();
@@ -119,18 +120,28 @@ pub fn parse(table: &[u8]) -> Result<Vec<CertEntry>, Error> {
 }
 
 /// Builds a table from entries (the inverse of [`parse`]), e.g. for the simulator.
+/// Entries beyond [`MAX_ENTRIES`] or 16 MiB in total are not representable and are dropped.
 pub fn build(entries: &[CertEntry]) -> Vec<u8> {
+    let mut total = 0usize;
+    let entries: Vec<&CertEntry> = entries
+        .iter()
+        .take(MAX_ENTRIES - 1)
+        .take_while(|e| {
+            total += e.der.len();
+            total <= 16 << 20
+        })
+        .collect();
     let header = (entries.len() + 1) * ENTRY_LEN;
     let mut out = Vec::new();
     let mut offset = header;
-    for e in entries {
+    for e in &entries {
         out.extend_from_slice(&e.kind.guid());
-        out.extend_from_slice(&(offset as u32).to_le_bytes());
-        out.extend_from_slice(&(e.der.len() as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(offset).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(e.der.len()).unwrap_or(u32::MAX).to_le_bytes());
         offset += e.der.len();
     }
     out.extend_from_slice(&[0u8; ENTRY_LEN]);
-    for e in entries {
+    for e in &entries {
         out.extend_from_slice(&e.der);
     }
     out

@@ -503,9 +503,14 @@ impl TrustAnchors {
         }
 
         let extensions = AmdExtensions::from_certificate(leaf, leaf_role)?;
-        if let Some(name) = &extensions.product_name
-            && Product::from_name(name) != Some(root.product)
-        {
+        let name = extensions
+            .product_name
+            .as_deref()
+            .ok_or(Error::MissingExtension {
+                role: leaf_role,
+                oid: certs::oid::PRODUCT_NAME,
+            })?;
+        if Product::from_name(name) != Some(root.product) {
             return Err(Error::CertificateMalformed {
                 role: leaf_role,
                 detail: format!(
@@ -568,12 +573,8 @@ fn check_crl(
             detail: format!("not signed by the {} ARK", root.product),
         }
     })?;
-    let this_update = tbs.this_update.to_unix_duration().as_secs();
-    if this_update > at {
-        return Err(Error::Crl {
-            detail: "issued after the verification time".into(),
-        });
-    }
+    // A CRL issued after the verification time is newer information and still applies;
+    // one whose nextUpdate has passed is stale and refused.
     if let Some(next) = tbs.next_update
         && next.to_unix_duration().as_secs() < at
     {

@@ -71,7 +71,7 @@ impl HclReport {
                 detail: format!("unsupported hash type {hash_type}"),
             });
         }
-        if data_size != IGVM_HEADER_LEN + var_data_len {
+        if IGVM_HEADER_LEN.checked_add(var_data_len) != Some(data_size) {
             return Err(err("request data size disagrees with variable data size"));
         }
         let end = VAR_DATA_OFFSET
@@ -154,66 +154,50 @@ pub struct AzureVarData {
     pub user_data: Option<String>,
 }
 
-#[derive(serde::Deserialize)]
-struct RawVarData {
-    #[serde(default)]
-    keys: Vec<RawKey>,
-    #[serde(rename = "vm-configuration", default)]
-    vm_configuration: Option<RawVmConfig>,
-    #[serde(rename = "user-data", default)]
-    user_data: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct RawKey {
-    kid: String,
-    kty: String,
-    #[serde(default)]
-    n: String,
-    #[serde(default)]
-    e: String,
-}
-
-#[derive(serde::Deserialize)]
-struct RawVmConfig {
-    #[serde(rename = "secure-boot")]
-    secure_boot: Option<bool>,
-    #[serde(rename = "tpm-enabled")]
-    tpm_enabled: Option<bool>,
-    #[serde(rename = "console-enabled")]
-    console_enabled: Option<bool>,
-    #[serde(rename = "tpm-persisted")]
-    tpm_persisted: Option<bool>,
-    #[serde(rename = "vmUniqueId")]
-    vm_id: Option<String>,
-}
-
 impl AzureVarData {
-    /// Decodes the variable data JSON.
+    /// Decodes the variable data JSON. Only its being JSON is required: a field of an
+    /// unexpected type is treated as absent (policies on it then fail closed).
     pub fn parse(json: &[u8]) -> Result<AzureVarData, Error> {
-        let raw: RawVarData = serde_json::from_slice(json).map_err(|e| Error::HclMalformed {
-            detail: format!("variable data is not the expected JSON: {e}"),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| Error::HclMalformed {
+                detail: format!("variable data is not JSON: {e}"),
+            })?;
         let key = |kid: &str| {
-            raw.keys
+            v.get("keys")?
+                .as_array()?
                 .iter()
-                .find(|k| k.kid == kid && k.kty == "RSA")
-                .map(|k| RsaJwk {
-                    kid: k.kid.clone(),
-                    n: k.n.clone(),
-                    e: k.e.clone(),
+                .find(|k| {
+                    k.get("kid").and_then(|x| x.as_str()) == Some(kid)
+                        && k.get("kty").and_then(|x| x.as_str()) == Some("RSA")
+                })
+                .and_then(|k| {
+                    Some(RsaJwk {
+                        kid: kid.to_string(),
+                        n: k.get("n")?.as_str()?.to_string(),
+                        e: k.get("e")?.as_str()?.to_string(),
+                    })
                 })
         };
-        let vm = raw.vm_configuration.as_ref();
+        let vm = v.get("vm-configuration");
+        let flag = |name: &str| {
+            vm.and_then(|c| c.get(name))
+                .and_then(serde_json::Value::as_bool)
+        };
         Ok(AzureVarData {
             attestation_key: key("HCLAkPub"),
             endorsement_key: key("HCLEkPub"),
-            secure_boot: vm.and_then(|v| v.secure_boot),
-            tpm_enabled: vm.and_then(|v| v.tpm_enabled),
-            console_enabled: vm.and_then(|v| v.console_enabled),
-            tpm_persisted: vm.and_then(|v| v.tpm_persisted),
-            vm_id: vm.and_then(|v| v.vm_id.clone()),
-            user_data: raw.user_data.clone(),
+            secure_boot: flag("secure-boot"),
+            tpm_enabled: flag("tpm-enabled"),
+            console_enabled: flag("console-enabled"),
+            tpm_persisted: flag("tpm-persisted"),
+            vm_id: vm
+                .and_then(|c| c.get("vmUniqueId"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string),
+            user_data: v
+                .get("user-data")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string),
         })
     }
 }

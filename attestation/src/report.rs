@@ -598,6 +598,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_cpuid_is_refused() {
+        let genoa = include_bytes!("../tests/data/trustee-e2e-genoa-v3/report.bin");
+        let mut bytes = genoa.to_vec();
+        bytes[0x188] = 0x17; // Zen 2: no SEV-SNP
+        assert_eq!(
+            AttestationReport::parse(&bytes).unwrap_err(),
+            Error::UnknownProduct {
+                family: 0x17,
+                model: genoa[0x189]
+            }
+        );
+    }
+
+    #[test]
     fn product_from_cpuid() {
         assert_eq!(Product::from_cpuid(0x19, 0x01), Some(Product::Milan));
         assert_eq!(Product::from_cpuid(0x19, 0x11), Some(Product::Genoa));

@@ -144,17 +144,24 @@ impl RsaSigner {
 
     /// Signs a TBS structure and wraps it as a certificate or CRL.
     fn assemble(&self, tbs_der: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.assemble_with(tbs_der, pss_algorithm()?)
+    }
+
+    fn assemble_with(
+        &self,
+        tbs_der: Vec<u8>,
+        algorithm: AlgorithmIdentifierOwned,
+    ) -> Result<Vec<u8>, Error> {
         let signature = self.sign(&tbs_der)?;
         SignedStructure {
             tbs: Any::from_der(&tbs_der).map_err(der_err)?,
-            algorithm: pss_algorithm()?,
+            algorithm,
             signature: BitString::from_bytes(&signature).map_err(der_err)?,
         }
         .to_der()
         .map_err(der_err)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn issue(
         &self,
         serial: &[u8],
@@ -164,17 +171,36 @@ impl RsaSigner {
         not_after: u64,
         extensions: Vec<Extension>,
     ) -> Result<Vec<u8>, Error> {
+        self.issue_with(
+            serial,
+            subject,
+            spki,
+            (not_before, not_after),
+            extensions,
+            pss_algorithm()?,
+        )
+    }
+
+    fn issue_with(
+        &self,
+        serial: &[u8],
+        subject: Name,
+        spki: SubjectPublicKeyInfoOwned,
+        (not_before, not_after): (u64, u64),
+        extensions: Vec<Extension>,
+        algorithm: AlgorithmIdentifierOwned,
+    ) -> Result<Vec<u8>, Error> {
         let tbs = TbsCertificate {
             version: 2,
             serial: Uint::new(serial).map_err(der_err)?,
-            signature: pss_algorithm()?,
+            signature: algorithm.clone(),
             issuer: self.name.clone(),
             validity: Validity::new(x509_time(not_before)?, x509_time(not_after)?),
             subject,
             spki,
             extensions,
         };
-        self.assemble(tbs.to_der().map_err(der_err)?)
+        self.assemble_with(tbs.to_der().map_err(der_err)?, algorithm)
     }
 }
 
@@ -410,6 +436,71 @@ impl SimulatedAmd {
         })
     }
 
+    /// Issues a VCEK with deliberate defects (see [`VcekTweak`]), for negative tests.
+    pub fn issue_vcek_tweaked(
+        &self,
+        chip_id: &[u8; 64],
+        tcb: Tcb,
+        not_before: SystemTime,
+        tweak: &VcekTweak,
+    ) -> Result<SimulatedKey, Error> {
+        let alg = if tweak.p256_key {
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING
+        } else {
+            &ECDSA_P384_SHA384_FIXED_SIGNING
+        };
+        let key = EcdsaKeyPair::generate(alg).map_err(|_| sim_err("ECDSA keygen"))?;
+        let hwid = chip_id
+            .get(..self.product.hwid_len())
+            .unwrap_or(&[])
+            .to_vec();
+        let mut exts = self.tcb_extensions(tcb)?;
+        exts.push(ext(oid::HWID, false, hwid)?);
+        exts.retain(|e| !tweak.omit.contains(&e.extn_id.to_string().as_str()));
+        for (id, value) in &tweak.replace {
+            exts.retain(|e| e.extn_id.to_string() != *id);
+            exts.push(ext(id, false, value.clone())?);
+        }
+        let spki = if tweak.p256_key {
+            SubjectPublicKeyInfoOwned {
+                algorithm: AlgorithmIdentifierOwned {
+                    oid: OID_EC_PUBLIC_KEY,
+                    parameters: Some(
+                        Any::encode_from(&der::oid::ObjectIdentifier::new_unwrap(
+                            "1.2.840.10045.3.1.7",
+                        ))
+                        .map_err(der_err)?,
+                    ),
+                },
+                subject_public_key: BitString::from_bytes(key.public_key().as_ref())
+                    .map_err(der_err)?,
+            }
+        } else {
+            p384_spki(&key)?
+        };
+        let algorithm = match &tweak.signature_params {
+            Some(params) => AlgorithmIdentifierOwned {
+                oid: OID_RSASSA_PSS,
+                parameters: Some(Any::from_der(params).map_err(der_err)?),
+            },
+            None => pss_algorithm()?,
+        };
+        let start = unix(not_before);
+        let cert_der = self.ask.issue_with(
+            &[0],
+            name(self.product, "SEV-VCEK")?,
+            spki,
+            (start, start + 7 * YEAR),
+            exts,
+            algorithm,
+        )?;
+        Ok(SimulatedKey {
+            kind: SigningKeyKind::Vcek,
+            key,
+            cert_der,
+        })
+    }
+
     /// Issues a VLEK for a cloud provider `csp_id` at `tcb`, valid for one year.
     pub fn issue_vlek(
         &self,
@@ -509,6 +600,20 @@ impl SimulatedAmd {
         };
         format!("{}{}", to_pem(inter), to_pem(&self.ark_der))
     }
+}
+
+/// Deliberate defects for a simulated VCEK, each the broken twin of a verifier check.
+#[derive(Clone, Debug, Default)]
+pub struct VcekTweak {
+    /// Extensions (by OID, see [`crate::certs::oid`]) to leave out.
+    pub omit: Vec<&'static str>,
+    /// Extensions to replace with these raw values.
+    pub replace: Vec<(&'static str, Vec<u8>)>,
+    /// RSASSA-PSS parameters (DER) to declare instead of AMD's; the signature itself is
+    /// always PSS/SHA-384 with a 48-byte salt.
+    pub signature_params: Option<Vec<u8>>,
+    /// A P-256 key instead of P-384.
+    pub p256_key: bool,
 }
 
 /// PEM-encodes a DER certificate.

@@ -83,10 +83,11 @@ impl Verifier {
         at: SystemTime,
     ) -> Result<VerifiedReport, Error> {
         let report = AttestationReport::parse(hcl.snp_report())?;
-        hcl.check_var_data_digest(&report.report_data())?;
-        let var_data = hcl.var_data_claims()?;
+        // The report first: a forged or wrong-chip HCL report is refused for that, not for
+        // its variable data.
         let mut verified = self.verify_parsed(report, chain, at)?;
-        verified.azure = Some(var_data);
+        hcl.check_var_data_digest(&verified.report.report_data())?;
+        verified.azure = Some(hcl.var_data_claims()?);
         Ok(verified)
     }
 
@@ -108,6 +109,13 @@ impl Verifier {
         chain.check_time(at_secs)?;
 
         let product = chain.product;
+        // Turin firmware reports version 3 or later; a version 2 report's reserved bytes were
+        // checked with the Milan/Genoa TCB layout, which Turin does not use.
+        if report.cpuid_product().is_none() && product == Product::Turin {
+            return Err(Error::UnsupportedVersion {
+                version: report.version(),
+            });
+        }
         if let Some(reported) = report.cpuid_product()
             && reported != product
         {

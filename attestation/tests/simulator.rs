@@ -441,3 +441,155 @@ fn keys_survive_export_and_reload() {
         .unwrap();
     assert_eq!(hierarchy(product).private_keys_pkcs8().unwrap().len(), 3);
 }
+
+mod broken_twins {
+    //! Each certificate check of the verifier, against a simulated VCEK with that one defect.
+    use super::*;
+    use attestation::certs::{CANONICAL_PSS_PARAMS, oid};
+    use attestation::sim::VcekTweak;
+
+    fn verify_with(tweak: VcekTweak) -> Result<attestation::VerifiedReport, Error> {
+        let product = Product::Genoa;
+        let fields = ReportFields::new(product);
+        let key = hierarchy(product)
+            .issue_vcek_tweaked(&fields.chip_id, fields.tcb, now() - DAY, &tweak)
+            .unwrap();
+        let report = key.sign_report(&fields).unwrap();
+        sim_verifier(product).verify(&report, &endorse(&key), now())
+    }
+
+    #[test]
+    fn canonical_pss_parameters_are_accepted() {
+        verify_with(VcekTweak {
+            signature_params: Some(CANONICAL_PSS_PARAMS.to_vec()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn other_signature_parameters_are_refused() {
+        // PSS with SHA-256 and a 32-byte salt.
+        let sha256_params = hex::decode(
+            "3034a00f300d06096086480165030402010500a11c301a06092a864886f70d010108300d06096086480165030402010500a203020120",
+        )
+        .unwrap();
+        assert_eq!(
+            verify_with(VcekTweak {
+                signature_params: Some(sha256_params),
+                ..Default::default()
+            })
+            .unwrap_err(),
+            Error::UnexpectedSignatureAlgorithm {
+                role: CertRole::Vcek
+            }
+        );
+    }
+
+    #[test]
+    fn missing_extensions_are_refused() {
+        for (missing, role) in [
+            (oid::HWID, CertRole::Vcek),
+            (oid::SNP_SPL, CertRole::Vcek),
+            (oid::UCODE_SPL, CertRole::Vcek),
+            (oid::PRODUCT_NAME, CertRole::Vcek),
+        ] {
+            assert_eq!(
+                verify_with(VcekTweak {
+                    omit: vec![missing],
+                    ..Default::default()
+                })
+                .unwrap_err(),
+                Error::MissingExtension { role, oid: missing },
+                "{missing}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_extensions_are_refused() {
+        assert_eq!(
+            verify_with(VcekTweak {
+                replace: vec![(oid::SNP_SPL, vec![0x04, 0x01, 0x17])],
+                ..Default::default()
+            })
+            .unwrap_err(),
+            Error::MalformedExtension {
+                role: CertRole::Vcek,
+                oid: oid::SNP_SPL.to_string()
+            }
+        );
+    }
+
+    #[test]
+    fn a_product_name_of_another_generation_is_refused() {
+        let milan =
+            der::Encode::to_der(&der::asn1::Ia5StringRef::new("Milan-B0").unwrap()).unwrap();
+        assert!(matches!(
+            verify_with(VcekTweak {
+                replace: vec![(oid::PRODUCT_NAME, milan)],
+                ..Default::default()
+            }),
+            Err(Error::CertificateMalformed {
+                role: CertRole::Vcek,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_p256_key_is_refused() {
+        assert_eq!(
+            verify_with(VcekTweak {
+                p256_key: true,
+                ..Default::default()
+            })
+            .unwrap_err(),
+            Error::UnexpectedKeyType {
+                role: CertRole::Vcek
+            }
+        );
+    }
+}
+
+#[test]
+fn an_expired_root_is_refused() {
+    // A hierarchy made 30 years ago: its 25-year ARK has expired.
+    let product = Product::Milan;
+    let old = SimulatedAmd::generate(product, now() - 30 * 365 * DAY).unwrap();
+    let fields = ReportFields::new(product);
+    let key = old
+        .issue_vcek(&fields.chip_id, fields.tcb, now() - DAY)
+        .unwrap();
+    let v = Verifier::new(
+        TrustAnchors::empty()
+            .dangerous_trust_simulated_root(old.ark_der())
+            .unwrap()
+            .with_intermediate(old.ask_der()),
+    );
+    let report = key.sign_report(&fields).unwrap();
+    assert!(matches!(
+        v.verify(&report, &endorse(&key), now()),
+        Err(Error::CertificateNotValidAt {
+            role: CertRole::Ark,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_version_2_report_cannot_come_from_turin() {
+    let product = Product::Turin;
+    let mut fields = ReportFields::new(product);
+    fields.version = 2;
+    // Keep Turin's TCB bytes clear of Milan's reserved ones, so the parser lets it through.
+    fields.tcb.snp = 0;
+    let key = vcek(product, &fields);
+    let report = key.sign_report(&fields).unwrap();
+    assert_eq!(
+        sim_verifier(product)
+            .verify(&report, &endorse(&key), now())
+            .unwrap_err(),
+        Error::UnsupportedVersion { version: 2 }
+    );
+}

@@ -192,8 +192,10 @@ impl Settings {
             .kds
             .base_url
             .unwrap_or_else(|| "https://kdsintf.amd.com".to_string());
-        if !(base_url.starts_with("https://") || base_url.starts_with("http://127.")
-            || base_url.starts_with("http://localhost") || base_url.starts_with("http://[::1]"))
+        if !(base_url.starts_with("https://")
+            || base_url.starts_with("http://127.")
+            || base_url.starts_with("http://localhost")
+            || base_url.starts_with("http://[::1]"))
         {
             return Err("kds.base_url: must be https (plain http only on loopback)".into());
         }
@@ -206,7 +208,9 @@ impl Settings {
             request_timeout: Duration::from_secs(l.request_timeout_secs.unwrap_or(30)),
         };
         if limits.body_bytes < 4096 || limits.max_connections == 0 {
-            return Err("limits: body_bytes must be at least 4096 and max_connections above 0".into());
+            return Err(
+                "limits: body_bytes must be at least 4096 and max_connections above 0".into(),
+            );
         }
         Ok(Settings {
             listen,
@@ -253,7 +257,10 @@ file = "master.key"
     fn parses_with_defaults_and_resolves_paths() {
         let s = Settings::parse(GOOD, Path::new("/etc/broker")).unwrap();
         assert_eq!(s.tls.cert, PathBuf::from("/etc/broker/server.pem"));
-        assert_eq!(s.store, StoreSettings::Sqlite("/etc/broker/broker.db".into()));
+        assert_eq!(
+            s.store,
+            StoreSettings::Sqlite("/etc/broker/broker.db".into())
+        );
         assert_eq!(s.nonce_ttl, Duration::from_secs(60));
         assert_eq!(s.kds.base_url, "https://kdsintf.amd.com");
         assert!(!s.kds.offline);
@@ -263,7 +270,11 @@ file = "master.key"
     #[test]
     fn refuses_unknown_keys_and_bad_values() {
         let typo = GOOD.replace("[store]", "[store]\nsqlit = \"x\"");
-        assert!(Settings::parse(&typo, Path::new("/")).unwrap_err().contains("unknown field"));
+        assert!(
+            Settings::parse(&typo, Path::new("/"))
+                .unwrap_err()
+                .contains("unknown field")
+        );
         let both = GOOD.replace("file = \"master.key\"", "file = \"m\"\nenv = \"E\"");
         assert!(Settings::parse(&both, Path::new("/")).is_err());
         let http = format!("{GOOD}\n[kds]\nbase_url = \"http://kds.example\"\n");

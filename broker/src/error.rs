@@ -44,5 +44,16 @@ pub enum Error {
     Input(String),
     /// The evidence was refused by verification.
     #[error("refused: {0}")]
-    Refused(#[from] attestation::Error),
+    Refused(attestation::Error),
+}
+
+impl From<attestation::Error> for Error {
+    /// Unusable input (bad PEM, a bad time) is an input error; everything else is a refusal
+    /// of the evidence.
+    fn from(e: attestation::Error) -> Self {
+        match e {
+            attestation::Error::InvalidInput { detail } => Error::Input(detail),
+            other => Error::Refused(other),
+        }
+    }
 }

@@ -93,7 +93,10 @@ impl MasterKey {
     /// The HMAC key that authenticates nonces.
     pub fn nonce_key(&self) -> Result<aws_lc_rs::hmac::Key, Error> {
         let k = self.derive(b"challenge nonces")?;
-        Ok(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k[..]))
+        Ok(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &k[..],
+        ))
     }
 }
 
@@ -178,7 +181,12 @@ impl RecordCipher {
     }
 
     /// Decrypts a record sealed for this name and version.
-    pub fn open(&self, name: &str, version: u64, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+    pub fn open(
+        &self,
+        name: &str,
+        version: u64,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
         if sealed.len() < NONCE_LEN {
             return Err(Error::Crypto("record too short".into()));
         }
@@ -211,7 +219,10 @@ mod tests {
         let other = MasterKey::generate().unwrap().record_cipher().unwrap();
         assert!(other.open("db", 2, &sealed).is_err());
         // Fresh nonce each time.
-        assert_ne!(c.seal("db", 2, b"x").unwrap(), c.seal("db", 2, b"x").unwrap());
+        assert_ne!(
+            c.seal("db", 2, b"x").unwrap(),
+            c.seal("db", 2, b"x").unwrap()
+        );
         assert!(!format!("{k:?}").contains(&k.to_hex()[..8]));
     }
 
@@ -227,6 +238,9 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = MasterKey::load(&MasterKeySource::File(p.clone())).unwrap_err();
         assert!(e.to_string().contains("0600"), "{e}");
-        assert!(write_private_file(&p, b"again").is_err(), "never overwrites");
+        assert!(
+            write_private_file(&p, b"again").is_err(),
+            "never overwrites"
+        );
     }
 }

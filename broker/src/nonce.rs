@@ -131,7 +131,10 @@ mod tests {
         assert_eq!(authority().check(&n, 0), Err(NonceError::NotIssuedHere));
         let mut raw = URL_SAFE_NO_PAD.decode(&n).unwrap();
         raw[8] ^= 1; // extend the expiry
-        assert_eq!(a.check(&URL_SAFE_NO_PAD.encode(&raw), 0), Err(NonceError::NotIssuedHere));
+        assert_eq!(
+            a.check(&URL_SAFE_NO_PAD.encode(&raw), 0),
+            Err(NonceError::NotIssuedHere)
+        );
         assert_eq!(a.check("", 0), Err(NonceError::Malformed));
         assert_eq!(a.check("!!!", 0), Err(NonceError::Malformed));
         assert_eq!(a.check(&"A".repeat(500), 0), Err(NonceError::Malformed));

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use attestation::{Claims, Endorsements, TrustAnchors, VerifiedReport, Verifier};
+use attestation::{
+    AttestationReport, Claims, Endorsements, TrustAnchors, VerifiedReport, Verifier,
+};
 
 use crate::Error;
 use crate::evidence::{self, ReportInput};
@@ -31,6 +33,11 @@ pub fn run(request: &VerifyRequest) -> Result<Claims, Error> {
 /// Verifies evidence against AMD's pinned roots.
 pub fn verify(request: &VerifyRequest) -> Result<VerifiedReport, Error> {
     let report = evidence::read_report(&request.report)?;
+    // The report's own structure first, so a malformed report is refused for that.
+    match &report {
+        ReportInput::Raw(bytes) => AttestationReport::parse(bytes)?,
+        ReportInput::Hcl(hcl) => AttestationReport::parse(hcl.snp_report())?,
+    };
     let Some(vek_path) = &request.vek else {
         return Err(Error::Input(
             "no VCEK/VLEK given: pass --vek FILE (the certificate from AMD's KDS, or from the \

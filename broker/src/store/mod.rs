@@ -125,8 +125,10 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The newest version number ever used for `name` (deleted ones included), 0 if none.
-    fn last_secret_version(&self, name: &str)
-    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn last_secret_version(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Inserts a secret version; `Conflict` if that version exists.
     fn insert_secret(
         &self,

@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use super::{AuditQuery, AuditRecord, PolicyVersion, SecretInfo, Store, StoreError, StoredSecret};
 
@@ -119,7 +121,9 @@ fn secret_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredSecret, StoreE
         version: to_u64(row.try_get("version")?),
         kind: row.try_get("kind")?,
         meta: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
-        sealed: row.try_get::<Option<Vec<u8>>, _>("sealed")?.unwrap_or_default(),
+        sealed: row
+            .try_get::<Option<Vec<u8>>, _>("sealed")?
+            .unwrap_or_default(),
     })
 }
 
@@ -374,7 +378,11 @@ mod tests {
         assert!(s.current_secret("a").await.unwrap().is_none());
         assert!(s.list_secrets().await.unwrap().is_empty());
         assert!(!s.delete_secret("a", 21).await.unwrap());
-        assert_eq!(s.last_secret_version("a").await.unwrap(), 2, "versions are never reused");
+        assert_eq!(
+            s.last_secret_version("a").await.unwrap(),
+            2,
+            "versions are never reused"
+        );
     }
 
     #[tokio::test]
