@@ -42,6 +42,9 @@ pub enum Error {
     /// An argument or input is not usable.
     #[error("{0}")]
     Input(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
     /// The evidence was refused by verification.
     #[error("refused: {0}")]
     Refused(attestation::Error),

@@ -12,6 +12,8 @@ pub mod evidence;
 pub mod keys;
 pub mod nonce;
 pub mod policy_cmd;
+pub mod release;
+pub mod secrets;
 pub mod store;
 pub mod verify_cmd;
 
