@@ -75,6 +75,7 @@ struct RawLimits {
     header_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
     request_timeout_secs: Option<u64>,
+    max_inflight_attestations: Option<usize>,
 }
 
 /// Where the master key comes from.
@@ -130,6 +131,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Time allowed for one request.
     pub request_timeout: Duration,
+    /// Attestations processed at once; more are answered 429 with Retry-After.
+    pub max_inflight_attestations: usize,
 }
 
 /// Checked broker settings.
@@ -206,6 +209,7 @@ impl Settings {
             header_timeout: Duration::from_secs(l.header_timeout_secs.unwrap_or(10)),
             idle_timeout: Duration::from_secs(l.idle_timeout_secs.unwrap_or(60)),
             request_timeout: Duration::from_secs(l.request_timeout_secs.unwrap_or(30)),
+            max_inflight_attestations: l.max_inflight_attestations.unwrap_or(256).max(1),
         };
         if limits.body_bytes < 4096 || limits.max_connections == 0 {
             return Err(

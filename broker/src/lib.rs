@@ -14,6 +14,7 @@ pub mod nonce;
 pub mod policy_cmd;
 pub mod release;
 pub mod secrets;
+pub mod server;
 pub mod store;
 pub mod verify_cmd;
 
