@@ -281,6 +281,42 @@ impl SimulatedAmd {
         SimulatedAmd::build(product, [load(ark)?, load(ask)?, load(asvk)?], names, now)
     }
 
+    /// Reloads a hierarchy saved with [`SimulatedAmd::private_keys_pkcs8`] and the
+    /// certificate accessors, byte for byte (so a verifier that trusts the saved ARK trusts it).
+    pub fn load(
+        product: Product,
+        keys: [&[u8]; 3],
+        certs: [&[u8]; 3],
+    ) -> Result<SimulatedAmd, Error> {
+        let load = |der: &[u8]| {
+            RsaKeyPair::from_pkcs8(der).map_err(|e| sim_err(format!("RSA key rejected: {e}")))
+        };
+        let subject = |der: &[u8]| -> Result<Name, Error> {
+            let cert = x509_cert::Certificate::from_der(der).map_err(der_err)?;
+            Ok(cert.tbs_certificate().subject().clone())
+        };
+        let [ark_k, ask_k, asvk_k] = keys;
+        let [ark_c, ask_c, asvk_c] = certs;
+        Ok(SimulatedAmd {
+            product,
+            ark: RsaSigner {
+                key: load(ark_k)?,
+                name: subject(ark_c)?,
+            },
+            ask: RsaSigner {
+                key: load(ask_k)?,
+                name: subject(ask_c)?,
+            },
+            asvk: RsaSigner {
+                key: load(asvk_k)?,
+                name: subject(asvk_c)?,
+            },
+            ark_der: ark_c.to_vec(),
+            ask_der: ask_c.to_vec(),
+            asvk_der: asvk_c.to_vec(),
+        })
+    }
+
     fn from_keys(
         product: Product,
         ark: RsaKeyPair,

@@ -42,6 +42,9 @@ pub enum Error {
     /// An argument or input is not usable.
     #[error("{0}")]
     Input(String),
+    /// The broker answered an admin call with an error.
+    #[error("broker: {0}")]
+    Remote(String),
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),

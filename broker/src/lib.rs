@@ -1,14 +1,17 @@
 //! The key broker: verifies SEV-SNP evidence and, from the broker service on, releases
 //! secrets to guests whose evidence the operator's policy accepts.
 //!
-//! This crate holds the `broker` binary's library parts. Today: loading evidence files and
-//! the `broker verify` command.
+//! The library behind the `broker` binary: the release engine ([`release`]), the HTTPS
+//! service ([`server`]), the store ([`store`]), the operator CLI's client ([`client`]) and the
+//! offline commands (`verify`, `policy`, `init`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod evidence;
+pub mod init;
 pub mod keys;
 pub mod nonce;
 pub mod policy_cmd;

@@ -32,13 +32,132 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Release policies: schema, explanation of a decision, drafting from a report.
+    /// Release policies: set, get, history, schema, explanation of a decision, drafting.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the broker service.
+    Serve {
+        /// The broker configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a complete local development setup (CA, certificates, master key, simulated
+    /// AMD root, configuration, sample policy) and print the next commands.
+    Init {
+        /// Directory to create.
+        #[arg(long)]
+        dev: PathBuf,
+        /// Address the development broker listens on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+    },
+    /// Secrets (admin API over mutual TLS).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// The audit log (admin API over mutual TLS).
+    Audit {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this action (attest, secret.put, policy.set, admin.denied, …).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this outcome (released, refused, ok).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only records at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many records (default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Admin configuration (url, ca, cert, key); default: $BROKER_ADMIN_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<broker::client::AdminClient> {
+        let path = broker::client::AdminClient::locate(self.config.as_deref())?;
+        Ok(broker::client::AdminClient::from_config(&path)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Upload a new version of a secret from a file.
+    Put {
+        /// Secret name.
+        name: String,
+        /// The value (a PEM key and certificate chain for tls-key).
+        #[arg(long)]
+        file: PathBuf,
+        /// tls-key or opaque.
+        #[arg(long)]
+        kind: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Generate a data key (random bytes, never shown to operators).
+    Generate {
+        /// Secret name.
+        name: String,
+        /// Length in bytes (16 to 1024, default 32).
+        #[arg(long)]
+        bytes: Option<usize>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Rotate a data key: a new random version.
+    Rotate {
+        /// Secret name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete every version of a secret.
+    Delete {
+        /// Secret name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List secrets (metadata only).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Set the active policy from a file (checked before it is stored; versions are kept).
+    Set {
+        /// The policy (JSON).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the active policy.
+    Get {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List every policy version.
+    History {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print the JSON Schema of release policies.
     Schema,
     /// Verify evidence and explain, condition by condition, what the policy decides.
@@ -47,9 +166,11 @@ enum PolicyCommand {
     Check {
         #[command(flatten)]
         evidence: EvidenceArgs,
-        /// The policy file to evaluate.
+        /// The policy file to evaluate (default: the broker's active policy).
         #[arg(long)]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Secret to decide on (repeatable; default: every secret the policy names).
         #[arg(long)]
         secret: Vec<String>,
@@ -130,8 +251,163 @@ fn refused(e: &attestation::Error, json: bool) -> Outcome {
 }
 
 #[allow(clippy::print_stdout)]
-fn run(command: Command) -> anyhow::Result<Outcome> {
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn time_arg(s: &str) -> anyhow::Result<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| anyhow::anyhow!("{s:?} is not an RFC 3339 time: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[allow(clippy::print_stdout)]
+async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
+        Command::Serve { config } => {
+            let settings = broker::config::Settings::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+            broker::server::run(listener, settings, shutdown_signal()).await?;
+            Ok(Outcome::Done)
+        }
+        Command::Init { dev, listen } => {
+            let setup = broker::init::dev(&dev, &listen)?;
+            let d = setup.dir.display();
+            println!("Wrote a development setup to {d} (it trusts a SIMULATED AMD root: never use it in production).");
+            println!();
+            println!("Next:");
+            println!("  broker serve --config {d}/broker.toml &");
+            println!("  export BROKER_ADMIN_CONFIG={d}/admin.toml");
+            println!("  broker secret put web-tls --file server-key-and-chain.pem --kind tls-key");
+            println!("  broker secret generate db-key --bytes 32");
+            println!("  broker policy set {d}/policy.json");
+            println!("  broker secret list");
+            println!("  broker audit");
+            Ok(Outcome::Done)
+        }
+        Command::Secret(cmd) => {
+            let v = match cmd {
+                SecretCommand::Put { name, file, kind, admin } => {
+                    let value = zeroize::Zeroizing::new(
+                        std::fs::read(&file)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+                    );
+                    admin.client()?.put_secret(&name, &kind, &value).await?
+                }
+                SecretCommand::Generate { name, bytes, admin } => {
+                    admin.client()?.generate_secret(&name, bytes).await?
+                }
+                SecretCommand::Rotate { name, admin } => admin.client()?.rotate_secret(&name).await?,
+                SecretCommand::Delete { name, admin } => {
+                    admin.client()?.delete_secret(&name).await?;
+                    println!("deleted {name}");
+                    return Ok(Outcome::Done);
+                }
+                SecretCommand::List { admin, json } => {
+                    let v = admin.client()?.list_secrets().await?;
+                    if json {
+                        print_json(&v)?;
+                    } else {
+                        println!("{:<24} {:>7}  {:<9} {:<25} created by", "NAME", "VERSION", "KIND", "CREATED");
+                        for s in v["secrets"].as_array().into_iter().flatten() {
+                            let at = s["created_at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
+                            println!(
+                                "{:<24} {:>7}  {:<9} {:<25} {}",
+                                s["name"].as_str().unwrap_or(""),
+                                s["version"],
+                                s["kind"].as_str().unwrap_or(""),
+                                at,
+                                s["created_by"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                    return Ok(Outcome::Done);
+                }
+            };
+            println!("{} version {}", v["name"].as_str().unwrap_or(""), v["version"]);
+            Ok(Outcome::Done)
+        }
+        Command::Policy(PolicyCommand::Set { file, admin }) => {
+            // Checked locally first, for an error that names the file and the JSON path.
+            policy_cmd::load(&file)?;
+            let doc = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let v = admin.client()?.set_policy(doc).await?;
+            println!("policy version {}", v["version"]);
+            Ok(Outcome::Done)
+        }
+        Command::Policy(PolicyCommand::Get { admin }) => {
+            let v = admin.client()?.get_policy().await?;
+            let doc: serde_json::Value =
+                serde_json::from_str(v["document"].as_str().unwrap_or("null")).unwrap_or_default();
+            eprintln!("policy version {} set by {}", v["version"], v["created_by"].as_str().unwrap_or(""));
+            print_json(&doc)?;
+            Ok(Outcome::Done)
+        }
+        Command::Policy(PolicyCommand::History { admin }) => {
+            let v = admin.client()?.policy_history().await?;
+            for p in v["versions"].as_array().into_iter().flatten() {
+                let at = p["created_at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
+                println!("{:>4}  {}  {}", p["version"], at, p["created_by"].as_str().unwrap_or(""));
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Audit { admin, action, outcome, since, limit, json } => {
+            let mut q = Vec::new();
+            if let Some(a) = action {
+                q.push(("action", a));
+            }
+            if let Some(o) = outcome {
+                q.push(("outcome", o));
+            }
+            if let Some(s) = since {
+                q.push(("since", time_arg(&s)?.unix_timestamp().to_string()));
+            }
+            if let Some(l) = limit {
+                q.push(("limit", l.to_string()));
+            }
+            let v = admin.client()?.audit(&q).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                for r in v["records"].as_array().into_iter().flatten() {
+                    let at = r["at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
+                    println!(
+                        "{:>6}  {}  {:<14} {:<9} {}  {}",
+                        r["id"],
+                        at,
+                        r["action"].as_str().unwrap_or(""),
+                        r["outcome"].as_str().unwrap_or(""),
+                        r["actor"].as_str().unwrap_or(""),
+                        r["detail"]
+                    );
+                }
+            }
+            Ok(Outcome::Done)
+        }
         Command::Verify { evidence, json } => match verify_cmd::run(&evidence.request()?) {
             Ok(claims) => {
                 if json {
@@ -154,10 +430,19 @@ fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Policy(PolicyCommand::Check {
             evidence,
             policy,
+            admin,
             secret,
             json,
         }) => {
-            let policy = policy_cmd::load(&policy)?;
+            let policy = match policy {
+                Some(path) => policy_cmd::load(&path)?,
+                None => {
+                    let active = admin.client()?.get_policy().await?;
+                    let doc = active["document"].as_str().unwrap_or_default();
+                    attestation::policy::Policy::from_json(doc)
+                        .map_err(|e| anyhow::anyhow!("active policy: {e}"))?
+                }
+            };
             match policy_cmd::check(&evidence.request()?, &policy, &secret) {
                 Ok(report) => {
                     if json {
@@ -190,9 +475,18 @@ fn run(command: Command) -> anyhow::Result<Outcome> {
     }
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli.command).await {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Refused) => ExitCode::from(1),
         Err(e) => {

@@ -104,7 +104,11 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
         state: &Arc<AppState<S>>,
     ) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<Peer>().cloned();
-        let route = parts.uri.path().to_string();
+        let route = parts
+            .extensions
+            .get::<axum::extract::OriginalUri>()
+            .map(|u| u.0.path().to_string())
+            .unwrap_or_else(|| parts.uri.path().to_string());
         let (actor, result) = match &peer {
             None => ("unknown".to_string(), Err("no connection information".to_string())),
             Some(p) if p.client_chain.is_empty() => (

@@ -1,0 +1,200 @@
+//! The operator CLI's client for the admin API: mutual TLS with the operator's certificate,
+//! the broker's CA pinned.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use reqwest::{Method, StatusCode};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::Error;
+
+/// The environment variable naming the admin configuration file.
+pub const ADMIN_CONFIG_ENV: &str = "BROKER_ADMIN_CONFIG";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    url: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A client of the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+impl AdminClient {
+    /// Finds the admin configuration: `--config`, else `$BROKER_ADMIN_CONFIG`.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        std::env::var_os(ADMIN_CONFIG_ENV)
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no admin configuration: pass --config FILE or set {ADMIN_CONFIG_ENV}"
+                ))
+            })
+    }
+
+    /// Loads an admin configuration file (url, ca, cert, key; paths relative to the file).
+    pub fn from_config(path: &Path) -> Result<AdminClient, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawAdmin = toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        if !raw.url.starts_with("https://") {
+            return Err(Error::Config(format!("{}: url must be https", path.display())));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let cfg = |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
+        let ca = resolve(base, raw.ca);
+        let cert = resolve(base, raw.cert);
+        let key = resolve(base, raw.key);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| cfg(&ca, &e))? {
+            roots.add(c.map_err(|e| cfg(&ca, &e))?).map_err(|e| cfg(&ca, &e))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+            .map_err(|e| cfg(&cert, &e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| cfg(&cert, &e))?;
+        crate::keys::check_private_file(&key)?;
+        let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| cfg(&key, &e))?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| Error::Config(format!("client certificate: {e}")))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(AdminClient {
+            base: raw.url.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Body>) -> Result<Value, Error> {
+        let url = format!("{}/v1/admin{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        match body {
+            Some(Body::Json(v)) => req = req.json(&v),
+            Some(Body::Text(t)) => {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(t)
+            }
+            None => {}
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::Remote(format!("{url}: {e}")))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::Remote(format!("{url}: {e}")))?;
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let detail = value["detail"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            Err(Error::Remote(format!("{} {}", status.as_u16(), detail)))
+        }
+    }
+
+    /// Uploads a new version of a `tls-key` or `opaque` secret.
+    pub async fn put_secret(&self, name: &str, kind: &str, value: &[u8]) -> Result<Value, Error> {
+        let body = serde_json::json!({
+            "kind": kind,
+            "value": attestation::protocol::encode_b64(value),
+        });
+        self.call(Method::PUT, &format!("/secrets/{name}"), Some(Body::Json(body)))
+            .await
+    }
+    /// Generates a data key.
+    pub async fn generate_secret(&self, name: &str, bytes: Option<usize>) -> Result<Value, Error> {
+        let body = serde_json::json!({ "bytes": bytes });
+        self.call(Method::POST, &format!("/secrets/{name}/generate"), Some(Body::Json(body)))
+            .await
+    }
+    /// Rotates a data key.
+    pub async fn rotate_secret(&self, name: &str) -> Result<Value, Error> {
+        self.call(Method::POST, &format!("/secrets/{name}/rotate"), None).await
+    }
+    /// Deletes a secret.
+    pub async fn delete_secret(&self, name: &str) -> Result<Value, Error> {
+        self.call(Method::DELETE, &format!("/secrets/{name}"), None).await
+    }
+    /// Lists secrets (metadata only).
+    pub async fn list_secrets(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/secrets", None).await
+    }
+    /// Sets the policy.
+    pub async fn set_policy(&self, document: String) -> Result<Value, Error> {
+        self.call(Method::PUT, "/policy", Some(Body::Text(document))).await
+    }
+    /// The active policy.
+    pub async fn get_policy(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/policy", None).await
+    }
+    /// Policy history.
+    pub async fn policy_history(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/policy/history", None).await
+    }
+    /// Audit records.
+    pub async fn audit(&self, query: &[(&str, String)]) -> Result<Value, Error> {
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect();
+        let path = if qs.is_empty() {
+            "/audit".to_string()
+        } else {
+            format!("/audit?{}", qs.join("&"))
+        };
+        self.call(Method::GET, &path, None).await
+    }
+}
+
+enum Body {
+    Json(Value),
+    Text(String),
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
