@@ -56,19 +56,25 @@ impl AdminClient {
             path: path.to_path_buf(),
             source,
         })?;
-        let raw: RawAdmin = toml::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let raw: RawAdmin =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         if !raw.url.starts_with("https://") {
-            return Err(Error::Config(format!("{}: url must be https", path.display())));
+            return Err(Error::Config(format!(
+                "{}: url must be https",
+                path.display()
+            )));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let cfg = |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
+        let cfg =
+            |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
         let ca = resolve(base, raw.ca);
         let cert = resolve(base, raw.cert);
         let key = resolve(base, raw.key);
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(&ca).map_err(|e| cfg(&ca, &e))? {
-            roots.add(c.map_err(|e| cfg(&ca, &e))?).map_err(|e| cfg(&ca, &e))?;
+            roots
+                .add(c.map_err(|e| cfg(&ca, &e))?)
+                .map_err(|e| cfg(&ca, &e))?;
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
             .map_err(|e| cfg(&cert, &e))?
@@ -137,22 +143,32 @@ impl AdminClient {
             "kind": kind,
             "value": attestation::protocol::encode_b64(value),
         });
-        self.call(Method::PUT, &format!("/secrets/{name}"), Some(Body::Json(body)))
-            .await
+        self.call(
+            Method::PUT,
+            &format!("/secrets/{name}"),
+            Some(Body::Json(body)),
+        )
+        .await
     }
     /// Generates a data key.
     pub async fn generate_secret(&self, name: &str, bytes: Option<usize>) -> Result<Value, Error> {
         let body = serde_json::json!({ "bytes": bytes });
-        self.call(Method::POST, &format!("/secrets/{name}/generate"), Some(Body::Json(body)))
-            .await
+        self.call(
+            Method::POST,
+            &format!("/secrets/{name}/generate"),
+            Some(Body::Json(body)),
+        )
+        .await
     }
     /// Rotates a data key.
     pub async fn rotate_secret(&self, name: &str) -> Result<Value, Error> {
-        self.call(Method::POST, &format!("/secrets/{name}/rotate"), None).await
+        self.call(Method::POST, &format!("/secrets/{name}/rotate"), None)
+            .await
     }
     /// Deletes a secret.
     pub async fn delete_secret(&self, name: &str) -> Result<Value, Error> {
-        self.call(Method::DELETE, &format!("/secrets/{name}"), None).await
+        self.call(Method::DELETE, &format!("/secrets/{name}"), None)
+            .await
     }
     /// Lists secrets (metadata only).
     pub async fn list_secrets(&self) -> Result<Value, Error> {
@@ -160,7 +176,8 @@ impl AdminClient {
     }
     /// Sets the policy.
     pub async fn set_policy(&self, document: String) -> Result<Value, Error> {
-        self.call(Method::PUT, "/policy", Some(Body::Text(document))).await
+        self.call(Method::PUT, "/policy", Some(Body::Text(document)))
+            .await
     }
     /// The active policy.
     pub async fn get_policy(&self) -> Result<Value, Error> {
@@ -193,7 +210,9 @@ enum Body {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

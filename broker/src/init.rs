@@ -85,8 +85,12 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
 
     let server_key = KeyPair::generate().map_err(rc)?;
     let mut server = CertificateParams::new(vec!["localhost".to_string()]).map_err(rc)?;
-    server.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().map_err(|_| Error::Input("ip".into()))?));
-    server.subject_alt_names.push(SanType::IpAddress("::1".parse().map_err(|_| Error::Input("ip".into()))?));
+    server.subject_alt_names.push(SanType::IpAddress(
+        "127.0.0.1".parse().map_err(|_| Error::Input("ip".into()))?,
+    ));
+    server.subject_alt_names.push(SanType::IpAddress(
+        "::1".parse().map_err(|_| Error::Input("ip".into()))?,
+    ));
     server.distinguished_name = dn("localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &issuer).map_err(rc)?;
@@ -99,17 +103,32 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
 
     write(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
     write(&dir.join("server.pem"), server_cert.pem().as_bytes())?;
-    write_private_file(&dir.join("server.key"), server_key.serialize_pem().as_bytes())?;
+    write_private_file(
+        &dir.join("server.key"),
+        server_key.serialize_pem().as_bytes(),
+    )?;
     write(&dir.join("operator.pem"), op_cert.pem().as_bytes())?;
     write_private_file(&dir.join("operator.key"), op_key.serialize_pem().as_bytes())?;
-    write_private_file(&dir.join("master.key"), MasterKey::generate()?.to_hex().as_bytes())?;
+    write_private_file(
+        &dir.join("master.key"),
+        MasterKey::generate()?.to_hex().as_bytes(),
+    )?;
 
     // A simulated AMD hierarchy, for simulated guests.
     let product = Product::Genoa;
     let sim = SimulatedAmd::generate(product, SystemTime::now())?;
-    write(&dir.join("sim/ark.pem"), attestation::sim::to_pem(sim.ark_der()).as_bytes())?;
-    write(&dir.join("sim/ask.pem"), attestation::sim::to_pem(sim.ask_der()).as_bytes())?;
-    write(&dir.join("sim/asvk.pem"), attestation::sim::to_pem(sim.asvk_der()).as_bytes())?;
+    write(
+        &dir.join("sim/ark.pem"),
+        attestation::sim::to_pem(sim.ark_der()).as_bytes(),
+    )?;
+    write(
+        &dir.join("sim/ask.pem"),
+        attestation::sim::to_pem(sim.ask_der()).as_bytes(),
+    )?;
+    write(
+        &dir.join("sim/asvk.pem"),
+        attestation::sim::to_pem(sim.asvk_der()).as_bytes(),
+    )?;
     let [ark_k, ask_k, asvk_k] = sim.private_keys_pkcs8()?;
     for (name, key) in [("ark", ark_k), ("ask", ask_k), ("asvk", asvk_k)] {
         let pem = der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &key)

@@ -296,7 +296,9 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Init { dev, listen } => {
             let setup = broker::init::dev(&dev, &listen)?;
             let d = setup.dir.display();
-            println!("Wrote a development setup to {d} (it trusts a SIMULATED AMD root: never use it in production).");
+            println!(
+                "Wrote a development setup to {d} (it trusts a SIMULATED AMD root: never use it in production)."
+            );
             println!();
             println!("Next:");
             println!("  broker serve --config {d}/broker.toml &");
@@ -310,7 +312,12 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         }
         Command::Secret(cmd) => {
             let v = match cmd {
-                SecretCommand::Put { name, file, kind, admin } => {
+                SecretCommand::Put {
+                    name,
+                    file,
+                    kind,
+                    admin,
+                } => {
                     let value = zeroize::Zeroizing::new(
                         std::fs::read(&file)
                             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
@@ -320,7 +327,9 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 SecretCommand::Generate { name, bytes, admin } => {
                     admin.client()?.generate_secret(&name, bytes).await?
                 }
-                SecretCommand::Rotate { name, admin } => admin.client()?.rotate_secret(&name).await?,
+                SecretCommand::Rotate { name, admin } => {
+                    admin.client()?.rotate_secret(&name).await?
+                }
                 SecretCommand::Delete { name, admin } => {
                     admin.client()?.delete_secret(&name).await?;
                     println!("deleted {name}");
@@ -331,9 +340,15 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                     if json {
                         print_json(&v)?;
                     } else {
-                        println!("{:<24} {:>7}  {:<9} {:<25} created by", "NAME", "VERSION", "KIND", "CREATED");
+                        println!(
+                            "{:<24} {:>7}  {:<9} {:<25} created by",
+                            "NAME", "VERSION", "KIND", "CREATED"
+                        );
                         for s in v["secrets"].as_array().into_iter().flatten() {
-                            let at = s["created_at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
+                            let at = s["created_at"]
+                                .as_u64()
+                                .map(|t| attestation::error::rfc3339(&t))
+                                .unwrap_or_default();
                             println!(
                                 "{:<24} {:>7}  {:<9} {:<25} {}",
                                 s["name"].as_str().unwrap_or(""),
@@ -347,7 +362,11 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                     return Ok(Outcome::Done);
                 }
             };
-            println!("{} version {}", v["name"].as_str().unwrap_or(""), v["version"]);
+            println!(
+                "{} version {}",
+                v["name"].as_str().unwrap_or(""),
+                v["version"]
+            );
             Ok(Outcome::Done)
         }
         Command::Policy(PolicyCommand::Set { file, admin }) => {
@@ -363,19 +382,38 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             let v = admin.client()?.get_policy().await?;
             let doc: serde_json::Value =
                 serde_json::from_str(v["document"].as_str().unwrap_or("null")).unwrap_or_default();
-            eprintln!("policy version {} set by {}", v["version"], v["created_by"].as_str().unwrap_or(""));
+            eprintln!(
+                "policy version {} set by {}",
+                v["version"],
+                v["created_by"].as_str().unwrap_or("")
+            );
             print_json(&doc)?;
             Ok(Outcome::Done)
         }
         Command::Policy(PolicyCommand::History { admin }) => {
             let v = admin.client()?.policy_history().await?;
             for p in v["versions"].as_array().into_iter().flatten() {
-                let at = p["created_at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
-                println!("{:>4}  {}  {}", p["version"], at, p["created_by"].as_str().unwrap_or(""));
+                let at = p["created_at"]
+                    .as_u64()
+                    .map(|t| attestation::error::rfc3339(&t))
+                    .unwrap_or_default();
+                println!(
+                    "{:>4}  {}  {}",
+                    p["version"],
+                    at,
+                    p["created_by"].as_str().unwrap_or("")
+                );
             }
             Ok(Outcome::Done)
         }
-        Command::Audit { admin, action, outcome, since, limit, json } => {
+        Command::Audit {
+            admin,
+            action,
+            outcome,
+            since,
+            limit,
+            json,
+        } => {
             let mut q = Vec::new();
             if let Some(a) = action {
                 q.push(("action", a));
@@ -394,7 +432,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 print_json(&v)?;
             } else {
                 for r in v["records"].as_array().into_iter().flatten() {
-                    let at = r["at"].as_u64().map(|t| attestation::error::rfc3339(&t)).unwrap_or_default();
+                    let at = r["at"]
+                        .as_u64()
+                        .map(|t| attestation::error::rfc3339(&t))
+                        .unwrap_or_default();
                     println!(
                         "{:>6}  {}  {:<14} {:<9} {}  {}",
                         r["id"],

@@ -44,7 +44,11 @@ impl Metrics {
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         // 0.25 ms .. ~4 s
         let latency = Histogram::new(exponential_buckets(0.00025, 2.0, 15));
-        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
         registry.register(
             "attestations",
             "Attestation outcomes (released or refused) by reason",

@@ -9,7 +9,9 @@ use std::time::{Instant, SystemTime};
 use attestation::protocol::AttestRequest;
 use attestation::{TrustAnchors, Verifier};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State,
+};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
@@ -84,7 +86,12 @@ where
 fn json_problem(rejection: &JsonRejection) -> Problem {
     let status = rejection.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        Problem::new(status, "too-large", "Request too large", "the request body is too large")
+        Problem::new(
+            status,
+            "too-large",
+            "Request too large",
+            "the request body is too large",
+        )
     } else {
         let mut p = Problem::malformed(rejection.body_text());
         p.status = status.as_u16();
@@ -110,18 +117,19 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
             .map(|u| u.0.path().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
         let (actor, result) = match &peer {
-            None => ("unknown".to_string(), Err("no connection information".to_string())),
+            None => (
+                "unknown".to_string(),
+                Err("no connection information".to_string()),
+            ),
             Some(p) if p.client_chain.is_empty() => (
                 format!("anonymous {}", p.addr.ip()),
                 Err("no client certificate".to_string()),
             ),
             Some(p) => {
-                let subject = p
-                    .client_chain
-                    .first()
-                    .map(tls::subject)
-                    .unwrap_or_default();
-                let verified = state.operator.verify_chain(&p.client_chain, SystemTime::now());
+                let subject = p.client_chain.first().map(tls::subject).unwrap_or_default();
+                let verified = state
+                    .operator
+                    .verify_chain(&p.client_chain, SystemTime::now());
                 (subject, verified)
             }
         };
@@ -171,8 +179,15 @@ fn now_i64() -> i64 {
 impl From<Error> for Problem {
     fn from(e: Error) -> Problem {
         match e {
-            Error::Input(d) => Problem::new(StatusCode::BAD_REQUEST, "invalid", "Invalid request", d),
-            Error::NotFound(d) => Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", format!("{d} not found")),
+            Error::Input(d) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid", "Invalid request", d)
+            }
+            Error::NotFound(d) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                format!("{d} not found"),
+            ),
             Error::Store(e) => {
                 tracing::error!(error = %e, "store error");
                 Problem::unavailable("the store is unavailable")
@@ -189,7 +204,10 @@ impl From<Error> for Problem {
 pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
     let admin = Router::new()
         .route("/secrets", get(list_secrets::<S>))
-        .route("/secrets/{name}", put(put_secret::<S>).delete(delete_secret::<S>))
+        .route(
+            "/secrets/{name}",
+            put(put_secret::<S>).delete(delete_secret::<S>),
+        )
         .route("/secrets/{name}/generate", post(generate_secret::<S>))
         .route("/secrets/{name}/rotate", post(rotate_secret::<S>))
         .route("/policy", get(get_policy::<S>).put(set_policy::<S>))
@@ -203,14 +221,23 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         .route("/v1/attest", post(attest::<S>))
         .nest("/v1/admin", admin)
         .fallback(|| async {
-            Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such route")
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                "no such route",
+            )
         })
         .layer(middleware::from_fn_with_state(state.clone(), count::<S>))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
-async fn count<S: Store>(State(state): State<Arc<AppState<S>>>, req: Request, next: Next) -> Response {
+async fn count<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -233,7 +260,10 @@ async fn ready<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
 
 async fn metrics_text<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
@@ -256,7 +286,14 @@ async fn attest<S: Store>(
         Ok(ProblemJson(r)) => r,
         Err(problem) => {
             // Malformed requests release nothing and are audited like any refusal.
-            state.metrics.outcome("refused", if problem.status == 413 { "too_large" } else { "malformed" });
+            state.metrics.outcome(
+                "refused",
+                if problem.status == 413 {
+                    "too_large"
+                } else {
+                    "malformed"
+                },
+            );
             let record = AuditRecord {
                 id: 0,
                 at: now_i64(),
@@ -294,8 +331,12 @@ async fn attest<S: Store>(
         Err(refusal) => {
             state.metrics.outcome("refused", &refusal.reason());
             match &refusal {
-                Refusal::Internal(d) => tracing::error!(peer = %addr, detail = %d, "attestation failed"),
-                Refusal::Store(e) => tracing::error!(peer = %addr, error = %e, "attestation failed"),
+                Refusal::Internal(d) => {
+                    tracing::error!(peer = %addr, detail = %d, "attestation failed")
+                }
+                Refusal::Store(e) => {
+                    tracing::error!(peer = %addr, error = %e, "attestation failed")
+                }
                 r => tracing::info!(peer = %addr, reason = %r.reason(), "refused"),
             }
             Problem::from(&refusal).into_response()
@@ -328,7 +369,11 @@ async fn put_secret<S: Store>(
         .broker
         .put_secret(&name, kind, &value, &op, SystemTime::now())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({ "name": name, "version": version }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "version": version })),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -347,7 +392,11 @@ async fn generate_secret<S: Store>(
         .broker
         .generate_secret(&name, body.bytes.unwrap_or(32), &op, SystemTime::now())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({ "name": name, "version": version }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "version": version })),
+    )
+        .into_response())
 }
 
 async fn rotate_secret<S: Store>(
@@ -359,7 +408,11 @@ async fn rotate_secret<S: Store>(
         .broker
         .rotate_secret(&name, &op, SystemTime::now())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({ "name": name, "version": version }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "version": version })),
+    )
+        .into_response())
 }
 
 async fn delete_secret<S: Store>(
@@ -367,7 +420,10 @@ async fn delete_secret<S: Store>(
     Operator(op): Operator,
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
-    state.broker.delete_secret(&name, &op, SystemTime::now()).await?;
+    state
+        .broker
+        .delete_secret(&name, &op, SystemTime::now())
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -375,7 +431,12 @@ async fn list_secrets<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(_op): Operator,
 ) -> Result<Response, Problem> {
-    let list = state.broker.store().list_secrets().await.map_err(Error::from)?;
+    let list = state
+        .broker
+        .store()
+        .list_secrets()
+        .await
+        .map_err(Error::from)?;
     Ok(Json(json!({ "secrets": list })).into_response())
 }
 
@@ -395,9 +456,20 @@ async fn get_policy<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(_op): Operator,
 ) -> Result<Response, Problem> {
-    match state.broker.store().active_policy().await.map_err(Error::from)? {
+    match state
+        .broker
+        .store()
+        .active_policy()
+        .await
+        .map_err(Error::from)?
+    {
         Some(p) => Ok(Json(p).into_response()),
-        None => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no policy is set")),
+        None => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "no policy is set",
+        )),
     }
 }
 
@@ -405,7 +477,12 @@ async fn policy_history<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(_op): Operator,
 ) -> Result<Response, Problem> {
-    let h = state.broker.store().policy_history().await.map_err(Error::from)?;
+    let h = state
+        .broker
+        .store()
+        .policy_history()
+        .await
+        .map_err(Error::from)?;
     Ok(Json(json!({ "versions": h })).into_response())
 }
 
@@ -415,12 +492,19 @@ async fn audit<S: Store>(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(|e| Problem::malformed(e.body_text()))?;
-    let records = state.broker.store().query_audit(&q).await.map_err(Error::from)?;
+    let records = state
+        .broker
+        .store()
+        .query_audit(&q)
+        .await
+        .map_err(Error::from)?;
     Ok(Json(json!({ "records": records })).into_response())
 }
 
 /// Builds the service state from settings: store, master key, verifier, TLS.
-pub async fn build(settings: &Settings) -> Result<(Arc<AppState<SqliteStore>>, Arc<tls::TlsState>), Error> {
+pub async fn build(
+    settings: &Settings,
+) -> Result<(Arc<AppState<SqliteStore>>, Arc<tls::TlsState>), Error> {
     let master = MasterKey::load(&settings.master_key)?;
     let store = match &settings.store {
         StoreSettings::Sqlite(path) => SqliteStore::open(path).await?,
@@ -512,7 +596,9 @@ pub async fn serve<S: Store>(
                 match tls_state.reload_if_changed() {
                     Ok(true) => tracing::info!("TLS certificate reloaded"),
                     Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the current certificate"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
+                    }
                 }
             }
         })
@@ -581,7 +667,8 @@ pub async fn serve<S: Store>(
                 req.extensions_mut().insert(peer.clone());
                 req
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%addr, error = %e, "connection ended with an error");
             }

@@ -29,7 +29,12 @@ pub struct Problem {
 
 impl Problem {
     /// A problem of class `class`.
-    pub fn new(status: StatusCode, class: &str, title: &'static str, detail: impl Into<String>) -> Problem {
+    pub fn new(
+        status: StatusCode,
+        class: &str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Problem {
         Problem {
             kind: format!("urn:snp-key-broker:problem:{class}"),
             title,
@@ -48,7 +53,12 @@ impl Problem {
 
     /// 400 malformed request.
     pub fn malformed(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::BAD_REQUEST, "malformed", "Malformed request", detail)
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "Malformed request",
+            detail,
+        )
     }
 
     /// 503: a dependency is unavailable.
@@ -104,8 +114,13 @@ impl From<&Refusal> for Problem {
                 "Unsupported evidence",
                 d.clone(),
             ),
-            Refusal::Nonce(e) => Problem::new(S::FORBIDDEN, "nonce-refused", "Nonce refused", e.to_string())
-                .with_check(r.reason()),
+            Refusal::Nonce(e) => Problem::new(
+                S::FORBIDDEN,
+                "nonce-refused",
+                "Nonce refused",
+                e.to_string(),
+            )
+            .with_check(r.reason()),
             Refusal::NonceReplay => Problem::new(
                 S::CONFLICT,
                 "nonce-replay",

@@ -8,9 +8,11 @@ use std::time::SystemTime;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 
 use crate::Error;
 use crate::config::TlsSettings;
@@ -43,7 +45,10 @@ impl OperatorVerifier {
                 .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
         }
         if roots.is_empty() {
-            return Err(Error::Config(format!("{}: no CA certificate", ca.display())));
+            return Err(Error::Config(format!(
+                "{}: no CA certificate",
+                ca.display()
+            )));
         }
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
@@ -52,12 +57,17 @@ impl OperatorVerifier {
     }
 
     /// Verifies a presented chain (leaf first) against the operator CA at `now`.
-    pub fn verify_chain(&self, chain: &[CertificateDer<'static>], now: SystemTime) -> Result<(), String> {
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: SystemTime,
+    ) -> Result<(), String> {
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or_else(|| "no client certificate".to_string())?;
         let now = UnixTime::since_unix_epoch(
-            now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
         );
         self.inner
             .verify_client_cert(leaf, intermediates, now)
@@ -173,14 +183,20 @@ fn stamps(s: &TlsSettings) -> Vec<Option<(SystemTime, u64)>> {
     v
 }
 
-fn build(settings: &TlsSettings, operator: Arc<OperatorVerifier>) -> Result<Arc<ServerConfig>, Error> {
+fn build(
+    settings: &TlsSettings,
+    operator: Arc<OperatorVerifier>,
+) -> Result<Arc<ServerConfig>, Error> {
     let cfg = |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&settings.cert)
         .map_err(|e| cfg(&settings.cert, &e))?
         .collect::<Result<_, _>>()
         .map_err(|e| cfg(&settings.cert, &e))?;
     if certs.is_empty() {
-        return Err(Error::Config(format!("{}: no certificate", settings.cert.display())));
+        return Err(Error::Config(format!(
+            "{}: no certificate",
+            settings.cert.display()
+        )));
     }
     crate::keys::check_private_file(&settings.key)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| cfg(&settings.key, &e))?;

@@ -1,0 +1,543 @@
+//! The broker service as a real process over TLS on 127.0.0.1: a simulated guest receives its
+//! secrets; every kind of bad request is refused with its status, releases nothing and is
+//! audited; the admin API needs an operator certificate; secrets never reach the log.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use attestation::protocol::{
+    AttestRequest, AttestResponse, CertificateEntry, ChallengeResponse, EphemeralKey, Evidence,
+    Kem, encode_b64,
+};
+use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
+use attestation::{Product, binding};
+use base64::Engine;
+use e2e::binary;
+use serde_json::{Value, json};
+
+struct Broker {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev");
+        let port = free_port();
+        let out = Command::new(binary("broker").unwrap())
+            .args(["init", "--dev"])
+            .arg(&dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = tmp.path().join("broker.log");
+        let child = Command::new(binary("broker").unwrap())
+            .args(["serve", "--config"])
+            .arg(dir.join("broker.toml"))
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let b = Broker {
+            dir,
+            port,
+            child,
+            log,
+            _tmp: tmp,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start: {}",
+                b.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs an operator command against this broker.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("broker").unwrap())
+            .args(args)
+            .env("BROKER_ADMIN_CONFIG", self.dir.join("admin.toml"))
+            .output()
+            .unwrap()
+    }
+
+    fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(self.dir.join("ca.pem")).unwrap();
+        for c in attestation::certs::decode_pem_or_der(&ca, "ca").unwrap() {
+            roots.add(c.into()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let tls = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                use rustls::pki_types::pem::PemObject;
+                let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    }
+
+    fn simulated_amd(&self) -> SimulatedAmd {
+        let sim = self.dir.join("sim");
+        let der = |name: &str| {
+            let bytes = std::fs::read(sim.join(name)).unwrap();
+            attestation::certs::decode_pem_or_der(&bytes, name)
+                .unwrap()
+                .remove(0)
+        };
+        let (ark_k, ask_k, asvk_k) = (der("ark.key"), der("ask.key"), der("asvk.key"));
+        let (ark_c, ask_c, asvk_c) = (der("ark.pem"), der("ask.pem"), der("asvk.pem"));
+        SimulatedAmd::load(
+            Product::Genoa,
+            [&ark_k, &ask_k, &asvk_k],
+            [&ark_c, &ask_c, &asvk_c],
+        )
+        .unwrap()
+    }
+}
+
+/// A simulated guest: report fields and a VCEK for its chip and TCB.
+struct Guest {
+    fields: ReportFields,
+    vcek: SimulatedKey,
+    ask: Vec<u8>,
+}
+
+impl Guest {
+    fn new(broker: &Broker, tweak: impl FnOnce(&mut ReportFields)) -> Guest {
+        let amd = broker.simulated_amd();
+        let mut fields = ReportFields::new(Product::Genoa);
+        tweak(&mut fields);
+        let vcek = amd
+            .issue_vcek(
+                &fields.chip_id,
+                fields.tcb,
+                SystemTime::now() - Duration::from_secs(3600),
+            )
+            .unwrap();
+        Guest {
+            fields,
+            vcek,
+            ask: amd.ask_der().to_vec(),
+        }
+    }
+
+    /// Builds an attest request for `nonce`; `bind_to` overrides the key bound in REPORT_DATA.
+    fn request(
+        &self,
+        nonce: &str,
+        key: &EphemeralKey,
+        secrets: &[&str],
+        bind_to: Option<&EphemeralKey>,
+    ) -> AttestRequest {
+        let nonce_bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(nonce)
+            .unwrap();
+        let bound = bind_to.unwrap_or(key).public_key().binding_bytes().unwrap();
+        let mut fields = self.fields.clone();
+        fields.report_data = binding::report_data(&nonce_bytes, &bound);
+        let report = self.vcek.sign_report(&fields).unwrap();
+        AttestRequest {
+            nonce: nonce.to_string(),
+            evidence: Evidence::Snp {
+                report: encode_b64(&report),
+                certificates: vec![
+                    CertificateEntry {
+                        kind: "vcek".into(),
+                        der: encode_b64(self.vcek.cert_der()),
+                    },
+                    CertificateEntry {
+                        kind: "ask".into(),
+                        der: encode_b64(&self.ask),
+                    },
+                ],
+            },
+            public_key: key.public_key(),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+async fn challenge(client: &reqwest::Client, b: &Broker) -> String {
+    let r = client.post(b.url("/v1/challenge")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<ChallengeResponse>().await.unwrap().nonce
+}
+
+async fn post(client: &reqwest::Client, b: &Broker, body: &impl serde::Serialize) -> (u16, Value) {
+    let r = client
+        .post(b.url("/v1/attest"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+fn expect_problem(status: u16, v: &Value, want_status: u16, want_type: &str) {
+    assert_eq!(status, want_status, "{v}");
+    assert_eq!(
+        v["type"],
+        format!("urn:snp-key-broker:problem:{want_type}"),
+        "{v}"
+    );
+    assert!(
+        v.get("secrets").is_none(),
+        "a refusal releases nothing: {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_and_every_refusal_over_real_tls() {
+    let b = Broker::start();
+    // Operator set-up through the real CLI.
+    let tls_pem = {
+        let mut s = std::fs::read_to_string(b.dir.join("server.key")).unwrap();
+        s.push_str(&std::fs::read_to_string(b.dir.join("server.pem")).unwrap());
+        s
+    };
+    let tls_file = b.dir.join("web-tls.pem");
+    std::fs::write(&tls_file, &tls_pem).unwrap();
+    for args in [
+        vec![
+            "secret",
+            "put",
+            "web-tls",
+            "--file",
+            tls_file.to_str().unwrap(),
+            "--kind",
+            "tls-key",
+        ],
+        vec!["secret", "generate", "db-key", "--bytes", "32"],
+        vec!["policy", "set", b.dir.join("policy.json").to_str().unwrap()],
+    ] {
+        let out = b.cli(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let client = b.guest_client(None);
+    let guest = Guest::new(&b, |_| {});
+
+    // 1. The measured guest receives both secrets, byte-exact, sealed to its key.
+    let nonce = challenge(&client, &b).await;
+    let key = EphemeralKey::generate(Kem::X25519);
+    let request = guest.request(&nonce, &key, &["web-tls", "db-key"], None);
+    let (status, v) = post(&client, &b, &request).await;
+    assert_eq!(status, 200, "{v}");
+    let response: AttestResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(response.claims["root"], "simulated");
+    let tls = key.open(&response.secrets[0]).unwrap();
+    assert_eq!(response.secrets[0].name, "web-tls");
+    assert_eq!(response.secrets[0].kind, "tls-key");
+    assert_eq!(&tls[..], tls_pem.as_bytes());
+    let data_key = key.open(&response.secrets[1]).unwrap();
+    assert_eq!(data_key.len(), 32);
+    // Another key cannot open what was sealed to this one.
+    assert!(
+        EphemeralKey::generate(Kem::X25519)
+            .open(&response.secrets[1])
+            .is_err()
+    );
+
+    // P-384 guests get the P-384 suite.
+    let nonce = challenge(&client, &b).await;
+    let p384 = EphemeralKey::generate(Kem::P384);
+    let (status, v) = post(
+        &client,
+        &b,
+        &guest.request(&nonce, &p384, &["db-key"], None),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let r: AttestResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(r.secrets[0].suite.kdf, "hkdf-sha384");
+    assert_eq!(&p384.open(&r.secrets[0]).unwrap()[..], &data_key[..]);
+
+    // 2. The same request again: the nonce is spent.
+    let (status, v) = post(&client, &b, &request).await;
+    expect_problem(status, &v, 409, "nonce-replay");
+
+    // 3. An expired nonce, and 4. one minted under another broker's key.
+    let master = broker::keys::MasterKey::load(&broker::config::MasterKeySource::File(
+        b.dir.join("master.key"),
+    ))
+    .unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ours = broker::nonce::NonceAuthority::new(master.nonce_key().unwrap());
+    let expired = ours.mint(now - 10).unwrap();
+    let (status, v) = post(
+        &client,
+        &b,
+        &guest.request(&expired, &key, &["db-key"], None),
+    )
+    .await;
+    expect_problem(status, &v, 403, "nonce-refused");
+    assert_eq!(v["check"], "nonce_expired");
+    let theirs = broker::nonce::NonceAuthority::new(
+        broker::keys::MasterKey::generate()
+            .unwrap()
+            .nonce_key()
+            .unwrap(),
+    );
+    let foreign = theirs.mint(now + 60).unwrap();
+    let (status, v) = post(
+        &client,
+        &b,
+        &guest.request(&foreign, &key, &["db-key"], None),
+    )
+    .await;
+    expect_problem(status, &v, 403, "nonce-refused");
+    assert_eq!(v["check"], "nonce_not_issued_here");
+
+    // 5. REPORT_DATA binds another key than the one the secrets would be sealed to.
+    let nonce = challenge(&client, &b).await;
+    let other = EphemeralKey::generate(Kem::X25519);
+    let (status, v) = post(
+        &client,
+        &b,
+        &guest.request(&nonce, &key, &["db-key"], Some(&other)),
+    )
+    .await;
+    expect_problem(status, &v, 403, "verification-refused");
+    assert_eq!(v["check"], "binding");
+
+    // 6-8. Genuine-looking guests the policy refuses.
+    for (label, tweak) in [
+        (
+            "wrong measurement",
+            Box::new(|f: &mut ReportFields| f.measurement = [0x11; 48])
+                as Box<dyn Fn(&mut ReportFields)>,
+        ),
+        (
+            "debug guest",
+            Box::new(|f: &mut ReportFields| f.policy |= 1 << 19),
+        ),
+        (
+            "TCB below the floor",
+            Box::new(|f: &mut ReportFields| f.tcb.snp = 22),
+        ),
+    ] {
+        let g = Guest::new(&b, |f| tweak(f));
+        let nonce = challenge(&client, &b).await;
+        let (status, v) = post(&client, &b, &g.request(&nonce, &key, &["db-key"], None)).await;
+        expect_problem(status, &v, 403, "policy-refused");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("db-key: rule \"simulated-guest\""),
+            "{label}: {v}"
+        );
+    }
+
+    // Unknown secret.
+    let nonce = challenge(&client, &b).await;
+    let (status, v) = post(&client, &b, &guest.request(&nonce, &key, &["nope"], None)).await;
+    expect_problem(status, &v, 404, "unknown-secret");
+
+    // 9. Oversized body, 10. malformed JSON.
+    let big = json!({ "padding": "x".repeat(200 * 1024) });
+    let (status, v) = post(&client, &b, &big).await;
+    expect_problem(status, &v, 413, "too-large");
+    let r = client
+        .post(b.url("/v1/attest"))
+        .header("content-type", "application/json")
+        .body("{\"nonce\": ")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    expect_problem(status, &v, 400, "malformed");
+
+    // 11. Admin without a client certificate, and with one from another CA.
+    let r = client.get(b.url("/v1/admin/secrets")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let (cert, key_file) = foreign_operator(&b.dir);
+    let stranger = b.guest_client(Some((&cert, &key_file)));
+    let r = stranger
+        .get(b.url("/v1/admin/secrets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["type"],
+        "urn:snp-key-broker:problem:client-certificate-refused"
+    );
+    // The operator's own certificate works.
+    let operator = b.guest_client(Some((
+        &b.dir.join("operator.pem"),
+        &b.dir.join("operator.key"),
+    )));
+    let r = operator
+        .get(b.url("/v1/admin/secrets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Every refusal above left an audit record with its reason.
+    let out = b.cli(&["audit", "--json", "--limit", "1000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = audit["records"].as_array().unwrap();
+    let reasons: Vec<String> = records
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .map(|r| r["detail"]["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    for reason in [
+        "nonce_replay",
+        "nonce_expired",
+        "nonce_not_issued_here",
+        "binding",
+        "unknown_secret",
+        "too_large",
+        "malformed",
+        "no client certificate",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no audit record for {reason}: {reasons:?}"
+        );
+    }
+    assert_eq!(reasons.iter().filter(|r| *r == "policy").count(), 3);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["action"] == "admin.denied")
+            .count(),
+        2,
+        "both refused admin calls are audited"
+    );
+    let released = records
+        .iter()
+        .filter(|r| r["outcome"] == "released")
+        .count();
+    assert_eq!(released, 2);
+
+    // Metrics count releases and refusals by reason.
+    let m = client
+        .get(b.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("broker_attestations_total{outcome=\"released\",reason=\"ok\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("reason=\"nonce_replay\""));
+    assert!(m.contains("broker_attestation_duration_seconds_bucket"));
+    assert_eq!(
+        client.get(b.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
+
+    // No secret byte reached the log (the run logged at debug level).
+    let log = b.log_text();
+    assert!(log.contains("DANGER: this broker trusts a SIMULATED AMD root"));
+    let key_body: String = std::fs::read_to_string(b.dir.join("server.key"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for needle in [
+        hex::encode(&data_key[..]),
+        encode_b64(&data_key[..]),
+        key_body.get(..40).unwrap().to_string(),
+    ] {
+        assert!(!log.contains(&needle), "secret material in the log");
+    }
+}
+
+/// A client certificate from a CA the broker does not trust.
+fn foreign_operator(dir: &Path) -> (PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::new()).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (c, k) = (dir.join("stranger.pem"), dir.join("stranger.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
