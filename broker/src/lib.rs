@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod evidence;
 pub mod init;
+pub mod kds;
 pub mod keys;
 pub mod nonce;
 pub mod policy_cmd;

@@ -15,6 +15,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use serde_json::json;
 
 use crate::Error;
+use crate::kds::{Kds, KdsError};
 use crate::keys::RecordCipher;
 use crate::nonce::{NonceAuthority, NonceError};
 use crate::secrets::{self, SecretKind};
@@ -62,6 +63,9 @@ pub enum Refusal {
     /// The store is unavailable (503).
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// AMD's KDS is unavailable and the certificate is not cached (503).
+    #[error("{0}")]
+    Kds(String),
     /// Something that should not happen (500); details are logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -82,6 +86,7 @@ impl Refusal {
             Refusal::Policy { .. } => "policy".into(),
             Refusal::UnknownSecret(_) => "unknown_secret".into(),
             Refusal::Store(_) => "store_unavailable".into(),
+            Refusal::Kds(_) => "kds_unavailable".into(),
             Refusal::Internal(_) => "internal".into(),
         }
     }
@@ -96,6 +101,7 @@ pub struct Broker<S: Store> {
     nonce_ttl: Duration,
     chains: Mutex<HashMap<[u8; 32], VerifiedChain>>,
     policy: RwLock<Option<(u64, Arc<Policy>)>>,
+    kds: Option<Kds>,
 }
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
@@ -135,7 +141,49 @@ impl<S: Store> Broker<S> {
             nonce_ttl,
             chains: Mutex::new(HashMap::new()),
             policy: RwLock::new(None),
+            kds: None,
         }
+    }
+
+    /// Fetches VCEKs that guests do not send from AMD's KDS (through the store's cache).
+    pub fn with_kds(mut self, kds: Kds) -> Broker<S> {
+        self.kds = Some(kds);
+        self
+    }
+
+    /// The VCEK for a report whose guest sent none: from the cache or AMD's KDS.
+    async fn fetch_vcek(&self, report: &AttestationReport) -> Result<Vec<u8>, Refusal> {
+        let missing = |role| Refusal::Verification(attestation::Error::MissingCertificate { role });
+        if report.signing_key() == attestation::SigningKeyKind::Vlek {
+            // VLEKs are not on the KDS by chip: they come with the guest's certificate table.
+            return Err(missing(attestation::CertRole::Vlek));
+        }
+        let Some(kds) = &self.kds else {
+            return Err(missing(attestation::CertRole::Vcek));
+        };
+        let products = match report.cpuid_product() {
+            Some(p) => vec![p],
+            // Version 2 reports do not name their product; Turin never sends them.
+            None => vec![attestation::Product::Milan, attestation::Product::Genoa],
+        };
+        for product in products {
+            let chip = report.chip_id();
+            let hwid = chip.get(..product.hwid_len()).unwrap_or(&[]);
+            match kds
+                .vcek(&self.store, product, hwid, &report.reported_tcb(product))
+                .await
+            {
+                Ok(der) => return Ok(der),
+                Err(KdsError::NotFound(_)) => continue,
+                Err(KdsError::Offline(what)) => {
+                    tracing::info!(%what, "VCEK not cached and KDS offline");
+                    return Err(missing(attestation::CertRole::Vcek));
+                }
+                Err(KdsError::Store(e)) => return Err(Refusal::Store(e)),
+                Err(e @ KdsError::Unavailable(_)) => return Err(Refusal::Kds(e.to_string())),
+            }
+        }
+        Err(missing(attestation::CertRole::Vcek))
     }
 
     /// The store.
@@ -276,14 +324,11 @@ impl<S: Store> Broker<S> {
         let report = decode_b64(report, "evidence.report")
             .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
         // Structure first: a malformed report is refused for that.
-        AttestationReport::parse(&report).map_err(|e| bare(Refusal::Verification(e)))?;
-        let endorsements = endorsements(certificates).map_err(bare)?;
+        let parsed =
+            AttestationReport::parse(&report).map_err(|e| bare(Refusal::Verification(e)))?;
+        let mut endorsements = endorsements(certificates).map_err(bare)?;
         if endorsements.vek.is_empty() {
-            return Err(bare(Refusal::Verification(
-                attestation::Error::MissingCertificate {
-                    role: attestation::CertRole::Vcek,
-                },
-            )));
+            endorsements.vek = self.fetch_vcek(&parsed).await.map_err(bare)?;
         }
         let chain = self.chain(&endorsements, now).map_err(bare)?;
         let verified = self

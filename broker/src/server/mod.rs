@@ -532,7 +532,8 @@ pub async fn build(
         NonceAuthority::new(master.nonce_key()?),
         master.record_cipher()?,
         settings.nonce_ttl,
-    );
+    )
+    .with_kds(crate::kds::Kds::new(&settings.kds)?);
     let state = Arc::new(AppState {
         broker,
         metrics: metrics::Metrics::new(),

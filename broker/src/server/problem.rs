@@ -155,6 +155,9 @@ impl From<&Refusal> for Problem {
                 format!("no secret named {name}"),
             ),
             Refusal::Store(_) => Problem::unavailable("the store is unavailable"),
+            Refusal::Kds(_) => {
+                Problem::unavailable("AMD's key distribution service is unavailable")
+            }
             Refusal::Internal(_) => Problem::internal(),
         }
     }

@@ -1,0 +1,216 @@
+//! AMD Key Distribution Service client: VCEKs, `cert_chain` and CRLs by product, hwID and
+//! TCB, cached in the store, with backoff on 429 and 5xx, and an offline mode that uses only
+//! the cache.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use attestation::report::Tcb;
+use attestation::{Product, SigningKeyKind};
+
+use crate::config::KdsSettings;
+use crate::store::{Store, StoreError};
+
+/// How long a cached CRL is used before it is fetched again.
+pub const CRL_REFRESH: Duration = Duration::from_secs(12 * 3600);
+const ATTEMPTS: u32 = 4;
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+const MAX_BODY: usize = 256 * 1024;
+
+/// Why a KDS lookup failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KdsError {
+    /// Offline mode and nothing cached.
+    #[error("{0} is not cached and the KDS client is offline")]
+    Offline(String),
+    /// The KDS has no such certificate (404).
+    #[error("the KDS has no {0}")]
+    NotFound(String),
+    /// The KDS could not be reached or kept failing.
+    #[error("KDS unavailable: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A KDS client.
+#[derive(Debug, Clone)]
+pub struct Kds {
+    base: String,
+    offline: bool,
+    http: reqwest::Client,
+    /// First backoff delay (doubled per retry).
+    pub backoff: Duration,
+}
+
+fn now_i64() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn kind_path(kind: SigningKeyKind) -> &'static str {
+    match kind {
+        SigningKeyKind::Vcek => "vcek",
+        SigningKeyKind::Vlek => "vlek",
+    }
+}
+
+impl Kds {
+    /// A client for `settings`. TLS to AMD uses the Mozilla root set (webpki-roots).
+    pub fn new(settings: &KdsSettings) -> Result<Kds, crate::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::Error::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(10))
+            .user_agent(concat!("snp-key-broker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| crate::Error::Config(format!("KDS client: {e}")))?;
+        Ok(Kds {
+            base: settings.base_url.clone(),
+            offline: settings.offline,
+            http,
+            backoff: Duration::from_millis(500),
+        })
+    }
+
+    /// The VCEK of chip `hwid` at `tcb` (DER).
+    pub async fn vcek(
+        &self,
+        store: &impl Store,
+        product: Product,
+        hwid: &[u8],
+        tcb: &Tcb,
+    ) -> Result<Vec<u8>, KdsError> {
+        let mut query = format!(
+            "blSPL={}&teeSPL={}&snpSPL={}&ucodeSPL={}",
+            tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode
+        );
+        if let Some(fmc) = tcb.fmc {
+            query.push_str(&format!("&fmcSPL={fmc}"));
+        }
+        let path = format!("/vcek/v1/{}/{}?{query}", product.name(), hex::encode(hwid));
+        self.cached(store, &path, None).await
+    }
+
+    /// AMD's `cert_chain` for VCEKs (ASK, ARK) or VLEKs (ASVK, ARK), PEM.
+    pub async fn cert_chain(
+        &self,
+        store: &impl Store,
+        product: Product,
+        kind: SigningKeyKind,
+    ) -> Result<Vec<u8>, KdsError> {
+        let path = format!("/{}/v1/{}/cert_chain", kind_path(kind), product.name());
+        self.cached(store, &path, None).await
+    }
+
+    /// The ARK-signed CRL for VCEKs or VLEKs (DER). Refetched every [`CRL_REFRESH`]; a failed
+    /// refresh falls back to the cached copy (the verifier refuses it once stale).
+    pub async fn crl(
+        &self,
+        store: &impl Store,
+        product: Product,
+        kind: SigningKeyKind,
+    ) -> Result<Vec<u8>, KdsError> {
+        let path = format!("/{}/v1/{}/crl", kind_path(kind), product.name());
+        self.cached(store, &path, Some(CRL_REFRESH)).await
+    }
+
+    async fn cached(
+        &self,
+        store: &impl Store,
+        path: &str,
+        refresh: Option<Duration>,
+    ) -> Result<Vec<u8>, KdsError> {
+        let key = format!("kds:{path}");
+        let cached = store.cache_get(&key).await?;
+        if let Some((bytes, fetched_at)) = &cached {
+            let fresh = match refresh {
+                None => true,
+                Some(r) => now_i64() - fetched_at < i64::try_from(r.as_secs()).unwrap_or(i64::MAX),
+            };
+            if fresh || self.offline {
+                return Ok(bytes.clone());
+            }
+        }
+        if self.offline {
+            return Err(KdsError::Offline(path.to_string()));
+        }
+        match self.fetch(path).await {
+            Ok(bytes) => {
+                store.cache_put(&key, &bytes, now_i64()).await?;
+                Ok(bytes)
+            }
+            Err(e @ KdsError::Unavailable(_)) => match cached {
+                Some((bytes, _)) => {
+                    tracing::warn!(error = %e, path, "KDS refresh failed; using the cached copy");
+                    Ok(bytes)
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn fetch(&self, path: &str) -> Result<Vec<u8>, KdsError> {
+        let url = format!("{}{path}", self.base);
+        let mut delay = self.backoff;
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match self.http.get(&url).send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        let bytes = resp
+                            .bytes()
+                            .await
+                            .map_err(|e| KdsError::Unavailable(format!("{url}: {e}")))?;
+                        if bytes.len() > MAX_BODY {
+                            return Err(KdsError::Unavailable(format!(
+                                "{url}: response too large"
+                            )));
+                        }
+                        return Ok(bytes.to_vec());
+                    }
+                    if status == reqwest::StatusCode::NOT_FOUND {
+                        return Err(KdsError::NotFound(path.to_string()));
+                    }
+                    if !(status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status.is_server_error())
+                    {
+                        return Err(KdsError::Unavailable(format!("{url}: HTTP {status}")));
+                    }
+                    // Honour Retry-After (seconds), within bounds.
+                    if let Some(secs) = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        delay = Duration::from_secs(secs).min(MAX_BACKOFF);
+                    }
+                    last = format!("HTTP {status}");
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if attempt < ATTEMPTS {
+                tracing::info!(%url, attempt, reason = %last, "KDS request failed; backing off");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+        }
+        Err(KdsError::Unavailable(format!(
+            "{url}: {last} after {ATTEMPTS} attempts"
+        )))
+    }
+}
