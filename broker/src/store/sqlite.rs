@@ -88,12 +88,13 @@ impl SqliteStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // Each migration runs as one script (statements and version bump in one transaction)
+        // on the pool, so this future stays Send for callers that spawn the service.
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
         let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
-            .fetch_one(&mut *tx)
+            .fetch_one(&self.pool)
             .await?;
         let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
         if current > MIGRATIONS.len() {
@@ -103,13 +104,12 @@ impl SqliteStore {
             )));
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-                .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await?;
+            let script = format!(
+                "BEGIN IMMEDIATE;\n{sql}\nINSERT INTO schema_version (version) VALUES ({});\nCOMMIT;",
+                i + 1
+            );
+            sqlx::raw_sql(&script).execute(&self.pool).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 }
@@ -219,21 +219,17 @@ impl Store for SqliteStore {
     }
 
     async fn insert_policy(&self, document: &str, at: i64, by: &str) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policies")
-            .fetch_one(&mut *tx)
-            .await?;
-        let version = last.unwrap_or(0) + 1;
-        sqlx::query(
-            "INSERT INTO policies (version, document, created_at, created_by) VALUES ($1, $2, $3, $4)",
+        // One statement: the next version is taken and written atomically.
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO policies (version, document, created_at, created_by)
+             SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3 FROM policies
+             RETURNING version",
         )
-        .bind(version)
         .bind(document)
         .bind(at)
         .bind(by)
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(to_u64(version))
     }
 
