@@ -15,18 +15,25 @@ echo "openssl ECDSA P-384 verify/s: $openssl_verify"
 echo "== cargo bench -p attestation --bench verify"
 cargo bench -p attestation --bench verify --locked -- --noplot 2>&1 | grep -E "^(report|chain|ecdsa)|time:" || true
 
+echo "== cargo bench -p broker --bench attest"
+cargo bench -p broker --bench attest --locked -- --noplot 2>&1 | grep -E "^(attest)|time:" || true
+
 mean_ns() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
 report_ns=$(mean_ns report_verify_cached_chain)
 chain_ns=$(mean_ns chain_verify)
 ecdsa_ns=$(mean_ns ecdsa_p384_verify_baseline)
+attest_ns=$(mean_ns attest/attest_simulated_one_core)
+attest_ecdsa_ns=$(mean_ns attest/ecdsa_p384_verify_baseline)
 
-python3 - "$openssl_verify" "$report_ns" "$chain_ns" "$ecdsa_ns" <<'PY'
+python3 - "$openssl_verify" "$report_ns" "$chain_ns" "$ecdsa_ns" "$attest_ns" "$attest_ecdsa_ns" <<'PY'
 import sys
-openssl, report, chain, ecdsa = (float(x) for x in sys.argv[1:])
+openssl, report, chain, ecdsa, attest, attest_ecdsa = (float(x) for x in sys.argv[1:])
 rows = [
     ("parse + full verify, cached chain", report),
     ("chain verification alone (ARK->ASK->VCEK)", chain),
     ("raw ECDSA P-384 verify (aws-lc)", ecdsa),
+    ("attest path, simulated evidence, one core", attest),
+    ("raw ECDSA P-384 verify (aws-lc), attest run", attest_ecdsa),
 ]
 print()
 print(f"{'measurement':45} {'mean':>12} {'per second':>12} {'vs openssl verify':>18}")
@@ -36,4 +43,6 @@ for name, ns in rows:
 print(f"{'openssl speed ecdsap384 verify':45} {1e6/openssl:>9.1f} us {openssl:>12.0f} {1.0:>17.2f}x")
 print()
 print(f"full report verify costs {report/ecdsa:.2f}x one raw aws-lc ECDSA P-384 verify")
+print(f"attestations per second on one core: {1e9/attest:.0f} = {attest_ecdsa/attest:.3f}x the raw aws-lc verify rate "
+      f"and {1e9/attest/openssl:.2f}x openssl's, measured in the same run")
 PY
