@@ -318,6 +318,8 @@ pub struct VerifiedChain {
     pub(crate) extensions: AmdExtensions,
     pub(crate) leaf_fingerprint: String,
     windows: Vec<Window>,
+    serials: Vec<(CertRole, Vec<u8>)>,
+    crl_next_update: Option<u64>,
 }
 
 impl VerifiedChain {
@@ -346,7 +348,20 @@ impl VerifiedChain {
         for w in &self.windows {
             check_time(w.role, (w.not_before, w.not_after), at)?;
         }
+        // A cached chain checked against a CRL stays good only while that CRL is current.
+        if let Some(next) = self.crl_next_update
+            && at > next
+        {
+            return Err(Error::Crl {
+                detail: "out of date (nextUpdate has passed)".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// Whether a CRL was checked for this chain.
+    pub fn crl_checked(&self) -> bool {
+        self.crl_next_update.is_some()
     }
 }
 
@@ -498,8 +513,21 @@ impl TrustAnchors {
             check_time(w.role, (w.not_before, w.not_after), at)?;
         }
 
+        let serials = vec![
+            (
+                inter_role,
+                inter.tbs_certificate().serial_number().as_bytes().to_vec(),
+            ),
+            (
+                leaf_role,
+                leaf.tbs_certificate().serial_number().as_bytes().to_vec(),
+            ),
+        ];
+        let mut crl_next_update: Option<u64> = None;
         for crl in &endorsements.crls {
-            check_crl(crl, root, &[(inter_role, inter), (leaf_role, leaf)], at)?;
+            if let Some(next) = check_crl(crl, root, &serials, at)? {
+                crl_next_update = Some(crl_next_update.map_or(next, |n| n.min(next)));
+            }
         }
 
         let extensions = AmdExtensions::from_certificate(leaf, leaf_role)?;
@@ -528,7 +556,27 @@ impl TrustAnchors {
             extensions,
             leaf_fingerprint: fingerprint(&endorsements.vek),
             windows,
+            serials,
+            crl_next_update,
         })
+    }
+
+    /// Checks a CRL (from a cache or AMD's KDS) against an already verified chain.
+    pub(crate) fn check_revocation(
+        &self,
+        chain: &VerifiedChain,
+        crl_der: &[u8],
+        at: SystemTime,
+    ) -> Result<VerifiedChain, Error> {
+        let at = unix(at)?;
+        let root = self
+            .root_for(&chain.root_fingerprint)
+            .ok_or(Error::ForeignChain)?;
+        let mut out = chain.clone();
+        if let Some(next) = check_crl(crl_der, root, &chain.serials, at)? {
+            out.crl_next_update = Some(out.crl_next_update.map_or(next, |n| n.min(next)));
+        }
+        Ok(out)
     }
 }
 
@@ -546,20 +594,20 @@ fn window(role: CertRole, cert: &Certificate) -> Window {
 fn check_crl(
     crl_der: &[u8],
     root: &Root,
-    subjects: &[(CertRole, &Certificate)],
+    subjects: &[(CertRole, Vec<u8>)],
     at: u64,
-) -> Result<(), Error> {
+) -> Result<Option<u64>, Error> {
     if crl_der.len() > certs::MAX_DER_LEN {
         return Err(Error::Crl {
             detail: "too large".into(),
         });
     }
-    let crl = CertificateList::from_der(crl_der).map_err(|e| Error::Crl {
+    let crl = <CertificateList>::from_der(crl_der).map_err(|e| Error::Crl {
         detail: format!("malformed: {e}"),
     })?;
     let tbs = &crl.tbs_cert_list;
     if tbs.issuer != root.subject {
-        return Ok(());
+        return Ok(None);
     }
     if !certs::is_amd_pss_owned(&crl.signature_algorithm)
         || !certs::is_amd_pss_owned(&tbs.signature)
@@ -583,10 +631,10 @@ fn check_crl(
         });
     }
     for revoked in tbs.revoked_certificates.iter().flatten() {
-        for (role, cert) in subjects {
+        for (role, serial) in subjects {
             // Serial numbers are compared within the ARK's CRL scope: ASK/ASVK directly, and
             // leaf certificates named by the ARK (AMD's CRLs cover the whole hierarchy).
-            if revoked.serial_number == *cert.tbs_certificate().serial_number() {
+            if revoked.serial_number.as_bytes() == serial.as_slice() {
                 return Err(Error::Revoked {
                     role: *role,
                     serial: hex::encode(revoked.serial_number.as_bytes()),
@@ -594,5 +642,9 @@ fn check_crl(
             }
         }
     }
-    Ok(())
+    Ok(Some(
+        tbs.next_update
+            .map(|t| t.to_unix_duration().as_secs())
+            .unwrap_or(u64::MAX),
+    ))
 }

@@ -51,6 +51,17 @@ impl Verifier {
         self.anchors.verify_chain(endorsements, at)
     }
 
+    /// Checks a CRL signed by the chain's ARK against an already verified (for example
+    /// cached) chain; returns the chain with the CRL's freshness recorded.
+    pub fn check_revocation(
+        &self,
+        chain: &VerifiedChain,
+        crl_der: &[u8],
+        at: SystemTime,
+    ) -> Result<VerifiedChain, Error> {
+        self.anchors.check_revocation(chain, crl_der, at)
+    }
+
     /// Parses and verifies a raw report and its endorsements at time `at`.
     pub fn verify(
         &self,

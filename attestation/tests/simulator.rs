@@ -593,3 +593,41 @@ fn a_version_2_report_cannot_come_from_turin() {
         Error::UnsupportedVersion { version: 2 }
     );
 }
+
+#[test]
+fn a_crl_checked_against_a_cached_chain() {
+    let product = Product::Genoa;
+    let h = hierarchy(product);
+    let fields = ReportFields::new(product);
+    let key = vcek(product, &fields);
+    let report = key.sign_report(&fields).unwrap();
+    let v = sim_verifier(product);
+    let chain = v.verify_chain(&endorse(&key), now()).unwrap();
+    assert!(!chain.crl_checked());
+
+    let fresh = h.crl(&[], now() - DAY, now() + DAY).unwrap();
+    let checked = v.check_revocation(&chain, &fresh, now()).unwrap();
+    assert!(checked.crl_checked());
+    v.verify_report(&report, &checked, now()).unwrap();
+    // Once the CRL's nextUpdate has passed, the cached chain is no longer good.
+    assert!(matches!(
+        v.verify_report(&report, &checked, now() + 2 * DAY),
+        Err(Error::Crl { .. })
+    ));
+
+    use der::Decode;
+    let ask_serial = x509_cert::Certificate::from_der(h.ask_der())
+        .unwrap()
+        .tbs_certificate()
+        .serial_number()
+        .as_bytes()
+        .to_vec();
+    let revoking = h.crl(&[ask_serial], now() - DAY, now() + DAY).unwrap();
+    assert!(matches!(
+        v.check_revocation(&chain, &revoking, now()),
+        Err(Error::Revoked {
+            role: CertRole::Ask,
+            ..
+        })
+    ));
+}

@@ -102,6 +102,15 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
     let op_cert = op.signed_by(&op_key, &issuer).map_err(rc)?;
 
     write(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
+    // A sample TLS key secret for the quick start: a key and certificate for a workload.
+    let web_key = KeyPair::generate().map_err(rc)?;
+    let mut web = CertificateParams::new(vec!["web.internal".to_string()]).map_err(rc)?;
+    web.distinguished_name = dn("web.internal");
+    let web_cert = web.signed_by(&web_key, &issuer).map_err(rc)?;
+    write_private_file(
+        &dir.join("web-tls.pem"),
+        format!("{}{}", web_key.serialize_pem(), web_cert.pem()).as_bytes(),
+    )?;
     write(&dir.join("server.pem"), server_cert.pem().as_bytes())?;
     write_private_file(
         &dir.join("server.key"),

@@ -40,6 +40,8 @@ pub struct Kds {
     base: String,
     offline: bool,
     http: reqwest::Client,
+    /// Network fetches at once: guests without certificates drive them, so they are bounded.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// First backoff delay (doubled per retry).
     pub backoff: Duration,
 }
@@ -80,6 +82,7 @@ impl Kds {
             base: settings.base_url.clone(),
             offline: settings.offline,
             http,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
             backoff: Duration::from_millis(500),
         })
     }
@@ -164,6 +167,14 @@ impl Kds {
 
     async fn fetch(&self, path: &str) -> Result<Vec<u8>, KdsError> {
         let url = format!("{}{path}", self.base);
+        let _slot = match tokio::time::timeout(Duration::from_secs(5), self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(KdsError::Unavailable(
+                    "too many KDS lookups in flight".into(),
+                ));
+            }
+        };
         let mut delay = self.backoff;
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {

@@ -303,7 +303,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             println!("Next:");
             println!("  broker serve --config {d}/broker.toml &");
             println!("  export BROKER_ADMIN_CONFIG={d}/admin.toml");
-            println!("  broker secret put web-tls --file server-key-and-chain.pem --kind tls-key");
+            println!("  broker secret put web-tls --file {d}/web-tls.pem --kind tls-key");
             println!("  broker secret generate db-key --bytes 32");
             println!("  broker policy set {d}/policy.json");
             println!("  broker secret list");

@@ -102,6 +102,8 @@ pub struct Broker<S: Store> {
     chains: Mutex<HashMap<[u8; 32], VerifiedChain>>,
     policy: RwLock<Option<(u64, Arc<Policy>)>>,
     kds: Option<Kds>,
+    /// Until when a failed CRL fetch is not retried (per product and key kind).
+    crl_backoff: Mutex<HashMap<String, SystemTime>>,
 }
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
@@ -142,6 +144,49 @@ impl<S: Store> Broker<S> {
             chains: Mutex::new(HashMap::new()),
             policy: RwLock::new(None),
             kds: None,
+            crl_backoff: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks AMD's CRL, from the cache or the KDS, for a chain that ends in an AMD root.
+    /// When no CRL can be had, the chain is used without one (logged and audited as
+    /// `crl: "unavailable"`); a CRL that is obtained is enforced.
+    async fn revocation(
+        &self,
+        chain: VerifiedChain,
+        now: SystemTime,
+    ) -> Result<(VerifiedChain, &'static str), Refusal> {
+        let Some(kds) = &self.kds else {
+            return Ok((chain, "not configured"));
+        };
+        if chain.root_kind() != attestation::RootKind::Amd {
+            return Ok((chain, "not applicable"));
+        }
+        let key = format!("{}/{}", chain.product(), chain.signing_key());
+        if let Ok(b) = self.crl_backoff.lock()
+            && b.get(&key).is_some_and(|until| *until > now)
+        {
+            return Ok((chain, "unavailable"));
+        }
+        match kds
+            .crl(&self.store, chain.product(), chain.signing_key())
+            .await
+        {
+            Ok(der) => {
+                let checked = self
+                    .verifier
+                    .check_revocation(&chain, &der, now)
+                    .map_err(Refusal::Verification)?;
+                Ok((checked, "checked"))
+            }
+            Err(KdsError::Store(e)) => Err(Refusal::Store(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no CRL for {key}; verifying without revocation data");
+                if let Ok(mut b) = self.crl_backoff.lock() {
+                    b.insert(key, now + Duration::from_secs(600));
+                }
+                Ok((chain, "unavailable"))
+            }
         }
     }
 
@@ -263,11 +308,11 @@ impl<S: Store> Broker<S> {
         let secrets_asked = request.secrets.clone();
         let outcome = self.attest_inner(request, now).await;
         let (result, detail) = match outcome {
-            Ok((response, released, claims_digest)) => (
+            Ok((response, released, claims_digest, crl)) => (
                 "released",
                 (
                     Ok(response),
-                    json!({ "secrets": released, "claims_sha256": claims_digest }),
+                    json!({ "secrets": released, "claims_sha256": claims_digest, "crl": crl }),
                 ),
             ),
             Err((refusal, claims_digest)) => {
@@ -302,7 +347,10 @@ impl<S: Store> Broker<S> {
         &self,
         request: AttestRequest,
         now: SystemTime,
-    ) -> Result<(AttestResponse, Vec<serde_json::Value>, String), (Refusal, Option<String>)> {
+    ) -> Result<
+        (AttestResponse, Vec<serde_json::Value>, String, &'static str),
+        (Refusal, Option<String>),
+    > {
         let bare = |r: Refusal| (r, None);
         check_secret_names(&request.secrets).map_err(bare)?;
         let nonce = self
@@ -331,6 +379,7 @@ impl<S: Store> Broker<S> {
             endorsements.vek = self.fetch_vcek(&parsed).await.map_err(bare)?;
         }
         let chain = self.chain(&endorsements, now).map_err(bare)?;
+        let (chain, crl) = self.revocation(chain, now).await.map_err(bare)?;
         let verified = self
             .verifier
             .verify_report(&report, &chain, now)
@@ -351,6 +400,11 @@ impl<S: Store> Broker<S> {
             .check_binding(&nonce.bytes, &binding_key)
             .map_err(|e| with_digest(Refusal::Verification(e)))?;
 
+        // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
+        // and spent nonces are purged only well after they expire.
+        if unix(SystemTime::now()) > nonce.expires_at {
+            return Err(with_digest(Refusal::Nonce(NonceError::Expired)));
+        }
         let expires = i64::try_from(nonce.expires_at).unwrap_or(i64::MAX);
         if !self
             .store
@@ -411,6 +465,7 @@ impl<S: Store> Broker<S> {
             },
             released,
             claims_digest,
+            crl,
         ))
     }
 

@@ -1,8 +1,12 @@
 //! Helpers for the end-to-end tests: locating the workspace's built binaries and test data.
 #![forbid(unsafe_code)]
+// Test-support code: a failed set-up step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -35,5 +39,115 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
             "{} is not built: run `cargo build --workspace --bins` (make test does)",
             path.display()
         ))
+    }
+}
+
+/// A `broker serve` process on 127.0.0.1 with a fresh `init --dev` setup.
+pub struct Broker {
+    /// The dev setup directory.
+    pub dir: PathBuf,
+    /// The port.
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    /// Sets up and starts a broker.
+    pub fn start() -> Broker {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev");
+        let port = free_port();
+        let out = Command::new(binary("broker").unwrap())
+            .args(["init", "--dev"])
+            .arg(&dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = tmp.path().join("broker.log");
+        let mut b = Broker {
+            dir,
+            port,
+            child: None,
+            log,
+            _tmp: tmp,
+        };
+        b.serve();
+        b
+    }
+
+    /// Starts (or restarts) the server process and waits until it accepts connections.
+    pub fn serve(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(binary("broker").unwrap())
+            .args(["serve", "--config"])
+            .arg(self.dir.join("broker.toml"))
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server process.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A URL on this broker.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Everything the server logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs an operator command against this broker.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("broker").unwrap())
+            .args(args)
+            .env("BROKER_ADMIN_CONFIG", self.dir.join("admin.toml"))
+            .output()
+            .unwrap()
     }
 }

@@ -4,9 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use attestation::protocol::{
     AttestRequest, AttestResponse, CertificateEntry, ChallengeResponse, EphemeralKey, Evidence,
@@ -15,93 +14,16 @@ use attestation::protocol::{
 use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
 use attestation::{Product, binding};
 use base64::Engine;
-use e2e::binary;
 use serde_json::{Value, json};
 
-struct Broker {
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-    log: PathBuf,
-    _tmp: tempfile::TempDir,
+use e2e::Broker;
+
+trait GuestSide {
+    fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client;
+    fn simulated_amd(&self) -> SimulatedAmd;
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("dev");
-        let port = free_port();
-        let out = Command::new(binary("broker").unwrap())
-            .args(["init", "--dev"])
-            .arg(&dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let log = tmp.path().join("broker.log");
-        let child = Command::new(binary("broker").unwrap())
-            .args(["serve", "--config"])
-            .arg(dir.join("broker.toml"))
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let b = Broker {
-            dir,
-            port,
-            child,
-            log,
-            _tmp: tmp,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "broker did not start: {}",
-                b.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        b
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Runs an operator command against this broker.
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary("broker").unwrap())
-            .args(args)
-            .env("BROKER_ADMIN_CONFIG", self.dir.join("admin.toml"))
-            .output()
-            .unwrap()
-    }
-
+impl GuestSide for Broker {
     fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();

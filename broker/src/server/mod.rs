@@ -56,7 +56,13 @@ pub struct AppState<S: Store> {
     /// Operator CA verifier for the admin API.
     pub operator: Arc<tls::OperatorVerifier>,
     /// Attestations allowed in flight before 429.
-    pub attest_slots: Semaphore,
+    pub attest_slots: Arc<Semaphore>,
+}
+
+impl<S: Store> AppState<S> {
+    fn attest_slots_owned(self: Arc<Self>) -> Arc<Semaphore> {
+        self.attest_slots.clone()
+    }
 }
 
 impl<S: Store> std::fmt::Debug for AppState<S> {
@@ -308,8 +314,19 @@ async fn attest<S: Store>(
             return problem.into_response();
         }
     };
-    let Ok(_slot) = state.attest_slots.try_acquire() else {
+    let Ok(slot) = state.clone().attest_slots_owned().try_acquire_owned() else {
         state.metrics.outcome("refused", "rate_limited");
+        let record = AuditRecord {
+            id: 0,
+            at: now_i64(),
+            actor: format!("guest {addr}"),
+            action: "attest".into(),
+            outcome: "refused".into(),
+            detail: json!({ "reason": "rate_limited", "secrets": request.secrets }),
+        };
+        if let Err(e) = state.broker.store().append_audit(&record).await {
+            tracing::error!(error = %e, "audit append failed");
+        }
         let mut p = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",
@@ -320,7 +337,20 @@ async fn attest<S: Store>(
         return p.into_response();
     };
     let started = Instant::now();
-    let result = state.broker.attest(request, &addr, SystemTime::now()).await;
+    // Run to completion even if the client goes away or the request times out: once a nonce
+    // is spent, the outcome must be audited.
+    let task = {
+        let state = state.clone();
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            state.broker.attest(request, &addr, SystemTime::now()).await
+        })
+    };
+    let result = match task.await {
+        Ok(r) => r,
+        Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
+    };
     state.metrics.attest_latency(started.elapsed());
     match result {
         Ok(response) => {
@@ -538,7 +568,7 @@ pub async fn build(
         broker,
         metrics: metrics::Metrics::new(),
         operator: tls_state.operator(),
-        attest_slots: Semaphore::new(settings.limits.max_inflight_attestations),
+        attest_slots: Arc::new(Semaphore::new(settings.limits.max_inflight_attestations)),
     });
     Ok((state, tls_state))
 }
@@ -583,6 +613,7 @@ pub async fn serve<S: Store>(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
         .keep_alive_interval(Some(settings.limits.idle_timeout / 2))
         .keep_alive_timeout(settings.limits.idle_timeout / 2);
 
@@ -610,7 +641,9 @@ pub async fn serve<S: Store>(
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                if let Err(e) = state.broker.store().purge_nonces(now_i64()).await {
+                // Ten minutes of grace past expiry: longer than any request may take, so a
+                // nonce is never forgotten while a request holding it is still in flight.
+                if let Err(e) = state.broker.store().purge_nonces(now_i64() - 600).await {
                     tracing::warn!(error = %e, "nonce purge failed");
                 }
             }

@@ -1,0 +1,351 @@
+//! `/etc/guest-agent/config.toml`: parsed with unknown keys rejected into checked [`Settings`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::AgentError;
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/guest-agent/config.toml";
+/// The default directory for secrets: systemd's credentials convention, on a tmpfs.
+pub const DEFAULT_SECRETS_DIR: &str = "/run/credstore";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    broker_url: String,
+    broker_ca: Option<PathBuf>,
+    #[serde(default)]
+    use_system_roots: bool,
+    #[serde(default = "auto")]
+    platform: String,
+    #[serde(default)]
+    key: Option<String>,
+    deadline_secs: Option<u64>,
+    #[serde(default)]
+    retry: RawRetry,
+    secrets_dir: Option<PathBuf>,
+    secrets: Vec<RawSecret>,
+    simulated: Option<RawSimulated>,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    initial_ms: Option<u64>,
+    max_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    name: String,
+    path: Option<PathBuf>,
+    owner: Option<String>,
+    group: Option<String>,
+    mode: Option<String>,
+    #[serde(default = "yes")]
+    required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulated {
+    dir: PathBuf,
+    product: Option<String>,
+    measurement: Option<String>,
+    policy: Option<u64>,
+    vmpl: Option<u32>,
+    chip_id: Option<String>,
+    host_data: Option<String>,
+    bootloader: Option<u8>,
+    tee: Option<u8>,
+    snp: Option<u8>,
+    microcode: Option<u8>,
+    fmc: Option<u8>,
+}
+
+/// Where evidence comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Platform {
+    /// Probe configfs-tsm, then /dev/sev-guest. Never picks the simulator.
+    Auto,
+    /// Linux configfs-tsm (`/sys/kernel/config/tsm/report`).
+    ConfigfsTsm,
+    /// `/dev/sev-guest` through the sev crate.
+    SevGuest,
+    /// Azure vTPM (reserved).
+    AzureVtpm,
+    /// The simulated platform (tests and demos only).
+    Simulated,
+}
+
+/// The HPKE KEM of the ephemeral key.
+pub use attestation::protocol::Kem;
+
+/// One secret to fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretSpec {
+    /// Name at the broker.
+    pub name: String,
+    /// Absolute target path.
+    pub path: PathBuf,
+    /// Owner (user name or numeric id).
+    pub owner: Option<String>,
+    /// Group (group name or numeric id).
+    pub group: Option<String>,
+    /// File mode.
+    pub mode: u32,
+    /// Whether the agent fails without it.
+    pub required: bool,
+}
+
+/// Simulated report fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimulatedSettings {
+    /// The directory written by `broker init --dev` under `sim/`.
+    pub dir: PathBuf,
+    /// The fields to report.
+    pub fields: attestation::sim::ReportFields,
+}
+
+/// Checked agent settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Broker base URL (https).
+    pub broker_url: String,
+    /// The broker CA to pin.
+    pub broker_ca: Option<PathBuf>,
+    /// Also trust the Mozilla root set.
+    pub use_system_roots: bool,
+    /// Evidence source.
+    pub platform: Platform,
+    /// Ephemeral key type.
+    pub kem: Kem,
+    /// Give up after this long.
+    pub deadline: Duration,
+    /// First retry delay.
+    pub retry_initial: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+    /// Directory created (0700) for secrets without an explicit path.
+    pub secrets_dir: PathBuf,
+    /// Secrets.
+    pub secrets: Vec<SecretSpec>,
+    /// Simulated platform settings.
+    pub simulated: Option<SimulatedSettings>,
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+fn hex_field<const N: usize>(s: &str, what: &str) -> Result<[u8; N], String> {
+    let bytes = hex::decode(s).map_err(|_| format!("simulated.{what}: not hex"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("simulated.{what}: must be {N} bytes"))
+}
+
+impl Settings {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, AgentError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        Settings::parse(&text, base)
+            .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks configuration text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Settings, String> {
+        let raw: Raw = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !raw.broker_url.starts_with("https://") {
+            return Err("broker_url: must be https://".into());
+        }
+        if raw.broker_ca.is_none() && !raw.use_system_roots {
+            return Err("broker_ca: set the broker's CA (or use_system_roots = true)".into());
+        }
+        let platform = match raw.platform.as_str() {
+            "auto" => Platform::Auto,
+            "configfs-tsm" => Platform::ConfigfsTsm,
+            "sev-guest" => Platform::SevGuest,
+            "azure-vtpm" => Platform::AzureVtpm,
+            "simulated" => Platform::Simulated,
+            other => {
+                return Err(format!(
+                    "platform: {other:?} is not auto, configfs-tsm, sev-guest, azure-vtpm or simulated"
+                ));
+            }
+        };
+        let kem = match raw.key.as_deref().unwrap_or("x25519") {
+            "x25519" => Kem::X25519,
+            "p384" => Kem::P384,
+            other => return Err(format!("key: {other:?} is not x25519 or p384")),
+        };
+        let secrets_dir = raw
+            .secrets_dir
+            .map(|p| resolve(base, p))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SECRETS_DIR));
+        if raw.secrets.is_empty() {
+            return Err("secrets: name at least one secret".into());
+        }
+        let mut secrets = Vec::new();
+        for (i, s) in raw.secrets.into_iter().enumerate() {
+            if !attestation::policy::valid_name(&s.name) {
+                return Err(format!("secrets[{i}].name: letters, digits, '.', '_', '-'"));
+            }
+            if secrets.iter().any(|x: &SecretSpec| x.name == s.name) {
+                return Err(format!("secrets[{i}].name: {} is listed twice", s.name));
+            }
+            let mode_text = s.mode.unwrap_or_else(|| "0400".into());
+            let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+                .map_err(|_| format!("secrets[{i}].mode: {mode_text:?} is not octal"))?;
+            if mode > 0o777 || mode & 0o007 != 0 {
+                return Err(format!(
+                    "secrets[{i}].mode: {mode_text} gives access to others; use at most 0770"
+                ));
+            }
+            let path = match s.path {
+                Some(p) if p.is_absolute() => p,
+                Some(p) => {
+                    return Err(format!(
+                        "secrets[{i}].path: {} is not absolute",
+                        p.display()
+                    ));
+                }
+                None => secrets_dir.join(&s.name),
+            };
+            secrets.push(SecretSpec {
+                name: s.name,
+                path,
+                owner: s.owner,
+                group: s.group,
+                mode,
+                required: s.required,
+            });
+        }
+        if !secrets.iter().any(|s| s.required) {
+            return Err("secrets: at least one secret must be required".into());
+        }
+        let simulated = match (raw.simulated, &platform) {
+            (Some(sim), Platform::Simulated) => {
+                let product = match sim.product.as_deref() {
+                    None => attestation::Product::Genoa,
+                    Some(p) => attestation::Product::from_name(p).ok_or_else(|| {
+                        format!("simulated.product: {p:?} is not Milan, Genoa or Turin")
+                    })?,
+                };
+                let mut f = attestation::sim::ReportFields::new(product);
+                if let Some(m) = &sim.measurement {
+                    f.measurement = hex_field(m, "measurement")?;
+                }
+                if let Some(c) = &sim.chip_id {
+                    f.chip_id = hex_field(c, "chip_id")?;
+                }
+                if let Some(h) = &sim.host_data {
+                    f.host_data = hex_field(h, "host_data")?;
+                }
+                if let Some(p) = sim.policy {
+                    f.policy = p;
+                }
+                if let Some(v) = sim.vmpl {
+                    f.vmpl = v;
+                }
+                f.tcb.bootloader = sim.bootloader.unwrap_or(f.tcb.bootloader);
+                f.tcb.tee = sim.tee.unwrap_or(f.tcb.tee);
+                f.tcb.snp = sim.snp.unwrap_or(f.tcb.snp);
+                f.tcb.microcode = sim.microcode.unwrap_or(f.tcb.microcode);
+                if product == attestation::Product::Turin {
+                    f.tcb.fmc = Some(sim.fmc.unwrap_or(f.tcb.fmc.unwrap_or(0)));
+                }
+                Some(SimulatedSettings {
+                    dir: resolve(base, sim.dir),
+                    fields: f,
+                })
+            }
+            (None, Platform::Simulated) => {
+                return Err("platform = \"simulated\" needs a [simulated] section".into());
+            }
+            (Some(_), _) => {
+                return Err("[simulated] is only allowed with platform = \"simulated\"".into());
+            }
+            (None, _) => None,
+        };
+        let initial = Duration::from_millis(raw.retry.initial_ms.unwrap_or(500).max(10));
+        Ok(Settings {
+            broker_url: raw.broker_url.trim_end_matches('/').to_string(),
+            broker_ca: raw.broker_ca.map(|p| resolve(base, p)),
+            use_system_roots: raw.use_system_roots,
+            platform,
+            kem,
+            deadline: Duration::from_secs(raw.deadline_secs.unwrap_or(300).max(1)),
+            retry_initial: initial,
+            retry_max: Duration::from_millis(raw.retry.max_ms.unwrap_or(30_000)).max(initial),
+            secrets_dir,
+            secrets,
+            simulated,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+broker_url = "https://broker.internal:8443"
+broker_ca = "ca.pem"
+[[secrets]]
+name = "web-tls"
+owner = "www-data"
+mode = "0440"
+[[secrets]]
+name = "extra"
+path = "/run/app/extra.key"
+required = false
+"#;
+
+    #[test]
+    fn defaults_and_paths() {
+        let s = Settings::parse(GOOD, Path::new("/etc/guest-agent")).unwrap();
+        assert_eq!(s.platform, Platform::Auto);
+        assert_eq!(s.kem, Kem::X25519);
+        assert_eq!(s.broker_ca, Some(PathBuf::from("/etc/guest-agent/ca.pem")));
+        assert_eq!(s.secrets[0].path, PathBuf::from("/run/credstore/web-tls"));
+        assert_eq!(s.secrets[0].mode, 0o440);
+        assert_eq!(s.secrets[1].mode, 0o400);
+        assert!(!s.secrets[1].required);
+        assert_eq!(s.deadline, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn refusals() {
+        for (bad, why) in [
+            (GOOD.replace("https://", "http://"), "https"),
+            (GOOD.replace("broker_ca = \"ca.pem\"", ""), "broker_ca"),
+            (GOOD.replace("0440", "0444"), "others"),
+            (GOOD.replace("0440", "9"), "octal"),
+            (GOOD.replace("/run/app/extra.key", "relative"), "absolute"),
+            (format!("{GOOD}\nsurprise = 1\n"), "unknown field"),
+            (format!("platform = \"simulated\"\n{GOOD}"), "[simulated]"),
+            (
+                GOOD.replace("name = \"extra\"", "name = \"web-tls\""),
+                "twice",
+            ),
+        ] {
+            let e = Settings::parse(&bad, Path::new("/")).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The guest agent: runs inside an AMD SEV-SNP confidential VM at boot, attests to the key
+//! broker and writes the released secrets to a RAM-only directory before the workload starts.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::time::Instant;
+
+pub mod config;
+pub mod evidence;
+pub mod flow;
+pub mod sink;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// No evidence could be obtained from the platform.
+    #[error("evidence: {0}")]
+    Evidence(String),
+    /// The broker refused, or its answer cannot be trusted. Final.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Transient failures until the deadline.
+    #[error("deadline reached: {0}")]
+    Deadline(String),
+    /// A secret could not be written.
+    #[error("write: {0}")]
+    Write(String),
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Secrets written (or, for `check`, that would be written): name, version, path, bytes.
+    pub written: Vec<(String, u64, std::path::PathBuf, usize)>,
+    /// Optional secrets not obtained, with the reason.
+    pub missing_optional: Vec<(String, String)>,
+}
+
+/// Fetches every configured secret and, when `write` is set, writes them. Required secrets
+/// are fetched in one attestation (all or none); each optional secret in its own, so a refusal
+/// of one is only a warning.
+pub async fn run(
+    settings: &config::Settings,
+    agent: &flow::Agent,
+    write: bool,
+) -> Result<Summary, AgentError> {
+    let deadline = Instant::now() + settings.deadline;
+    let required: Vec<String> = settings
+        .secrets
+        .iter()
+        .filter(|s| s.required)
+        .map(|s| s.name.clone())
+        .collect();
+    let mut summary = Summary::default();
+    let mut opened = agent.fetch(&required, deadline).await?;
+    for spec in settings.secrets.iter().filter(|s| !s.required) {
+        match agent
+            .fetch(std::slice::from_ref(&spec.name), deadline)
+            .await
+        {
+            Ok(mut o) => opened.append(&mut o),
+            Err(e) => {
+                tracing::warn!(secret = %spec.name, "optional secret not obtained: {e}");
+                summary
+                    .missing_optional
+                    .push((spec.name.clone(), e.to_string()));
+            }
+        }
+    }
+    for o in &opened {
+        let Some(spec) = settings.secrets.iter().find(|s| s.name == o.name) else {
+            continue;
+        };
+        if write {
+            sink::write_secret(spec, &o.value)?;
+            tracing::info!(secret = %o.name, version = o.version, path = %spec.path.display(), "secret written");
+        }
+        summary
+            .written
+            .push((o.name.clone(), o.version, spec.path.clone(), o.value.len()));
+    }
+    Ok(summary)
+}
