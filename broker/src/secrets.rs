@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// Largest secret value accepted.
-pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+/// Largest secret value accepted (its base64 form must fit the default 64 KiB request body).
+pub const MAX_SECRET_BYTES: usize = 32 * 1024;
 
 /// What a secret is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
         let (actor, result) = match &peer {
             None => (
                 "unknown".to_string(),
-                Err("no connection information".to_string()),
+                Err("no client certificate".to_string()),
             ),
             Some(p) if p.client_chain.is_empty() => (
                 format!("anonymous {}", p.addr.ip()),
@@ -378,8 +378,14 @@ async fn attest<S: Store>(
 #[serde(deny_unknown_fields)]
 struct PutSecret {
     kind: String,
-    /// Base64.
+    /// Base64; zeroized when the request is done.
     value: String,
+}
+
+impl Drop for PutSecret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.value);
+    }
 }
 
 async fn put_secret<S: Store>(
@@ -473,8 +479,23 @@ async fn list_secrets<S: Store>(
 async fn set_policy<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(op): Operator,
-    body: String,
+    body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<Response, Problem> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                status,
+                "too-large",
+                "Request too large",
+                "the policy is larger than the request body limit",
+            )
+        } else {
+            let mut p = Problem::malformed(rejection.body_text());
+            p.status = status.as_u16();
+            p
+        }
+    })?;
     let version = state
         .broker
         .set_policy(&body, &op, SystemTime::now())
