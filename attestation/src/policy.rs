@@ -686,16 +686,59 @@ fn evaluate(cond: &Condition, claims: &Value) -> Outcome {
 /// agent off, this VMPL, this product, an AMD root, and a TCB floor at the reported TCB.
 /// The rule is named `rule_name`; each of `secrets` is mapped to it.
 pub fn suggest(claims: &Claims, rule_name: &str, secrets: &[String]) -> Value {
+    draft(
+        &claims.measurement,
+        claims.vmpl,
+        Some(claims.product),
+        &claims.tcb.reported,
+        rule_name,
+        secrets,
+        "",
+    )
+}
+
+/// Drafts the same policy from a report that could not be verified (no VCEK at hand). The
+/// draft says so in its description; the broker still verifies everything at release. A
+/// version 2 report does not name its product, so the draft then has no product condition.
+pub fn suggest_unverified(
+    report: &crate::AttestationReport,
+    rule_name: &str,
+    secrets: &[String],
+) -> Value {
+    let product = report.cpuid_product();
+    // Version 2 reports come from Milan or Genoa, which share a TCB layout.
+    let tcb = report.reported_tcb(product.unwrap_or(crate::Product::Milan));
+    draft(
+        &hex::encode(report.measurement()),
+        report.vmpl(),
+        product,
+        &tcb,
+        rule_name,
+        secrets,
+        " UNVERIFIED: drafted without the VCEK, so nothing vouches for these values.",
+    )
+}
+
+fn draft(
+    measurement: &str,
+    vmpl: u32,
+    product: Option<crate::Product>,
+    tcb: &crate::report::Tcb,
+    rule_name: &str,
+    secrets: &[String],
+    warning: &str,
+) -> Value {
     use serde_json::json;
-    let tcb = &claims.tcb.reported;
     let mut conditions = vec![
-        json!({ "claim": "measurement", "equals": claims.measurement }),
+        json!({ "claim": "measurement", "equals": measurement }),
         json!({ "claim": "policy.debug_allowed", "equals": false }),
         json!({ "claim": "policy.migrate_ma_allowed", "equals": false }),
-        json!({ "claim": "vmpl", "equals": claims.vmpl }),
-        json!({ "claim": "product", "equals": claims.product.name() }),
-        json!({ "claim": "root", "equals": "amd" }),
+        json!({ "claim": "vmpl", "equals": vmpl }),
     ];
+    if let Some(p) = product {
+        conditions.push(json!({ "claim": "product", "equals": p.name() }));
+    }
+    conditions.push(json!({ "claim": "root", "equals": "amd" }));
     if let Some(fmc) = tcb.fmc {
         conditions.push(json!({ "claim": "tcb.reported.fmc", "greaterOrEquals": fmc }));
     }
@@ -709,11 +752,11 @@ pub fn suggest(claims: &Claims, rule_name: &str, secrets: &[String]) -> Value {
         .iter()
         .map(|s| (s.clone(), json!([rule_name])))
         .collect();
+    let product_name = product.map_or("SEV-SNP", crate::Product::name);
     json!({
         "description": format!(
-            "Drafted from a {} report (measurement {}…). Review before use.",
-            claims.product,
-            claims.measurement.get(..16).unwrap_or("")
+            "Drafted from a {product_name} report (measurement {}…). Review before use.{warning}",
+            measurement.get(..16).unwrap_or("")
         ),
         "rules": { rule_name: { "allOf": conditions } },
         "secrets": secrets,

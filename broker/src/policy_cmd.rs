@@ -77,10 +77,26 @@ pub fn render(report: &CheckReport) -> String {
     out
 }
 
-/// Drafts a strict policy from verified evidence.
+/// Drafts a strict policy from verified evidence, or, when no VCEK/VLEK is given, from the
+/// unverified report (the draft and a warning say so).
 pub fn suggest(request: &VerifyRequest, secrets: &[String]) -> Result<serde_json::Value, Error> {
-    let claims = verify_cmd::verify(request)?.claims();
-    let draft = policy::suggest(&claims, "suggested", secrets);
+    let draft = if request.vek.is_some() {
+        let claims = verify_cmd::verify(request)?.claims();
+        policy::suggest(&claims, "suggested", secrets)
+    } else {
+        let report = match crate::evidence::read_report(&request.report)? {
+            crate::evidence::ReportInput::Raw(bytes) => {
+                attestation::AttestationReport::parse(&bytes)?
+            }
+            crate::evidence::ReportInput::Hcl(hcl) => {
+                attestation::AttestationReport::parse(hcl.snp_report())?
+            }
+        };
+        tracing::warn!(
+            "no --vek: drafting from the UNVERIFIED report; pass --vek to verify it first"
+        );
+        policy::suggest_unverified(&report, "suggested", secrets)
+    };
     // The draft must load: a suggestion that the broker would refuse is a bug.
     Policy::from_value(draft.clone()).map_err(|e| Error::Input(format!("drafted policy: {e}")))?;
     Ok(draft)

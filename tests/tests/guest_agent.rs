@@ -119,6 +119,15 @@ fn measured_guest_gets_its_secrets_and_others_get_nothing() {
     assert!(agent(&cfg, &[]).status.success());
     assert_eq!(std::fs::read(store.join("db-key")).unwrap(), key);
 
+    // `report` saves the raw report and its certificates, VCEK first.
+    let saved = tmp.path().join("report.bin");
+    let out = agent(&cfg, &["report", "--out", saved.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&saved).unwrap().len(), 1184);
+    let certs = std::fs::read(tmp.path().join("report.bin.certs.pem")).unwrap();
+    let ders = attestation::certs::decode_pem_or_der(&certs, "certs").unwrap();
+    assert_eq!(ders.len(), 2);
+
     // Guests the policy refuses: non-zero exit, the reason on stderr, nothing written.
     for (fields, reason) in [
         (

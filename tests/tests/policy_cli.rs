@@ -127,3 +127,41 @@ fn a_malformed_policy_names_the_json_path() {
         "{err}"
     );
 }
+
+#[test]
+fn suggest_without_a_vek_drafts_from_the_unverified_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = vectors().join("trustee-milan-v2/report.bin");
+    let out = broker(&[
+        "policy",
+        "suggest",
+        "--report",
+        report.to_str().unwrap(),
+        "--secret",
+        "db",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let draft: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        draft["description"]
+            .as_str()
+            .unwrap()
+            .contains("UNVERIFIED")
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNVERIFIED"));
+    // Verified afterwards, the same report is released by the draft.
+    let policy = dir.path().join("p.json");
+    std::fs::write(&policy, &out.stdout).unwrap();
+    let mut args = vec!["policy".to_string(), "check".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(args, &["--policy", policy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
