@@ -90,7 +90,11 @@ where
 }
 
 fn json_problem(rejection: &JsonRejection) -> Problem {
-    let status = rejection.status();
+    body_problem(rejection.status(), rejection.body_text())
+}
+
+/// A body extractor's rejection as a problem: 413 for the size limit, otherwise malformed.
+fn body_problem(status: StatusCode, text: String) -> Problem {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         Problem::new(
             status,
@@ -99,7 +103,7 @@ fn json_problem(rejection: &JsonRejection) -> Problem {
             "the request body is too large",
         )
     } else {
-        let mut p = Problem::malformed(rejection.body_text());
+        let mut p = Problem::malformed(text);
         p.status = status.as_u16();
         p
     }
@@ -481,21 +485,7 @@ async fn set_policy<S: Store>(
     Operator(op): Operator,
     body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<Response, Problem> {
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::new(
-                status,
-                "too-large",
-                "Request too large",
-                "the policy is larger than the request body limit",
-            )
-        } else {
-            let mut p = Problem::malformed(rejection.body_text());
-            p.status = status.as_u16();
-            p
-        }
-    })?;
+    let body = body.map_err(|r| body_problem(r.status(), r.body_text()))?;
     let version = state
         .broker
         .set_policy(&body, &op, SystemTime::now())
