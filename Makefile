@@ -8,10 +8,12 @@ CARGO ?= cargo
 #   build-essential: the C compiler aws-lc-sys builds with.
 #   pkg-config:      used by -sys crates to find system libraries.
 #   openssl:         `openssl speed`, the baseline of `make bench`.
-DEB_PACKAGES := build-essential pkg-config openssl
+#   cloud-init:      `cloud-init schema` checks the user data the Terraform module renders.
+#   curl:            scripts/agent-timing.sh reads the broker's metrics.
+DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl
 FUZZ_SECONDS ?= 20
 
-.PHONY: all deps build test fmt-check clippy unit fuzz-smoke fuzz bench demo clean
+.PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench demo clean
 
 all: build
 
@@ -48,7 +50,12 @@ unit: build
 fuzz-smoke: deps
 	scripts/fuzz.sh $(FUZZ_SECONDS)
 
-test: fmt-check clippy unit fuzz-smoke
+# Terraform: fmt, validate and `terraform test` of the provider-free module, and the rendered
+# user data through `cloud-init schema` and the agent's config parser (offline).
+terraform-checks: build
+	scripts/terraform-checks.sh
+
+test: fmt-check clippy unit terraform-checks fuzz-smoke
 
 # Longer fuzzing run: make fuzz FUZZ_SECONDS=600
 fuzz: deps

@@ -30,6 +30,8 @@ enum Command {
     Run,
     /// Run the whole flow except writing: report what would be written.
     Check,
+    /// Check the configuration file and exit (0 when it is valid).
+    ConfigCheck,
     /// Get a report (REPORT_DATA zero unless --data) and its certificates, for
     /// `broker policy suggest`.
     Report {
@@ -45,8 +47,17 @@ enum Command {
 #[allow(clippy::print_stdout)]
 async fn main_inner(cli: Cli) -> Result<(), AgentError> {
     let settings = Settings::load(&cli.config)?;
-    let source = evidence::select(&settings)?;
     let command = cli.command.unwrap_or(Command::Run);
+    if matches!(command, Command::ConfigCheck) {
+        println!(
+            "{}: valid ({} secrets, platform {:?})",
+            cli.config.display(),
+            settings.secrets.len(),
+            settings.platform
+        );
+        return Ok(());
+    }
+    let source = evidence::select(&settings)?;
     let write = !matches!(command, Command::Check);
     match command {
         Command::Report { out, data } => {
@@ -86,6 +97,7 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
             }
             Ok(())
         }
+        Command::ConfigCheck => Ok(()),
         Command::Check | Command::Run => {
             tracing::info!(broker = %settings.broker_url, source = source.name(), "attesting");
             let agent = flow::Agent::new(settings.clone(), source)?;

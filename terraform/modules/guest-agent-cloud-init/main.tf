@@ -1,0 +1,38 @@
+locals {
+  agent_config = templatefile("${path.module}/config.toml.tftpl", {
+    broker_url    = trimsuffix(var.broker_url, "/")
+    platform      = var.platform
+    deadline_secs = var.deadline_secs
+    secrets       = var.secrets
+  })
+
+  # Copies of guest-agent/systemd/ (the module is self-contained; `make test` checks they match).
+  service_unit = file("${path.module}/files/guest-agent.service")
+  target_unit  = file("${path.module}/files/snp-secrets.target")
+
+  fetch = startswith(var.agent_source, "https://") ? "curl --fail --silent --show-error --location --proto '=https' --tlsv1.2 -o /usr/local/bin/guest-agent.new '${var.agent_source}'" : "cp '${var.agent_source}' /usr/local/bin/guest-agent.new"
+
+  install = join(" && ", [
+    "set -eu",
+    local.fetch,
+    "echo '${var.agent_sha256}  /usr/local/bin/guest-agent.new' | sha256sum --check --strict -",
+    "install -m 0755 /usr/local/bin/guest-agent.new /usr/local/bin/guest-agent",
+    "rm -f /usr/local/bin/guest-agent.new",
+    "/usr/local/bin/guest-agent --config /etc/guest-agent/config.toml config-check",
+    "systemctl daemon-reload",
+    "systemctl enable guest-agent.service snp-secrets.target",
+    "systemctl start snp-secrets.target",
+  ])
+
+  cloud_config = {
+    write_files = [
+      { path = "/etc/guest-agent/config.toml", permissions = "0644", owner = "root:root", content = local.agent_config },
+      { path = "/etc/guest-agent/broker-ca.pem", permissions = "0644", owner = "root:root", content = var.broker_ca_pem },
+      { path = "/etc/systemd/system/guest-agent.service", permissions = "0644", owner = "root:root", content = local.service_unit },
+      { path = "/etc/systemd/system/snp-secrets.target", permissions = "0644", owner = "root:root", content = local.target_unit },
+    ]
+    runcmd = [["sh", "-c", local.install]]
+  }
+
+  user_data = "#cloud-config\n${yamlencode(local.cloud_config)}"
+}

@@ -1,0 +1,91 @@
+variable "broker_url" {
+  description = "The key broker's base URL (https)."
+  type        = string
+  validation {
+    condition     = can(regex("^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$", var.broker_url))
+    error_message = "broker_url must be https://host[:port]."
+  }
+}
+
+variable "broker_ca_pem" {
+  description = "The broker's CA certificate (PEM). The agent pins it."
+  type        = string
+  validation {
+    condition     = can(regex("^-----BEGIN CERTIFICATE-----\\n[A-Za-z0-9+/=\\n]+-----END CERTIFICATE-----\\n?$", trimspace(var.broker_ca_pem)))
+    error_message = "broker_ca_pem must be one PEM certificate."
+  }
+}
+
+variable "agent_source" {
+  description = "Where the guest-agent binary comes from: an https URL, or an absolute path already on the image."
+  type        = string
+  validation {
+    condition     = can(regex("^(https://[^\\s'\"]+|/[^\\s'\"]+)$", var.agent_source))
+    error_message = "agent_source must be an https:// URL or an absolute path, without spaces or quotes."
+  }
+}
+
+variable "agent_sha256" {
+  description = "SHA-256 of the guest-agent binary; it is checked before install."
+  type        = string
+  validation {
+    condition     = can(regex("^[0-9a-f]{64}$", var.agent_sha256))
+    error_message = "agent_sha256 must be 64 lower-case hex digits."
+  }
+}
+
+variable "platform" {
+  description = "Evidence source: auto, configfs-tsm, sev-guest or azure-vtpm."
+  type        = string
+  default     = "auto"
+  validation {
+    condition     = contains(["auto", "configfs-tsm", "sev-guest", "azure-vtpm"], var.platform)
+    error_message = "platform must be auto, configfs-tsm, sev-guest or azure-vtpm (the simulator is never provisioned)."
+  }
+}
+
+variable "deadline_secs" {
+  description = "How long the agent keeps retrying at boot."
+  type        = number
+  default     = 300
+  validation {
+    condition     = var.deadline_secs >= 10 && var.deadline_secs <= 3600
+    error_message = "deadline_secs must be between 10 and 3600."
+  }
+}
+
+variable "secrets" {
+  description = "Secrets to fetch: name, and optionally path (absolute), owner, group, mode (octal, no access for others) and required."
+  type = list(object({
+    name     = string
+    path     = optional(string)
+    owner    = optional(string, "root")
+    group    = optional(string, "root")
+    mode     = optional(string, "0400")
+    required = optional(bool, true)
+  }))
+  validation {
+    condition     = length(var.secrets) > 0 && alltrue([for s in var.secrets : can(regex("^[A-Za-z0-9._-]{1,128}$", s.name))])
+    error_message = "secrets must name at least one secret; names use letters, digits, '.', '_', '-'."
+  }
+  validation {
+    condition     = alltrue([for s in var.secrets : can(regex("^0?[0-7][0-7]0$", s.mode))])
+    error_message = "secret modes are octal and give no access to others (at most 0770)."
+  }
+  validation {
+    condition     = alltrue([for s in var.secrets : s.path == null || can(regex("^/[^\\s\"']+$", s.path))])
+    error_message = "secret paths must be absolute, without spaces or quotes."
+  }
+  validation {
+    condition     = alltrue([for s in var.secrets : can(regex("^[A-Za-z0-9._-]+$", s.owner)) && can(regex("^[A-Za-z0-9._-]+$", s.group))])
+    error_message = "owners and groups are user/group names or numeric ids."
+  }
+  validation {
+    condition     = anytrue([for s in var.secrets : s.required])
+    error_message = "at least one secret must be required."
+  }
+  validation {
+    condition     = length(distinct([for s in var.secrets : s.name])) == length(var.secrets)
+    error_message = "each secret is listed once."
+  }
+}
