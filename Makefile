@@ -10,7 +10,8 @@ CARGO ?= cargo
 #   openssl:         `openssl speed`, the baseline of `make bench`.
 #   cloud-init:      `cloud-init schema` checks the user data the Terraform module renders.
 #   curl:            scripts/agent-timing.sh reads the broker's metrics.
-DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl
+#   python3-venv:    checkov (PyPI) runs in a virtual environment for the Terraform checks.
+DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv
 FUZZ_SECONDS ?= 20
 
 .PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench demo clean

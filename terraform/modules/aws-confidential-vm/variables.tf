@@ -1,0 +1,65 @@
+variable "name" {
+  description = "Instance name."
+  type        = string
+}
+
+variable "ami" {
+  description = "A UEFI AMI with a kernel that supports SEV-SNP guests (Linux 6.7+ for configfs-tsm)."
+  type        = string
+}
+
+variable "instance_type" {
+  description = "An instance type with AMD SEV-SNP: m6a, c6a or r6a."
+  type        = string
+  default     = "m6a.large"
+  validation {
+    condition     = can(regex("^(m6a|c6a|r6a)\\.[0-9]*x?large$", var.instance_type))
+    error_message = "instance_type must be an m6a, c6a or r6a size: only these offer AMD SEV-SNP."
+  }
+}
+
+variable "subnet_id" {
+  type = string
+}
+
+variable "security_group_ids" {
+  type    = list(string)
+  default = []
+}
+
+variable "key_name" {
+  type    = string
+  default = null
+}
+
+variable "tags" {
+  type    = map(string)
+  default = {}
+}
+
+variable "broker_url" {
+  type = string
+}
+
+variable "broker_ca_pem" {
+  type = string
+}
+
+variable "agent_source" {
+  type = string
+}
+
+variable "agent_sha256" {
+  type = string
+}
+
+variable "secrets" {
+  type = list(object({
+    name     = string
+    path     = optional(string)
+    owner    = optional(string, "root")
+    group    = optional(string, "root")
+    mode     = optional(string, "0400")
+    required = optional(bool, true)
+  }))
+}

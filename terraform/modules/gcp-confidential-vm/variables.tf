@@ -1,0 +1,58 @@
+variable "name" {
+  type = string
+}
+
+variable "zone" {
+  type = string
+}
+
+variable "machine_type" {
+  description = "An N2D machine type (AMD Milan or later), as SEV-SNP requires."
+  type        = string
+  default     = "n2d-standard-2"
+  validation {
+    condition     = can(regex("^n2d-", var.machine_type))
+    error_message = "machine_type must be an n2d type: SEV-SNP confidential VMs run on N2D."
+  }
+}
+
+variable "image" {
+  description = "An image that supports SEV-SNP (for example ubuntu-os-cloud/ubuntu-2404-lts-amd64)."
+  type        = string
+}
+
+variable "subnetwork" {
+  type = string
+}
+
+variable "labels" {
+  type    = map(string)
+  default = {}
+}
+
+variable "broker_url" {
+  type = string
+}
+
+variable "broker_ca_pem" {
+  type = string
+}
+
+variable "agent_source" {
+  type = string
+}
+
+variable "agent_sha256" {
+  type = string
+}
+
+variable "secrets" {
+  type = list(object({
+    name     = string
+    path     = optional(string)
+    owner    = optional(string, "root")
+    group    = optional(string, "root")
+    mode     = optional(string, "0400")
+    required = optional(bool, true)
+  }))
+}
