@@ -10,14 +10,16 @@ module "web" {
   ami           = var.ami
   instance_type = "m6a.large"
   subnet_id     = var.subnet_id
-  broker_url    = var.broker_url
-  broker_ca_pem = file(var.broker_ca_file)
-  agent_source  = var.agent_source
-  agent_sha256  = var.agent_sha256
-  secrets = [
-    { name = "web-tls", group = "www-data", mode = "0440" },
-    { name = "db-key" },
-  ]
+  agent = {
+    broker_url    = var.broker_url
+    broker_ca_pem = file(var.broker_ca_file)
+    source        = var.agent_source
+    sha256        = var.agent_sha256
+    secrets = [
+      { name = "web-tls", group = "www-data", mode = "0440" },
+      { name = "db-key" },
+    ]
+  }
 }
 
 variable "region" {

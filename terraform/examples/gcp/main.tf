@@ -4,20 +4,22 @@ provider "google" {
 }
 
 module "web" {
-  source        = "../../modules/gcp-confidential-vm"
-  name          = "web-1"
-  zone          = var.zone
-  machine_type  = "n2d-standard-2"
-  image         = "ubuntu-os-cloud/ubuntu-2404-lts-amd64"
-  subnetwork    = var.subnetwork
-  broker_url    = var.broker_url
-  broker_ca_pem = file(var.broker_ca_file)
-  agent_source  = var.agent_source
-  agent_sha256  = var.agent_sha256
-  secrets = [
-    { name = "web-tls", group = "www-data", mode = "0440" },
-    { name = "db-key" },
-  ]
+  source       = "../../modules/gcp-confidential-vm"
+  name         = "web-1"
+  zone         = var.zone
+  machine_type = "n2d-standard-2"
+  image        = "ubuntu-os-cloud/ubuntu-2404-lts-amd64"
+  subnetwork   = var.subnetwork
+  agent = {
+    broker_url    = var.broker_url
+    broker_ca_pem = file(var.broker_ca_file)
+    source        = var.agent_source
+    sha256        = var.agent_sha256
+    secrets = [
+      { name = "web-tls", group = "www-data", mode = "0440" },
+      { name = "db-key" },
+    ]
+  }
 }
 
 variable "project" {

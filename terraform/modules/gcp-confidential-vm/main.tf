@@ -10,12 +10,12 @@ terraform {
 
 module "agent" {
   source        = "../guest-agent-cloud-init"
-  broker_url    = var.broker_url
-  broker_ca_pem = var.broker_ca_pem
-  agent_source  = var.agent_source
-  agent_sha256  = var.agent_sha256
+  broker_url    = var.agent.broker_url
+  broker_ca_pem = var.agent.broker_ca_pem
+  agent_source  = var.agent.source
+  agent_sha256  = var.agent.sha256
   platform      = "auto"
-  secrets       = var.secrets
+  secrets       = var.agent.secrets
 }
 
 # A Compute Engine confidential VM with AMD SEV-SNP, shielded (secure boot, vTPM).

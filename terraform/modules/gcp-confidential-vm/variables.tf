@@ -30,29 +30,20 @@ variable "labels" {
   default = {}
 }
 
-variable "broker_url" {
-  type = string
-}
-
-variable "broker_ca_pem" {
-  type = string
-}
-
-variable "agent_source" {
-  type = string
-}
-
-variable "agent_sha256" {
-  type = string
-}
-
-variable "secrets" {
-  type = list(object({
-    name     = string
-    path     = optional(string)
-    owner    = optional(string, "root")
-    group    = optional(string, "root")
-    mode     = optional(string, "0400")
-    required = optional(bool, true)
-  }))
+variable "agent" {
+  description = "The guest agent's settings, forwarded to the guest-agent-cloud-init module (which validates them): broker_url, broker_ca_pem, source (https URL or absolute path), sha256, secrets."
+  type = object({
+    broker_url    = string
+    broker_ca_pem = string
+    source        = string
+    sha256        = string
+    secrets = list(object({
+      name     = string
+      path     = optional(string)
+      owner    = optional(string, "root")
+      group    = optional(string, "root")
+      mode     = optional(string, "0400")
+      required = optional(bool, true)
+    }))
+  })
 }
