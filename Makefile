@@ -11,7 +11,10 @@ CARGO ?= cargo
 #   cloud-init:      `cloud-init schema` checks the user data the Terraform module renders.
 #   curl:            scripts/agent-timing.sh reads the broker's metrics.
 #   python3-venv:    checkov (PyPI) runs in a virtual environment for the Terraform checks.
-DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv
+#   libtss2-dev:     the TPM software stack the guest agent's Azure vTPM source links (tss-esapi).
+#   swtpm, swtpm-tools, tpm2-tools: the emulated Azure vTPM of the end-to-end tests, and
+#                    the tools to inspect it by hand (docs/guest-agent.md).
+DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev
 FUZZ_SECONDS ?= 20
 
 .PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench demo clean

@@ -14,19 +14,20 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain; do
+for target in report hcl cert_table chain tpm_quote; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
     cert_table) seed cert_table ;;
     chain) seed chain $data/*/vek.der $data/*/ask_ark.pem ;;
+    tpm_quote) seed tpm_quote $data/swtpm-quote/quote.msg ;;
   esac
 done
 
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain; do
+for target in report hcl cert_table chain tpm_quote; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then

@@ -169,6 +169,18 @@ pub struct Claims {
     /// Azure vTPM claims, for reports delivered in an HCL report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureVarData>,
+    /// Azure vTPM quote claims.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmClaims>,
+}
+
+/// What a verified TPM quote attests.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TpmClaims {
+    /// SHA-256 PCR values by index ("0" to "23"), hex.
+    pub pcr: std::collections::BTreeMap<String, String>,
+    /// SHA-256 of the attestation key's modulus, hex.
+    pub ak_fingerprint: String,
 }
 
 /// CPUID identification of the CPU.
@@ -235,6 +247,15 @@ impl Claims {
                 .zip(r.current_mitigation_vector())
                 .map(|(launch, current)| MitigationVectors { launch, current }),
             azure: v.azure().cloned(),
+            tpm: v.tpm().map(|q| TpmClaims {
+                pcr: q
+                    .pcrs()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (i.to_string(), hex::encode(p)))
+                    .collect(),
+                ak_fingerprint: q.ak_fingerprint().to_string(),
+            }),
         }
     }
 

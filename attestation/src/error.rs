@@ -270,6 +270,39 @@ pub enum Error {
     /// REPORT_DATA is not the expected binding of the challenge and the guest's key.
     #[error("REPORT_DATA does not bind the challenge and the ephemeral key")]
     BindingMismatch,
+    /// A TPM quote (TPMS_ATTEST, signature or PCR list) is malformed.
+    #[error("malformed TPM quote: {detail}")]
+    QuoteMalformed {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The HCL variable data carries no usable vTPM attestation key (HCLAkPub).
+    #[error("HCL variable data has no usable attestation key: {detail}")]
+    AttestationKey {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The TPM quote is not signed by the attestation key the HCL report carries.
+    #[error("TPM quote signature does not verify with the HCL attestation key")]
+    QuoteSignature,
+    /// The quote does not cover exactly the SHA-256 PCR bank 0-23.
+    #[error("TPM quote PCR selection: {detail}")]
+    PcrSelection {
+        /// What was selected instead.
+        detail: String,
+    },
+    /// The PCR values sent do not hash to the quote's PCR digest.
+    #[error("PCR values do not match the quote's PCR digest")]
+    PcrDigestMismatch,
+    /// The quote's qualifying data is not the binding of the challenge and the guest's key.
+    #[error("TPM quote qualifying data does not bind the challenge and the ephemeral key")]
+    QuoteBindingMismatch,
+    /// The HCL report's user data is not the binding of the challenge and the guest's key.
+    #[error("HCL user-data does not bind the challenge and the ephemeral key")]
+    UserDataMismatch,
+    /// An HCL report without a TPM quote carries no freshness: it cannot be bound.
+    #[error("an HCL report needs a TPM quote to be bound to a challenge")]
+    QuoteMissing,
     /// An input (PEM, time, trust anchor) given by the caller is not usable.
     #[error("invalid input: {detail}")]
     InvalidInput {
@@ -324,6 +357,14 @@ impl Error {
             Error::HclMalformed { .. } => "hcl_malformed",
             Error::HclVarDataDigest => "hcl_var_data_digest",
             Error::BindingMismatch => "binding",
+            Error::QuoteMalformed { .. } => "tpm_quote_malformed",
+            Error::AttestationKey { .. } => "tpm_attestation_key",
+            Error::QuoteSignature => "tpm_quote_signature",
+            Error::PcrSelection { .. } => "tpm_pcr_selection",
+            Error::PcrDigestMismatch => "tpm_pcr_digest",
+            Error::QuoteBindingMismatch => "tpm_quote_binding",
+            Error::UserDataMismatch => "hcl_user_data",
+            Error::QuoteMissing => "tpm_quote_missing",
             Error::InvalidInput { .. } => "invalid_input",
         }
     }

@@ -32,6 +32,7 @@ pub mod protocol;
 pub mod report;
 #[cfg(feature = "simulator")]
 pub mod sim;
+pub mod tpm;
 mod verify;
 
 pub use chain::{Endorsements, RootKind, TrustAnchors, VerifiedChain};

@@ -131,6 +131,31 @@ pub const CLAIMS: &[(&str, ClaimType)] = &[
     ("azure.tpm_persisted", ClaimType::Bool),
     ("azure.vm_id", ClaimType::Text),
     ("azure.user_data", ClaimType::Text),
+    ("tpm.pcr.0", ClaimType::Hex(32)),
+    ("tpm.pcr.1", ClaimType::Hex(32)),
+    ("tpm.pcr.2", ClaimType::Hex(32)),
+    ("tpm.pcr.3", ClaimType::Hex(32)),
+    ("tpm.pcr.4", ClaimType::Hex(32)),
+    ("tpm.pcr.5", ClaimType::Hex(32)),
+    ("tpm.pcr.6", ClaimType::Hex(32)),
+    ("tpm.pcr.7", ClaimType::Hex(32)),
+    ("tpm.pcr.8", ClaimType::Hex(32)),
+    ("tpm.pcr.9", ClaimType::Hex(32)),
+    ("tpm.pcr.10", ClaimType::Hex(32)),
+    ("tpm.pcr.11", ClaimType::Hex(32)),
+    ("tpm.pcr.12", ClaimType::Hex(32)),
+    ("tpm.pcr.13", ClaimType::Hex(32)),
+    ("tpm.pcr.14", ClaimType::Hex(32)),
+    ("tpm.pcr.15", ClaimType::Hex(32)),
+    ("tpm.pcr.16", ClaimType::Hex(32)),
+    ("tpm.pcr.17", ClaimType::Hex(32)),
+    ("tpm.pcr.18", ClaimType::Hex(32)),
+    ("tpm.pcr.19", ClaimType::Hex(32)),
+    ("tpm.pcr.20", ClaimType::Hex(32)),
+    ("tpm.pcr.21", ClaimType::Hex(32)),
+    ("tpm.pcr.22", ClaimType::Hex(32)),
+    ("tpm.pcr.23", ClaimType::Hex(32)),
+    ("tpm.ak_fingerprint", ClaimType::Hex(32)),
 ];
 
 fn claim_type(name: &str) -> Option<ClaimType> {
@@ -1102,6 +1127,7 @@ mod tests {
         let c = claims("trustee-e2e-genoa-v3").to_json();
         for (name, _) in CLAIMS {
             if name.starts_with("azure.")
+                || name.starts_with("tpm.")
                 || name.starts_with("mitigation_vector.")
                 || name.ends_with(".fmc")
                 || *name == "csp_id"

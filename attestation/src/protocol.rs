@@ -49,9 +49,72 @@ pub enum Evidence {
         #[serde(default)]
         certificates: Vec<CertificateEntry>,
     },
-    /// Reserved for Azure vTPM evidence (HCL report and TPM quote).
+    /// Azure confidential VM evidence: the HCL report from the vTPM and a TPM quote.
     #[serde(rename = "az-snp-vtpm")]
-    AzSnpVtpm(serde_json::Map<String, serde_json::Value>),
+    AzSnpVtpm {
+        /// The HCL report read from vTPM NV index 0x01400001, base64 (trailing NV padding
+        /// allowed).
+        hcl_report: String,
+        /// A quote by the vTPM attestation key over the SHA-256 PCRs 0-23, with the binding
+        /// as qualifying data.
+        quote: TpmQuote,
+        /// VCEK and chain from Azure's THIM endpoint, if the guest could reach it.
+        #[serde(default)]
+        certificates: Vec<CertificateEntry>,
+    },
+}
+
+/// A TPM quote on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmQuote {
+    /// The marshalled TPMS_ATTEST, exactly as the TPM signed it, base64.
+    pub message: String,
+    /// The RSASSA-PKCS1-v1_5 SHA-256 signature, base64.
+    pub signature: String,
+    /// The SHA-256 PCR values 0-23, in order, hex.
+    pub pcrs: Vec<String>,
+}
+
+impl TpmQuote {
+    /// The wire form of a quote.
+    pub fn encode(quote: &crate::tpm::Quote) -> TpmQuote {
+        TpmQuote {
+            message: encode_b64(&quote.message),
+            signature: encode_b64(&quote.signature),
+            pcrs: quote.pcrs.iter().map(hex::encode).collect(),
+        }
+    }
+
+    /// Decodes the wire form, with bounds on every field.
+    pub fn decode(&self) -> Result<crate::tpm::Quote, Error> {
+        let bad = |detail: String| Error::QuoteMalformed { detail };
+        if self.message.len() > crate::tpm::MAX_ATTEST_LEN * 2 || self.signature.len() > 1024 {
+            return Err(bad("quote message or signature too long".into()));
+        }
+        let message = decode_b64(&self.message, "evidence.quote.message")?;
+        let signature = decode_b64(&self.signature, "evidence.quote.signature")?;
+        if self.pcrs.len() != crate::tpm::PCR_COUNT {
+            return Err(bad(format!(
+                "{} PCR values, expected {}",
+                self.pcrs.len(),
+                crate::tpm::PCR_COUNT
+            )));
+        }
+        let mut pcrs = [[0u8; 32]; crate::tpm::PCR_COUNT];
+        for (i, (slot, text)) in pcrs.iter_mut().zip(&self.pcrs).enumerate() {
+            let bytes = hex::decode(text)
+                .ok()
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| bad(format!("PCR {i} is not 32 bytes of hex")))?;
+            slot.copy_from_slice(&bytes);
+        }
+        Ok(crate::tpm::Quote {
+            message,
+            signature,
+            pcrs,
+        })
+    }
 }
 
 /// The HPKE KEM of the guest's ephemeral key.
@@ -378,9 +441,19 @@ mod tests {
         extra["surprise"] = serde_json::json!(1);
         assert!(serde_json::from_value::<AttestRequest>(extra).is_err());
         let mut az = json;
-        az["evidence"] = serde_json::json!({"kind": "az-snp-vtpm", "hcl_report": "AA=="});
-        let parsed: AttestRequest = serde_json::from_value(az).unwrap();
-        assert!(matches!(parsed.evidence, Evidence::AzSnpVtpm(_)));
+        let pcrs = vec!["00".repeat(32); 24];
+        az["evidence"] = serde_json::json!({"kind": "az-snp-vtpm", "hcl_report": "AA==",
+            "quote": {"message": "AA==", "signature": "AA==", "pcrs": pcrs}});
+        let parsed: AttestRequest = serde_json::from_value(az.clone()).unwrap();
+        let Evidence::AzSnpVtpm { quote, .. } = &parsed.evidence else {
+            panic!("not az-snp-vtpm")
+        };
+        assert_eq!(quote.decode().unwrap().pcrs, [[0u8; 32]; 24]);
+        let mut short = quote.clone();
+        short.pcrs.pop();
+        assert!(matches!(short.decode(), Err(Error::QuoteMalformed { .. })));
+        az["evidence"]["quote"]["extra"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<AttestRequest>(az).is_err());
     }
 
     #[test]

@@ -867,3 +867,165 @@ impl SimulatedKey {
         Ok(())
     }
 }
+
+/// The settings an Azure paravisor writes into the HCL variable data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AzureVmConfig {
+    /// `vm-configuration.secure-boot`.
+    pub secure_boot: bool,
+    /// `vm-configuration.tpm-enabled`.
+    pub tpm_enabled: bool,
+    /// `vm-configuration.console-enabled`.
+    pub console_enabled: bool,
+    /// `vm-configuration.vmUniqueId`.
+    pub vm_id: String,
+}
+
+impl Default for AzureVmConfig {
+    fn default() -> AzureVmConfig {
+        AzureVmConfig {
+            secure_boot: true,
+            tpm_enabled: true,
+            console_enabled: false,
+            vm_id: "00000000-5349-4d55-4c41-544544000001".into(),
+        }
+    }
+}
+
+/// Builds HCL variable data the way Azure's paravisor lays it out: the attestation key as
+/// an RSA JWK (`HCLAkPub`), the VM configuration and `user-data` (upper-case hex). It leaves
+/// out the endorsement key to stay within an emulated NV index (swtpm allows 2048 bytes).
+pub fn azure_var_data(
+    ak_modulus: &[u8],
+    ak_exponent: &[u8],
+    user_data: &[u8],
+    vm: &AzureVmConfig,
+) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let doc = serde_json::json!({
+        "keys": [{
+            "kid": "HCLAkPub",
+            "key_ops": ["sign"],
+            "kty": "RSA",
+            "e": b64.encode(ak_exponent),
+            "n": b64.encode(ak_modulus),
+        }],
+        "vm-configuration": {
+            "console-enabled": vm.console_enabled,
+            "secure-boot": vm.secure_boot,
+            "tpm-enabled": vm.tpm_enabled,
+            "tpm-persisted": true,
+            "vmUniqueId": vm.vm_id,
+        },
+        "user-data": hex::encode_upper(user_data),
+    });
+    doc.to_string().into_bytes()
+}
+
+/// The REPORT_DATA an Azure paravisor puts in the SNP report for `var_data`:
+/// SHA-256 of it, zero-padded.
+pub fn azure_report_data(var_data: &[u8]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, var_data);
+    out[..32].copy_from_slice(d.as_ref());
+    out
+}
+
+/// Wraps a signed SNP report and variable data in an HCL report (header "HCLA", version 2,
+/// IGVM request data with report type SNP and hash type SHA-256).
+pub fn build_hcl(report: &[u8], var_data: &[u8]) -> Vec<u8> {
+    let var_len = u32::try_from(var_data.len()).unwrap_or(u32::MAX);
+    let total = 0x20 + report.len() + 20 + var_data.len();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(b"HCLA");
+    out.extend_from_slice(&2u32.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(total).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&2u32.to_le_bytes()); // request type
+    out.extend_from_slice(&[0u8; 16]); // status, reserved
+    out.extend_from_slice(report);
+    out.extend_from_slice(&(var_len.saturating_add(20)).to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes()); // version
+    out.extend_from_slice(&2u32.to_le_bytes()); // report type: SNP
+    out.extend_from_slice(&1u32.to_le_bytes()); // hash type: SHA-256
+    out.extend_from_slice(&var_len.to_le_bytes());
+    out.extend_from_slice(var_data);
+    out
+}
+
+/// A software stand-in for an Azure vTPM (for unit tests and benchmarks; the swtpm-based
+/// emulator in the end-to-end tests runs a real TPM): an RSA-2048 attestation key that
+/// signs quotes, and PCR values.
+pub struct SimulatedVtpm {
+    ak: RsaKeyPair,
+    /// SHA-256 PCR values 0-23.
+    pub pcrs: [[u8; 32]; crate::tpm::PCR_COUNT],
+    /// The VM configuration the paravisor reports.
+    pub vm: AzureVmConfig,
+}
+
+impl std::fmt::Debug for SimulatedVtpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatedVtpm").finish_non_exhaustive()
+    }
+}
+
+impl SimulatedVtpm {
+    /// A vTPM with a fresh attestation key and PCRs holding their index in the first byte.
+    pub fn generate() -> Result<SimulatedVtpm, Error> {
+        let ak = RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| sim_err("RSA keygen"))?;
+        let mut pcrs = [[0u8; 32]; crate::tpm::PCR_COUNT];
+        for (i, p) in pcrs.iter_mut().enumerate() {
+            p[0] = u8::try_from(i).unwrap_or(0);
+        }
+        Ok(SimulatedVtpm {
+            ak,
+            pcrs,
+            vm: AzureVmConfig::default(),
+        })
+    }
+
+    /// The attestation key's modulus and exponent (big-endian).
+    pub fn ak_public(&self) -> (Vec<u8>, Vec<u8>) {
+        let pk = aws_lc_rs::signature::KeyPair::public_key(&self.ak);
+        (
+            pk.modulus().big_endian_without_leading_zero().to_vec(),
+            pk.exponent().big_endian_without_leading_zero().to_vec(),
+        )
+    }
+
+    /// The HCL report the paravisor produces after `user_data` is written: variable data
+    /// carrying this vTPM's key, and an SNP report with `fields` whose REPORT_DATA hashes it.
+    pub fn hcl_report(
+        &self,
+        signer: &SimulatedKey,
+        fields: &ReportFields,
+        user_data: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let (n, e) = self.ak_public();
+        let var_data = azure_var_data(&n, &e, user_data, &self.vm);
+        let mut fields = fields.clone();
+        fields.report_data = azure_report_data(&var_data);
+        let report = signer.sign_report(&fields)?;
+        Ok(build_hcl(&report, &var_data))
+    }
+
+    /// A quote of the SHA-256 PCRs 0-23 with `qualifying_data`, signed by the attestation key.
+    pub fn quote(&self, qualifying_data: &[u8]) -> Result<crate::tpm::Quote, Error> {
+        let message = crate::tpm::encode_quote_attest(qualifying_data, &self.pcrs);
+        let mut signature = vec![0u8; self.ak.public_modulus_len()];
+        self.ak
+            .sign(
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                &message,
+                &mut signature,
+            )
+            .map_err(|_| sim_err("RSA signing failed"))?;
+        Ok(crate::tpm::Quote {
+            message,
+            signature,
+            pcrs: self.pcrs,
+        })
+    }
+}

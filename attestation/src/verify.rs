@@ -9,6 +9,7 @@ use crate::claims::Claims;
 use crate::error::{Error, TcbComponent};
 use crate::hcl::HclReport;
 use crate::report::{AttestationReport, Product, SigningKeyKind};
+use crate::tpm::{Quote, VerifiedQuote};
 
 /// Verifies SEV-SNP evidence against a set of trust anchors.
 ///
@@ -28,6 +29,7 @@ pub struct VerifiedReport {
     vek_fingerprint: String,
     csp_id: Option<String>,
     azure: Option<crate::hcl::AzureVarData>,
+    tpm: Option<VerifiedQuote>,
 }
 
 impl Verifier {
@@ -102,6 +104,30 @@ impl Verifier {
         Ok(verified)
     }
 
+    /// Verifies Azure vTPM evidence: the HCL report as in [`Verifier::verify_hcl`], then the
+    /// TPM quote against the attestation key (`HCLAkPub`) that the verified variable data
+    /// carries: its signature, its PCR selection (SHA-256, 0-23) and its PCR digest. The
+    /// quote's qualifying data and the HCL user data are checked against a challenge by
+    /// [`VerifiedReport::check_binding`].
+    pub fn verify_az_snp_vtpm(
+        &self,
+        hcl: &HclReport,
+        quote: &Quote,
+        chain: &VerifiedChain,
+        at: SystemTime,
+    ) -> Result<VerifiedReport, Error> {
+        let mut verified = self.verify_hcl(hcl, chain, at)?;
+        let ak = verified
+            .azure
+            .as_ref()
+            .and_then(|a| a.attestation_key.as_ref())
+            .ok_or_else(|| Error::AttestationKey {
+                detail: "no RSA key with kid HCLAkPub".into(),
+            })?;
+        verified.tpm = Some(crate::tpm::verify_quote(quote, ak)?);
+        Ok(verified)
+    }
+
     fn verify_parsed(
         &self,
         report: AttestationReport,
@@ -169,6 +195,7 @@ impl Verifier {
             vek_fingerprint: chain.leaf_fingerprint.clone(),
             csp_id: ext.csp_id.clone(),
             azure: None,
+            tpm: None,
         })
     }
 }
@@ -259,9 +286,31 @@ impl VerifiedReport {
     pub fn claims(&self) -> Claims {
         Claims::from_verified(self)
     }
-    /// Checks that REPORT_DATA is, byte for byte, the binding of `nonce` and `public_key`
-    /// (see [`crate::binding`]). Constant time in the compared bytes.
+    /// The verified TPM quote, for Azure vTPM evidence.
+    pub fn tpm(&self) -> Option<&VerifiedQuote> {
+        self.tpm.as_ref()
+    }
+    /// Checks that the evidence is, byte for byte, bound to `nonce` and `public_key` (see
+    /// [`crate::binding`]). Constant time in the compared bytes.
+    ///
+    /// For a bare SNP report the binding is REPORT_DATA. For Azure vTPM evidence it is both
+    /// the quote's qualifying data and the HCL report's `user-data` (which the paravisor
+    /// hashes into REPORT_DATA), so the quote and the SNP report are both fresh. An HCL
+    /// report without a quote cannot be bound.
     pub fn check_binding(&self, nonce: &[u8], public_key: &[u8]) -> Result<(), Error> {
-        crate::binding::check(&self.report.report_data(), nonce, public_key)
+        let Some(azure) = &self.azure else {
+            return crate::binding::check(&self.report.report_data(), nonce, public_key);
+        };
+        let quote = self.tpm.as_ref().ok_or(Error::QuoteMissing)?;
+        let expected = crate::binding::report_data(nonce, public_key);
+        aws_lc_rs::constant_time::verify_slices_are_equal(&quote.info.extra_data, &expected)
+            .map_err(|_| Error::QuoteBindingMismatch)?;
+        let user_data = azure
+            .user_data
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or(Error::UserDataMismatch)?;
+        aws_lc_rs::constant_time::verify_slices_are_equal(&user_data, &expected)
+            .map_err(|_| Error::UserDataMismatch)
     }
 }

@@ -631,3 +631,141 @@ fn a_crl_checked_against_a_cached_chain() {
         })
     ));
 }
+
+mod azure_vtpm {
+    use super::*;
+    use attestation::HclReport;
+    use attestation::sim::SimulatedVtpm;
+
+    struct Case {
+        verifier: Verifier,
+        key: SimulatedKey,
+        vtpm: SimulatedVtpm,
+        fields: ReportFields,
+        binding: [u8; 64],
+    }
+
+    fn case() -> Case {
+        let fields = ReportFields::new(Product::Genoa);
+        Case {
+            verifier: sim_verifier(Product::Genoa),
+            key: vcek(Product::Genoa, &fields),
+            vtpm: SimulatedVtpm::generate().unwrap(),
+            fields,
+            binding: binding::report_data(b"nonce", b"key"),
+        }
+    }
+
+    impl Case {
+        fn verify(
+            &self,
+            hcl: &[u8],
+            quote: &attestation::tpm::Quote,
+        ) -> Result<attestation::VerifiedReport, Error> {
+            let chain = self
+                .verifier
+                .verify_chain(&endorse(&self.key), now())
+                .unwrap();
+            let hcl = HclReport::parse(hcl)?;
+            self.verifier.verify_az_snp_vtpm(&hcl, quote, &chain, now())
+        }
+        fn hcl(&self) -> Vec<u8> {
+            self.vtpm
+                .hcl_report(&self.key, &self.fields, &self.binding)
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn good_evidence_binds_and_exposes_pcrs() {
+        let c = case();
+        let mut hcl = c.hcl();
+        // NV indices are read whole: trailing padding is tolerated.
+        hcl.resize(2048, 0);
+        let v = c.verify(&hcl, &c.vtpm.quote(&c.binding).unwrap()).unwrap();
+        v.check_binding(b"nonce", b"key").unwrap();
+        let claims = v.claims().to_json();
+        assert_eq!(claims["tpm"]["pcr"]["7"], hex::encode(c.vtpm.pcrs[7]));
+        assert_eq!(claims["azure"]["secure_boot"], true);
+        // Every Azure and TPM claim a policy may name is present.
+        for (name, _) in attestation::policy::CLAIMS {
+            if name.starts_with("azure.") || name.starts_with("tpm.") {
+                let pointer = format!("/{}", name.replace('.', "/"));
+                assert!(claims.pointer(&pointer).is_some(), "{name}");
+            }
+        }
+        assert_eq!(
+            v.check_binding(b"nonce", b"other key"),
+            Err(Error::QuoteBindingMismatch)
+        );
+    }
+
+    #[test]
+    fn a_quote_signed_by_another_key_is_refused() {
+        let c = case();
+        let other = SimulatedVtpm::generate().unwrap();
+        assert_eq!(
+            c.verify(&c.hcl(), &other.quote(&c.binding).unwrap())
+                .unwrap_err(),
+            Error::QuoteSignature
+        );
+    }
+
+    #[test]
+    fn pcr_values_must_match_the_quote() {
+        let c = case();
+        let mut q = c.vtpm.quote(&c.binding).unwrap();
+        q.pcrs[4][0] ^= 0x80;
+        assert_eq!(
+            c.verify(&c.hcl(), &q).unwrap_err(),
+            Error::PcrDigestMismatch
+        );
+    }
+
+    #[test]
+    fn tampered_variable_data_is_refused() {
+        let c = case();
+        let mut hcl = c.hcl();
+        let pos = hcl.windows(4).position(|w| w == b"true").unwrap();
+        hcl[pos] = b'T';
+        assert_eq!(
+            c.verify(&hcl, &c.vtpm.quote(&c.binding).unwrap())
+                .unwrap_err(),
+            Error::HclVarDataDigest
+        );
+    }
+
+    #[test]
+    fn quote_and_user_data_must_both_carry_the_binding() {
+        let c = case();
+        // A quote for this challenge, over an HCL report regenerated for another one.
+        let stale = c
+            .vtpm
+            .hcl_report(&c.key, &c.fields, &binding::report_data(b"old", b"key"))
+            .unwrap();
+        let v = c
+            .verify(&stale, &c.vtpm.quote(&c.binding).unwrap())
+            .unwrap();
+        assert_eq!(
+            v.check_binding(b"nonce", b"key"),
+            Err(Error::UserDataMismatch)
+        );
+        // And the other way round.
+        let v = c
+            .verify(&c.hcl(), &c.vtpm.quote(b"old quote").unwrap())
+            .unwrap();
+        assert_eq!(
+            v.check_binding(b"nonce", b"key"),
+            Err(Error::QuoteBindingMismatch)
+        );
+    }
+
+    #[test]
+    fn an_hcl_report_alone_cannot_be_bound() {
+        let c = case();
+        let chain = c.verifier.verify_chain(&endorse(&c.key), now()).unwrap();
+        let hcl = HclReport::parse(&c.hcl()).unwrap();
+        let v = c.verifier.verify_hcl(&hcl, &chain, now()).unwrap();
+        assert_eq!(v.check_binding(b"nonce", b"key"), Err(Error::QuoteMissing));
+    }
+}

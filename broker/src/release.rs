@@ -9,7 +9,7 @@ use attestation::policy::Policy;
 use attestation::protocol::{
     AttestRequest, AttestResponse, ChallengeResponse, Evidence, SealedSecret, decode_b64,
 };
-use attestation::{AttestationReport, Endorsements, VerifiedChain, Verifier};
+use attestation::{AttestationReport, Endorsements, HclReport, VerifiedChain, Verifier};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use serde_json::json;
@@ -34,9 +34,6 @@ pub enum Refusal {
     /// The request is not well formed (400).
     #[error("malformed request: {0}")]
     Malformed(String),
-    /// The evidence kind is not supported (400).
-    #[error("unsupported evidence: {0}")]
-    UnsupportedEvidence(String),
     /// The nonce is not acceptable (403).
     #[error("{0}")]
     Nonce(NonceError),
@@ -76,7 +73,6 @@ impl Refusal {
     pub fn reason(&self) -> String {
         match self {
             Refusal::Malformed(_) => "malformed".into(),
-            Refusal::UnsupportedEvidence(_) => "unsupported_evidence".into(),
             Refusal::Nonce(NonceError::Expired) => "nonce_expired".into(),
             Refusal::Nonce(NonceError::NotIssuedHere) => "nonce_not_issued_here".into(),
             Refusal::Nonce(NonceError::Malformed) => "nonce_malformed".into(),
@@ -298,6 +294,22 @@ impl<S: Store> Broker<S> {
         Ok(chain)
     }
 
+    /// The verified endorsement chain of a parsed report (from the evidence, or the VCEK
+    /// from the KDS), with revocation applied; and how the CRL was had, for the audit.
+    async fn endorse(
+        &self,
+        parsed: &AttestationReport,
+        certificates: &[attestation::protocol::CertificateEntry],
+        now: SystemTime,
+    ) -> Result<(VerifiedChain, &'static str), Refusal> {
+        let mut endorsements = endorsements(certificates)?;
+        if endorsements.vek.is_empty() {
+            endorsements.vek = self.fetch_vcek(parsed).await?;
+        }
+        let chain = self.chain(&endorsements, now)?;
+        self.revocation(chain, now).await
+    }
+
     /// Handles an attestation: verify → decide → seal. Every outcome is audited under `peer`.
     pub async fn attest(
         &self,
@@ -306,17 +318,22 @@ impl<S: Store> Broker<S> {
         now: SystemTime,
     ) -> Result<AttestResponse, Refusal> {
         let secrets_asked = request.secrets.clone();
+        let evidence = match &request.evidence {
+            Evidence::Snp { .. } => "snp",
+            Evidence::AzSnpVtpm { .. } => "az-snp-vtpm",
+        };
         let outcome = self.attest_inner(request, now).await;
         let (result, detail) = match outcome {
             Ok((response, released, claims_digest, crl)) => (
                 "released",
                 (
                     Ok(response),
-                    json!({ "secrets": released, "claims_sha256": claims_digest, "crl": crl }),
+                    json!({ "evidence": evidence, "secrets": released, "claims_sha256": claims_digest, "crl": crl }),
                 ),
             ),
             Err((refusal, claims_digest)) => {
                 let detail = json!({
+                    "evidence": evidence,
                     "secrets": secrets_asked,
                     "reason": refusal.reason(),
                     "detail": refusal.to_string(),
@@ -352,38 +369,53 @@ impl<S: Store> Broker<S> {
         (Refusal, Option<String>),
     > {
         let bare = |r: Refusal| (r, None);
+        let crl;
         check_secret_names(&request.secrets).map_err(bare)?;
         let nonce = self
             .nonces
             .check(&request.nonce, unix(now))
             .map_err(|e| bare(Refusal::Nonce(e)))?;
 
-        let (report, certificates) = match &request.evidence {
+        let verified = match &request.evidence {
             Evidence::Snp {
                 report,
                 certificates,
-            } => (report, certificates),
-            Evidence::AzSnpVtpm(_) => {
-                return Err(bare(Refusal::UnsupportedEvidence(
-                    "az-snp-vtpm evidence is reserved and not accepted by this broker yet".into(),
-                )));
+            } => {
+                let report = decode_b64(report, "evidence.report")
+                    .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
+                // Structure first: a malformed report is refused for that.
+                let parsed = AttestationReport::parse(&report)
+                    .map_err(|e| bare(Refusal::Verification(e)))?;
+                let chain = self
+                    .endorse(&parsed, certificates, now)
+                    .await
+                    .map_err(bare)?;
+                crl = chain.1;
+                self.verifier
+                    .verify_report(&report, &chain.0, now)
+                    .map_err(|e| bare(Refusal::Verification(e)))?
+            }
+            Evidence::AzSnpVtpm {
+                hcl_report,
+                quote,
+                certificates,
+            } => {
+                let hcl = decode_b64(hcl_report, "evidence.hcl_report")
+                    .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
+                let hcl = HclReport::parse(&hcl).map_err(|e| bare(Refusal::Verification(e)))?;
+                let quote = quote.decode().map_err(|e| bare(Refusal::Verification(e)))?;
+                let parsed = AttestationReport::parse(hcl.snp_report())
+                    .map_err(|e| bare(Refusal::Verification(e)))?;
+                let chain = self
+                    .endorse(&parsed, certificates, now)
+                    .await
+                    .map_err(bare)?;
+                crl = chain.1;
+                self.verifier
+                    .verify_az_snp_vtpm(&hcl, &quote, &chain.0, now)
+                    .map_err(|e| bare(Refusal::Verification(e)))?
             }
         };
-        let report = decode_b64(report, "evidence.report")
-            .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
-        // Structure first: a malformed report is refused for that.
-        let parsed =
-            AttestationReport::parse(&report).map_err(|e| bare(Refusal::Verification(e)))?;
-        let mut endorsements = endorsements(certificates).map_err(bare)?;
-        if endorsements.vek.is_empty() {
-            endorsements.vek = self.fetch_vcek(&parsed).await.map_err(bare)?;
-        }
-        let chain = self.chain(&endorsements, now).map_err(bare)?;
-        let (chain, crl) = self.revocation(chain, now).await.map_err(bare)?;
-        let verified = self
-            .verifier
-            .verify_report(&report, &chain, now)
-            .map_err(|e| bare(Refusal::Verification(e)))?;
         let claims = verified.claims();
         let claims_json = claims.to_json();
         let claims_digest = hex::encode(digest::digest(

@@ -29,6 +29,17 @@ struct Raw {
     secrets_dir: Option<PathBuf>,
     secrets: Vec<RawSecret>,
     simulated: Option<RawSimulated>,
+    azure: Option<RawAzure>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzure {
+    tcti: Option<String>,
+    #[serde(default = "yes")]
+    thim: bool,
+    thim_url: Option<String>,
+    report_timeout_ms: Option<u64>,
 }
 
 fn auto() -> String {
@@ -84,7 +95,7 @@ pub enum Platform {
     ConfigfsTsm,
     /// `/dev/sev-guest` through the sev crate.
     SevGuest,
-    /// Azure vTPM (reserved).
+    /// Azure vTPM: HCL report and TPM quote.
     AzureVtpm,
     /// The simulated platform (tests and demos only).
     Simulated,
@@ -119,6 +130,18 @@ pub struct SimulatedSettings {
     pub fields: attestation::sim::ReportFields,
 }
 
+/// Azure vTPM settings (`[azure]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AzureSettings {
+    /// The TSS TCTI that reaches the vTPM (`device:/dev/tpmrm0`; `swtpm:host=...,port=...`
+    /// for an emulator).
+    pub tcti: String,
+    /// Where to fetch the VCEK (Azure's THIM endpoint); `None` leaves it to the broker.
+    pub thim_url: Option<String>,
+    /// How long to wait for the paravisor to regenerate the HCL report.
+    pub report_timeout: Duration,
+}
+
 /// Checked agent settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -144,6 +167,8 @@ pub struct Settings {
     pub secrets: Vec<SecretSpec>,
     /// Simulated platform settings.
     pub simulated: Option<SimulatedSettings>,
+    /// Azure vTPM settings (defaults unless `[azure]` says otherwise).
+    pub azure: AzureSettings,
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -282,6 +307,42 @@ impl Settings {
             }
             (None, _) => None,
         };
+        if raw.azure.is_some() && !matches!(platform, Platform::AzureVtpm | Platform::Auto) {
+            return Err(
+                "[azure] is only allowed with platform = \"azure-vtpm\" or \"auto\"".into(),
+            );
+        }
+        let azure = match raw.azure {
+            None => AzureSettings {
+                tcti: crate::azure::DEFAULT_TCTI.into(),
+                thim_url: Some(crate::azure::DEFAULT_THIM_URL.into()),
+                report_timeout: Duration::from_secs(10),
+            },
+            Some(a) => {
+                let tcti = a.tcti.unwrap_or_else(|| crate::azure::DEFAULT_TCTI.into());
+                if !["device:", "swtpm:", "mssim:", "tabrmd"]
+                    .iter()
+                    .any(|p| tcti.starts_with(p))
+                {
+                    return Err(format!(
+                        "azure.tcti: {tcti:?} is not device:..., swtpm:..., mssim:... or tabrmd"
+                    ));
+                }
+                let url = a
+                    .thim_url
+                    .unwrap_or_else(|| crate::azure::DEFAULT_THIM_URL.into());
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(format!("azure.thim_url: {url:?} is not an http(s) URL"));
+                }
+                AzureSettings {
+                    tcti,
+                    thim_url: a.thim.then_some(url),
+                    report_timeout: Duration::from_millis(
+                        a.report_timeout_ms.unwrap_or(10_000).clamp(100, 120_000),
+                    ),
+                }
+            }
+        };
         let initial = Duration::from_millis(raw.retry.initial_ms.unwrap_or(500).max(10));
         Ok(Settings {
             broker_url: raw.broker_url.trim_end_matches('/').to_string(),
@@ -295,6 +356,7 @@ impl Settings {
             secrets_dir,
             secrets,
             simulated,
+            azure,
         })
     }
 }
@@ -327,6 +389,21 @@ required = false
         assert_eq!(s.secrets[1].mode, 0o400);
         assert!(!s.secrets[1].required);
         assert_eq!(s.deadline, Duration::from_secs(300));
+        assert_eq!(s.azure.tcti, "device:/dev/tpmrm0");
+        assert_eq!(
+            s.azure.thim_url.as_deref(),
+            Some("http://169.254.169.254/metadata/THIM/amd/certification")
+        );
+        let az = Settings::parse(
+            &format!(
+                "platform = \"azure-vtpm\"\n{GOOD}\n[azure]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\nthim = false\n"
+            ),
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(az.platform, Platform::AzureVtpm);
+        assert_eq!(az.azure.thim_url, None);
+        assert_eq!(az.azure.tcti, "swtpm:host=127.0.0.1,port=2321");
     }
 
     #[test]
@@ -339,6 +416,18 @@ required = false
             (GOOD.replace("/run/app/extra.key", "relative"), "absolute"),
             (format!("{GOOD}\nsurprise = 1\n"), "unknown field"),
             (format!("platform = \"simulated\"\n{GOOD}"), "[simulated]"),
+            (
+                format!("platform = \"sev-guest\"\n{GOOD}\n[azure]\nthim = false\n"),
+                "[azure]",
+            ),
+            (
+                format!("{GOOD}\n[azure]\ntcti = \"/dev/tpm0\"\n"),
+                "azure.tcti",
+            ),
+            (
+                format!("{GOOD}\n[azure]\nthim_url = \"ftp://x\"\n"),
+                "azure.thim_url",
+            ),
             (
                 GOOD.replace("name = \"extra\"", "name = \"web-tls\""),
                 "twice",

@@ -8,15 +8,36 @@ use attestation::protocol::{CertificateEntry, encode_b64};
 use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
 
 use crate::AgentError;
+use crate::azure::AzureVtpm;
 use crate::config::{Platform, Settings};
 
 /// A report and the certificates that came with it.
 #[derive(Clone, Debug)]
 pub struct Evidence {
-    /// The raw 1184-byte report.
+    /// The raw 1184-byte report, or the Azure HCL report when `quote` is set.
     pub report: Vec<u8>,
+    /// The vTPM quote (Azure), which makes `report` an HCL report.
+    pub quote: Option<attestation::tpm::Quote>,
     /// Certificates from the platform's certificate table, if it has one.
     pub certificates: Vec<CertificateEntry>,
+}
+
+impl Evidence {
+    /// The wire form of this evidence.
+    pub fn into_wire(self) -> attestation::protocol::Evidence {
+        use attestation::protocol::{Evidence as Wire, TpmQuote};
+        match self.quote {
+            None => Wire::Snp {
+                report: encode_b64(&self.report),
+                certificates: self.certificates,
+            },
+            Some(quote) => Wire::AzSnpVtpm {
+                hcl_report: encode_b64(&self.report),
+                quote: TpmQuote::encode(&quote),
+                certificates: self.certificates,
+            },
+        }
+    }
 }
 
 /// A source of SNP evidence.
@@ -117,6 +138,7 @@ impl EvidenceSource for ConfigfsTsm {
             }
             Ok(Evidence {
                 report,
+                quote: None,
                 certificates: entries_from_table(&aux)?,
             })
         })();
@@ -147,6 +169,7 @@ impl EvidenceSource for SevGuest {
             .map_err(|e| AgentError::Evidence(format!("SNP_GET_REPORT: {e}")))?;
         Ok(Evidence {
             report,
+            quote: None,
             certificates: Vec::new(),
         })
     }
@@ -225,21 +248,23 @@ impl EvidenceSource for Simulated {
         ]);
         Ok(Evidence {
             report,
+            quote: None,
             certificates: entries_from_table(&table)?,
         })
     }
 }
 
-/// Chooses the evidence source the settings name; `auto` probes configfs-tsm, then
-/// `/dev/sev-guest`, and says what it found.
+/// Chooses the evidence source the settings name; `auto` probes for an Azure vTPM holding
+/// an HCL report (an Azure CVM can also show a configfs-tsm directory without an SNP
+/// provider), then configfs-tsm, then `/dev/sev-guest`, and says what it found.
 pub fn select(settings: &Settings) -> Result<Box<dyn EvidenceSource>, AgentError> {
     match settings.platform {
         Platform::ConfigfsTsm => Ok(Box::new(ConfigfsTsm::new(CONFIGFS_TSM))),
         Platform::SevGuest => Ok(Box::new(SevGuest)),
-        Platform::AzureVtpm => Err(AgentError::Config(
-            "platform azure-vtpm is reserved: Azure vTPM evidence is not supported by this version"
-                .into(),
-        )),
+        Platform::AzureVtpm => Ok(Box::new(AzureVtpm::new(
+            &settings.azure.tcti,
+            settings.azure.report_timeout,
+        ))),
         Platform::Simulated => {
             let sim = settings
                 .simulated
@@ -249,7 +274,16 @@ pub fn select(settings: &Settings) -> Result<Box<dyn EvidenceSource>, AgentError
             Ok(Box::new(Simulated::load(&sim.dir, sim.fields.clone())?))
         }
         Platform::Auto => {
-            if ConfigfsTsm::available(Path::new(CONFIGFS_TSM)) {
+            if AzureVtpm::available(&settings.azure.tcti) {
+                tracing::info!(
+                    tcti = settings.azure.tcti,
+                    "platform auto: a vTPM with an HCL report (Azure CVM) found, using it"
+                );
+                Ok(Box::new(AzureVtpm::new(
+                    &settings.azure.tcti,
+                    settings.azure.report_timeout,
+                )))
+            } else if ConfigfsTsm::available(Path::new(CONFIGFS_TSM)) {
                 tracing::info!(
                     path = CONFIGFS_TSM,
                     "platform auto: configfs-tsm found, using it"
@@ -263,8 +297,9 @@ pub fn select(settings: &Settings) -> Result<Box<dyn EvidenceSource>, AgentError
                 Ok(Box::new(SevGuest))
             } else {
                 Err(AgentError::Config(format!(
-                    "platform auto: neither {CONFIGFS_TSM} nor {SEV_GUEST_DEVICE} exists; \
-                     is this an SEV-SNP guest? (Azure CVMs need platform azure-vtpm, not supported yet)"
+                    "platform auto: no Azure vTPM HCL report on {}, and neither {CONFIGFS_TSM} \
+                     nor {SEV_GUEST_DEVICE} exists; is this an SEV-SNP guest?",
+                    settings.azure.tcti
                 )))
             }
         }

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attestation::binding;
-use attestation::protocol::{
-    AttestRequest, AttestResponse, ChallengeResponse, EphemeralKey, Evidence as WireEvidence,
-};
+use attestation::protocol::{AttestRequest, AttestResponse, ChallengeResponse, EphemeralKey};
 use base64::Engine;
 use zeroize::Zeroizing;
 
@@ -49,6 +47,7 @@ pub struct Agent {
     settings: Settings,
     http: reqwest::Client,
     source: Box<dyn EvidenceSource>,
+    thim: tokio::sync::Mutex<Option<Vec<attestation::protocol::CertificateEntry>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -160,7 +159,23 @@ impl Agent {
             settings,
             http,
             source,
+            thim: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The VCEK and chain from Azure's THIM endpoint, fetched once per run.
+    async fn thim(
+        &self,
+        url: &str,
+        hcl_report: &[u8],
+    ) -> Vec<attestation::protocol::CertificateEntry> {
+        let mut cached = self.thim.lock().await;
+        if let Some(entries) = cached.as_ref() {
+            return entries.clone();
+        }
+        let entries = crate::azure::thim_certificates(url, hcl_report).await;
+        *cached = Some(entries.clone());
+        entries
     }
 
     /// The evidence source in use.
@@ -194,16 +209,19 @@ impl Agent {
             .binding_bytes()
             .map_err(|e| Failure::Final(e.to_string()))?;
         let report_data = binding::report_data(&nonce, &bound);
-        let evidence = self.source.report(report_data).map_err(|e| {
+        let mut evidence = self.source.report(report_data).map_err(|e| {
             Failure::Transient(format!("evidence ({}): {e}", self.source.name()), None)
         })?;
+        if evidence.quote.is_some()
+            && evidence.certificates.is_empty()
+            && let Some(url) = &self.settings.azure.thim_url
+        {
+            evidence.certificates = self.thim(url, &evidence.report).await;
+        }
 
         let request = AttestRequest {
             nonce: challenge.nonce,
-            evidence: WireEvidence::Snp {
-                report: attestation::protocol::encode_b64(&evidence.report),
-                certificates: evidence.certificates,
-            },
+            evidence: evidence.into_wire(),
             public_key: public,
             secrets: names.to_vec(),
         };

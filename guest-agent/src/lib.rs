@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+pub mod azure;
 pub mod config;
 pub mod evidence;
 pub mod flow;

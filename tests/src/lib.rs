@@ -1,8 +1,11 @@
 //! Helpers for the end-to-end tests: locating the workspace's built binaries and test data.
+
 #![forbid(unsafe_code)]
 // Test-support code: a failed set-up step should stop the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![deny(missing_docs)]
+
+pub mod azure;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

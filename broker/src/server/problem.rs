@@ -108,12 +108,6 @@ impl From<&Refusal> for Problem {
         use StatusCode as S;
         match r {
             Refusal::Malformed(d) => Problem::malformed(d.clone()),
-            Refusal::UnsupportedEvidence(d) => Problem::new(
-                S::BAD_REQUEST,
-                "unsupported-evidence",
-                "Unsupported evidence",
-                d.clone(),
-            ),
             Refusal::Nonce(e) => Problem::new(
                 S::FORBIDDEN,
                 "nonce-refused",
