@@ -15,6 +15,9 @@ echo "openssl ECDSA P-384 verify/s: $openssl_verify"
 echo "== cargo bench -p attestation --bench verify"
 cargo bench -p attestation --bench verify --locked -- --noplot 2>&1 | grep -E "^(report|chain|ecdsa)|time:" || true
 
+echo "== cargo bench -p attestation --features simulator --bench azure"
+cargo bench -p attestation --features simulator --bench azure --locked -- --noplot 2>&1 | grep -E "^(azure)|time:" || true
+
 echo "== cargo bench -p broker --bench attest"
 cargo bench -p broker --bench attest --locked -- --noplot 2>&1 | grep -E "^(attest)|time:" || true
 
@@ -24,16 +27,22 @@ chain_ns=$(mean_ns chain_verify)
 ecdsa_ns=$(mean_ns ecdsa_p384_verify_baseline)
 attest_ns=$(mean_ns attest/attest_simulated_one_core)
 attest_ecdsa_ns=$(mean_ns attest/ecdsa_p384_verify_baseline)
+az_ns=$(mean_ns azure_az_snp_vtpm_verify)
+az_snp_ns=$(mean_ns azure_snp_report_verify_baseline)
+az_rsa_ns=$(mean_ns azure_rsa2048_pkcs1_verify_baseline)
 
-python3 - "$openssl_verify" "$report_ns" "$chain_ns" "$ecdsa_ns" "$attest_ns" "$attest_ecdsa_ns" <<'PY'
+python3 - "$openssl_verify" "$report_ns" "$chain_ns" "$ecdsa_ns" "$attest_ns" "$attest_ecdsa_ns" "$az_ns" "$az_snp_ns" "$az_rsa_ns" <<'PY'
 import sys
-openssl, report, chain, ecdsa, attest, attest_ecdsa = (float(x) for x in sys.argv[1:])
+openssl, report, chain, ecdsa, attest, attest_ecdsa, az, az_snp, az_rsa = (float(x) for x in sys.argv[1:])
 rows = [
     ("parse + full verify, cached chain", report),
     ("chain verification alone (ARK->ASK->VCEK)", chain),
     ("raw ECDSA P-384 verify (aws-lc)", ecdsa),
     ("attest path, simulated evidence, one core", attest),
     ("raw ECDSA P-384 verify (aws-lc), attest run", attest_ecdsa),
+    ("Azure HCL + quote verify + binding, cached", az),
+    ("bare SNP report verify, same chip, Azure run", az_snp),
+    ("raw RSA-2048 PKCS#1 verify (aws-lc)", az_rsa),
 ]
 print()
 print(f"{'measurement':45} {'mean':>12} {'per second':>12} {'vs openssl verify':>18}")
@@ -45,4 +54,6 @@ print()
 print(f"full report verify costs {report/ecdsa:.2f}x one raw aws-lc ECDSA P-384 verify")
 print(f"attestations per second on one core: {1e9/attest:.0f} = {attest_ecdsa/attest:.3f}x the raw aws-lc verify rate "
       f"and {1e9/attest/openssl:.2f}x openssl's, measured in the same run")
+print(f"Azure evidence (HCL report + vTPM quote) costs {az/az_snp:.2f}x a bare SNP report from the same chip "
+      f"in the same run; the quote's RSA verify is {az_rsa/az_snp:.2f}x of that")
 PY

@@ -37,7 +37,7 @@ t_pass=$(echo "$out" | sed -n 's/.* \([0-9]\+\) passed, \([0-9]\+\) failed.*/\1/
 t_fail=$(echo "$out" | sed -n 's/.* \([0-9]\+\) passed, \([0-9]\+\) failed.*/\2/p' | tail -1)
 if [ -z "$t_pass" ]; then echo "$out" | tail -20; t_pass=0; t_fail=1; fi
 passed=$((passed + t_pass)); failed=$((failed + t_fail))
-echo "ok    terraform test: $t_pass passed, $t_fail failed"
+if [ "$t_fail" = 0 ]; then echo "ok    terraform test: $t_pass passed"; else echo "FAIL  terraform test: $t_pass passed, $t_fail failed"; fi
 
 # Render the sample, then check what a VM would receive.
 cp -r terraform "$work/tf"

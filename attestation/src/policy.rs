@@ -711,7 +711,7 @@ fn evaluate(cond: &Condition, claims: &Value) -> Outcome {
 /// agent off, this VMPL, this product, an AMD root, and a TCB floor at the reported TCB.
 /// The rule is named `rule_name`; each of `secrets` is mapped to it.
 pub fn suggest(claims: &Claims, rule_name: &str, secrets: &[String]) -> Value {
-    draft(
+    let mut doc = draft(
         &claims.measurement,
         claims.vmpl,
         Some(claims.product),
@@ -719,7 +719,45 @@ pub fn suggest(claims: &Claims, rule_name: &str, secrets: &[String]) -> Value {
         rule_name,
         secrets,
         "",
-    )
+    );
+    // Azure: the measurement is the paravisor's; the guest's own boot is in the vTPM PCRs.
+    let mut extra = Vec::new();
+    let mut warning = "";
+    if let Some(azure) = &claims.azure {
+        // Measurement and PCRs are the same for every VM booted from the same image on the
+        // same paravisor, in anyone's subscription: pin which VMs are yours.
+        if let Some(id) = &azure.vm_id {
+            extra.push(serde_json::json!({ "claim": "azure.vm_id", "in": [id] }));
+            warning = " Azure: measurement and PCRs are shared by every VM booted from this image; \
+                       azure.vm_id pins this VM (list each of yours, or distinguish your image).";
+        }
+        if let Some(sb) = azure.secure_boot {
+            extra.push(serde_json::json!({ "claim": "azure.secure_boot", "equals": sb }));
+        }
+        if let Some(console) = azure.console_enabled {
+            extra.push(serde_json::json!({ "claim": "azure.console_enabled", "equals": console }));
+        }
+    }
+    if let Some(tpm) = &claims.tpm {
+        // PCR 4: boot manager code; PCR 7: Secure Boot policy (the keys that signed the boot
+        // chain). Kernel and command line (PCRs 8, 9, 11) change with every update: add them
+        // deliberately.
+        for pcr in ["4", "7"] {
+            if let Some(v) = tpm.pcr.get(pcr) {
+                extra.push(serde_json::json!({ "claim": format!("tpm.pcr.{pcr}"), "equals": v }));
+            }
+        }
+    }
+    if let Some(conditions) = doc
+        .pointer_mut(&format!("/rules/{rule_name}/allOf"))
+        .and_then(Value::as_array_mut)
+    {
+        conditions.extend(extra);
+    }
+    if let Some(Value::String(description)) = doc.get_mut("description") {
+        description.push_str(warning);
+    }
+    doc
 }
 
 /// Drafts the same policy from a report that could not be verified (no VCEK at hand). The

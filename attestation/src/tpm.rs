@@ -25,8 +25,10 @@ const ALG_SHA256: u16 = 0x000b;
 pub const PCR_COUNT: usize = 24;
 /// Largest marshalled TPMS_ATTEST accepted (a quote over all banks is well under 1 KiB).
 pub const MAX_ATTEST_LEN: usize = 4096;
-/// Largest qualifying data a TPM accepts (TPM2B_DATA holds at most a SHA-512 digest).
+/// Largest qualifying data the agent sends (the 64-byte binding).
 pub const MAX_QUALIFYING_DATA: usize = 64;
+/// Largest TPM2B_DATA a TPM encodes: sizeof(TPMT_HA) with SHA-512.
+const MAX_TPM2B_DATA: usize = 2 + 64;
 
 /// A decoded TPMS_ATTEST of type quote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +122,7 @@ impl QuoteInfo {
         }
         // TPM2B_NAME: a handle (4 bytes) or an algorithm id and digest (at most 2 + 64).
         let qualified_signer = r.sized(2 + 64, "qualifiedSigner")?.to_vec();
-        let extra_data = r.sized(MAX_QUALIFYING_DATA, "extraData")?.to_vec();
+        let extra_data = r.sized(MAX_TPM2B_DATA, "extraData")?.to_vec();
         let clock = r.u64("clockInfo")?;
         let reset_count = r.u32("clockInfo")?;
         let restart_count = r.u32("clockInfo")?;

@@ -203,6 +203,14 @@ struct EvidenceArgs {
     /// CRL signed by the ARK, DER or PEM (repeatable).
     #[arg(long)]
     crl: Vec<PathBuf>,
+    /// With an HCL report: the vTPM quote (JSON, as `guest-agent report` writes it), verified
+    /// against the report's attestation key; its PCRs become claims.
+    #[arg(long)]
+    quote: Option<PathBuf>,
+    /// DANGEROUS: also trust this simulated ARK (from `broker init --dev`'s `sim/ark.pem`),
+    /// to inspect simulated evidence. Never for real guests.
+    #[arg(long, value_name = "ARK_PEM")]
+    dangerous_trust_simulated_root: Option<PathBuf>,
     /// Verification time, RFC 3339 (default: now).
     #[arg(long)]
     at: Option<String>,
@@ -224,6 +232,8 @@ impl EvidenceArgs {
             vek: self.vek,
             chain: self.chain,
             crls: self.crl,
+            quote: self.quote,
+            dangerous_simulated_root: self.dangerous_trust_simulated_root,
             at,
         })
     }

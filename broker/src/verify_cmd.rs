@@ -21,6 +21,10 @@ pub struct VerifyRequest {
     pub chain: Option<PathBuf>,
     /// CRLs signed by the ARK (DER or PEM).
     pub crls: Vec<PathBuf>,
+    /// The vTPM quote that goes with an HCL report (JSON, the wire form).
+    pub quote: Option<PathBuf>,
+    /// A simulated ARK to trust besides AMD's (`--dangerous-trust-simulated-root`).
+    pub dangerous_simulated_root: Option<PathBuf>,
     /// Verification time.
     pub at: SystemTime,
 }
@@ -30,7 +34,8 @@ pub fn run(request: &VerifyRequest) -> Result<Claims, Error> {
     Ok(verify(request)?.claims())
 }
 
-/// Verifies evidence against AMD's pinned roots.
+/// Verifies evidence against AMD's pinned roots (and a simulated one only when
+/// `--dangerous-trust-simulated-root` names it).
 pub fn verify(request: &VerifyRequest) -> Result<VerifiedReport, Error> {
     let report = evidence::read_report(&request.report)?;
     // The report's own structure first, so a malformed report is refused for that.
@@ -61,11 +66,40 @@ pub fn verify(request: &VerifyRequest) -> Result<VerifiedReport, Error> {
     for crl in &request.crls {
         endorsements.crls.extend(evidence::read_certificates(crl)?);
     }
-    let verifier = Verifier::new(TrustAnchors::amd()?);
+    let quote = match (&request.quote, &report) {
+        (None, _) => None,
+        (Some(_), ReportInput::Raw(_)) => {
+            return Err(Error::Input(
+                "--quote goes with an Azure HCL report, not a raw SNP report".into(),
+            ));
+        }
+        (Some(path), ReportInput::Hcl(_)) => {
+            let bytes = evidence::read_bounded(path)?;
+            let wire: attestation::protocol::TpmQuote = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Input(format!("{}: not a quote: {e}", path.display())))?;
+            Some(wire.decode()?)
+        }
+    };
+    let mut anchors = TrustAnchors::amd()?;
+    if let Some(path) = &request.dangerous_simulated_root {
+        tracing::warn!(
+            path = %path.display(),
+            "DANGEROUS: trusting a SIMULATED root; claims from it prove nothing about real hardware"
+        );
+        let ark = evidence::read_certificates(path)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Input(format!("{}: no certificate", path.display())))?;
+        anchors = anchors.dangerous_trust_simulated_root(&ark)?;
+    }
+    let verifier = Verifier::new(anchors);
     let chain = verifier.verify_chain(&endorsements, request.at)?;
-    Ok(match &report {
-        ReportInput::Raw(bytes) => verifier.verify_report(bytes, &chain, request.at)?,
-        ReportInput::Hcl(hcl) => verifier.verify_hcl(hcl, &chain, request.at)?,
+    Ok(match (&report, quote) {
+        (ReportInput::Raw(bytes), _) => verifier.verify_report(bytes, &chain, request.at)?,
+        (ReportInput::Hcl(hcl), None) => verifier.verify_hcl(hcl, &chain, request.at)?,
+        (ReportInput::Hcl(hcl), Some(q)) => {
+            verifier.verify_az_snp_vtpm(hcl, &q, &chain, request.at)?
+        }
     })
 }
 
@@ -117,6 +151,17 @@ pub fn summary(claims: &Claims) -> String {
             flag(azure.console_enabled),
             azure.vm_id.as_deref().unwrap_or("-")
         ));
+    }
+    if let Some(tpm) = &claims.tpm {
+        out.push_str(&format!(
+            "  vTPM quote    verified with attestation key {} (offline: freshness not checked)\n",
+            tpm.ak_fingerprint
+        ));
+        for i in 0..attestation::tpm::PCR_COUNT {
+            if let Some(v) = tpm.pcr.get(&i.to_string()) {
+                out.push_str(&format!("  pcr {i:<2}        {v}\n"));
+            }
+        }
     }
     out
 }

@@ -277,17 +277,24 @@ impl EvidenceSource for AzureVtpm {
         let want = hex::encode_upper(report_data);
         let started = Instant::now();
         let mut delay = Duration::from_millis(20);
+        let mut previous: Option<Vec<u8>> = None;
         let hcl = loop {
             let bytes = nv_read_all(&mut ctx, HCL_REPORT_INDEX)?;
-            // A read that overlaps the paravisor's rewrite can be torn: only a complete
-            // report carrying our user data ends the wait.
-            let state = match HclReport::parse(&bytes) {
-                Ok(parsed) => match parsed.var_data_claims().ok().and_then(|c| c.user_data) {
-                    Some(u) if u.eq_ignore_ascii_case(&want) => break bytes,
-                    Some(_) => "it still carries other user data".to_string(),
-                    None => "its variable data has no user-data".to_string(),
-                },
-                Err(e) => e.to_string(),
+            // The index is read in ~1 KiB chunks, so a read that overlaps the paravisor's
+            // rewrite can join an old SNP report to new variable data. A report whose
+            // REPORT_DATA does not hash its variable data is read again; only if two reads in
+            // a row return the same such bytes is it not torn, and it goes to the broker,
+            // which refuses and audits it.
+            let state = match read_user_data(&bytes) {
+                Ok((Some(u), consistent)) if u.eq_ignore_ascii_case(&want) => {
+                    if consistent || previous.as_deref() == Some(bytes.as_slice()) {
+                        break bytes;
+                    }
+                    "its SNP report and variable data disagree".to_string()
+                }
+                Ok((Some(_), _)) => "it still carries other user data".to_string(),
+                Ok((None, _)) => "its variable data has no user-data".to_string(),
+                Err(e) => e,
             };
             if started.elapsed() >= self.report_timeout {
                 return Err(AgentError::Evidence(format!(
@@ -296,6 +303,7 @@ impl EvidenceSource for AzureVtpm {
                     self.report_timeout
                 )));
             }
+            previous = Some(bytes);
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_millis(500));
         };
@@ -306,6 +314,19 @@ impl EvidenceSource for AzureVtpm {
             certificates: Vec::new(),
         })
     }
+}
+
+/// The `user-data` of an HCL report, and whether the report is internally consistent (its
+/// REPORT_DATA is the hash of its variable data).
+fn read_user_data(bytes: &[u8]) -> Result<(Option<String>, bool), String> {
+    let hcl = HclReport::parse(bytes).map_err(|e| e.to_string())?;
+    let report =
+        attestation::AttestationReport::parse(hcl.snp_report()).map_err(|e| e.to_string())?;
+    let consistent = hcl.check_var_data_digest(&report.report_data()).is_ok();
+    Ok((
+        hcl.var_data_claims().ok().and_then(|c| c.user_data),
+        consistent,
+    ))
 }
 
 /// The JSON THIM answers with.
@@ -373,17 +394,21 @@ async fn fetch_thim(url: &str, hcl_report: &[u8]) -> Result<Vec<CertificateEntry
     let hcl = HclReport::parse(hcl_report).map_err(|e| e.to_string())?;
     let report =
         attestation::AttestationReport::parse(hcl.snp_report()).map_err(|e| e.to_string())?;
-    if let Some(tcbm) = &thim.tcbm {
-        // Milan and Genoa share a TCB layout; Turin reports name their product.
-        let product = report
-            .cpuid_product()
-            .unwrap_or(attestation::Product::Milan);
-        let reported = u64::from_le_bytes(report.reported_tcb(product).encode(product));
-        if u64::from_str_radix(tcbm, 16).ok() != Some(reported) {
-            return Err(format!(
-                "its VCEK is for TCB {tcbm}, the report's is {reported:016X}"
-            ));
-        }
+    // A VCEK for another TCB than the report's would be refused by the broker without a
+    // fallback to the KDS: send only one that THIM says is for this TCB.
+    let tcbm = thim
+        .tcbm
+        .as_deref()
+        .ok_or("no tcbm: cannot tell which TCB its VCEK is for")?;
+    // Milan and Genoa share a TCB layout; Turin reports name their product.
+    let product = report
+        .cpuid_product()
+        .unwrap_or(attestation::Product::Milan);
+    let reported = u64::from_le_bytes(report.reported_tcb(product).encode(product));
+    if u64::from_str_radix(tcbm, 16).ok() != Some(reported) {
+        return Err(format!(
+            "its VCEK is for TCB {tcbm}, the report's is {reported:016X}"
+        ));
     }
     let der = |pem: &str, what: &str| {
         attestation::certs::decode_pem_or_der(pem.as_bytes(), what).map_err(|e| e.to_string())

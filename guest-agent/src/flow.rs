@@ -46,7 +46,7 @@ impl std::fmt::Debug for Opened {
 pub struct Agent {
     settings: Settings,
     http: reqwest::Client,
-    source: Box<dyn EvidenceSource>,
+    source: std::sync::Arc<dyn EvidenceSource>,
     thim: tokio::sync::Mutex<Option<Vec<attestation::protocol::CertificateEntry>>>,
 }
 
@@ -158,7 +158,7 @@ impl Agent {
         Ok(Agent {
             settings,
             http,
-            source,
+            source: source.into(),
             thim: tokio::sync::Mutex::new(None),
         })
     }
@@ -174,7 +174,10 @@ impl Agent {
             return entries.clone();
         }
         let entries = crate::azure::thim_certificates(url, hcl_report).await;
-        *cached = Some(entries.clone());
+        // A failure is not kept: the next attempt asks THIM again.
+        if !entries.is_empty() {
+            *cached = Some(entries.clone());
+        }
         entries
     }
 
@@ -209,9 +212,14 @@ impl Agent {
             .binding_bytes()
             .map_err(|e| Failure::Final(e.to_string()))?;
         let report_data = binding::report_data(&nonce, &bound);
-        let mut evidence = self.source.report(report_data).map_err(|e| {
-            Failure::Transient(format!("evidence ({}): {e}", self.source.name()), None)
-        })?;
+        // Platform calls block (ioctl, configfs, TPM commands and the wait for Azure's
+        // paravisor): run them off the runtime's thread.
+        let source = self.source.clone();
+        let name = source.name();
+        let mut evidence = tokio::task::spawn_blocking(move || source.report(report_data))
+            .await
+            .map_err(|e| Failure::Final(format!("evidence ({name}): {e}")))?
+            .map_err(|e| Failure::Transient(format!("evidence ({name}): {e}"), None))?;
         if evidence.quote.is_some()
             && evidence.certificates.is_empty()
             && let Some(url) = &self.settings.azure.thim_url

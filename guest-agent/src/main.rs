@@ -66,12 +66,31 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
                 hex::decode_to_slice(&d, &mut rd)
                     .map_err(|_| AgentError::Config("--data: 128 hex digits".into()))?;
             }
-            let ev = source.report(rd)?;
+            let mut ev = source.report(rd)?;
+            if ev.quote.is_some()
+                && ev.certificates.is_empty()
+                && let Some(url) = &settings.azure.thim_url
+            {
+                ev.certificates = guest_agent::azure::thim_certificates(url, &ev.report).await;
+            }
             match out {
                 None => println!("{}", hex::encode(&ev.report)),
                 Some(path) => {
                     std::fs::write(&path, &ev.report)
                         .map_err(|e| AgentError::Write(format!("{}: {e}", path.display())))?;
+                    if let Some(quote) = &ev.quote {
+                        // Azure: `path` holds the HCL report; the quote goes beside it, in the
+                        // form `broker verify --quote` reads.
+                        let quote_path = PathBuf::from(format!("{}.quote.json", path.display()));
+                        let json = serde_json::to_string_pretty(
+                            &attestation::protocol::TpmQuote::encode(quote),
+                        )
+                        .map_err(|e| AgentError::Evidence(e.to_string()))?;
+                        std::fs::write(&quote_path, json).map_err(|e| {
+                            AgentError::Write(format!("{}: {e}", quote_path.display()))
+                        })?;
+                        println!("wrote {}", quote_path.display());
+                    }
                     let mut pem = String::new();
                     // VCEK/VLEK first, then the rest: the order `broker verify --vek` expects.
                     let mut certs = ev.certificates.clone();

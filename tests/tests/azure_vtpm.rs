@@ -162,6 +162,63 @@ fn azure_guest_gets_its_secrets_and_tampered_vms_get_nothing() {
         good.regenerations() >= 1,
         "the paravisor regenerated the HCL report"
     );
+    // The operator's view: `guest-agent report` saves the HCL report, its quote and THIM's
+    // certificates; `broker verify` checks them all and shows the PCRs; `policy suggest`
+    // drafts an Azure policy that pins them.
+    let saved = tmp.path().join("evidence.bin");
+    let out = agent(&cfg, &["report", "--out", saved.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let certs = format!("{}.certs.pem", saved.display());
+    let quote = format!("{}.quote.json", saved.display());
+    let ark = b.dir.join("sim/ark.pem");
+    let evidence_args = |quote: &str| {
+        vec![
+            "--report".to_string(),
+            saved.display().to_string(),
+            "--vek".into(),
+            certs.clone(),
+            "--quote".into(),
+            quote.to_string(),
+            "--dangerous-trust-simulated-root".into(),
+            ark.display().to_string(),
+        ]
+    };
+    let run = |cmd: &[&str], quote: &str| {
+        let mut args: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        args.extend(evidence_args(quote));
+        b.cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let pcr7 = extended_once(measurement("emulated firmware stage 7"));
+    let out = run(&["verify"], &quote);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("vTPM quote    verified"), "{text}");
+    assert!(text.contains(&format!("pcr 7         {pcr7}")), "{text}");
+    let out = run(&["policy", "suggest", "--secret", "db-key"], &quote);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let draft: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let conditions = draft["rules"]["suggested"]["allOf"].as_array().unwrap();
+    assert!(conditions.contains(&json!({ "claim": "tpm.pcr.7", "equals": pcr7 })));
+    assert!(conditions.contains(&json!({ "claim": "azure.secure_boot", "equals": true })));
+    assert!(conditions.contains(
+        &json!({ "claim": "azure.vm_id", "in": ["00000000-5349-4d55-4c41-544544000001"] })
+    ));
+    assert!(
+        draft["description"]
+            .as_str()
+            .unwrap()
+            .contains("pins this VM")
+    );
+    // A quote file whose PCR values were edited is refused, with the reason.
+    let mut doctored: Value = serde_json::from_slice(&std::fs::read(&quote).unwrap()).unwrap();
+    doctored["pcrs"][7] = json!("11".repeat(32));
+    let doctored_path = tmp.path().join("doctored.quote.json");
+    std::fs::write(&doctored_path, doctored.to_string()).unwrap();
+    let out = run(&["verify", "--json"], doctored_path.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let refusal: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(refusal["check"], "tpm_pcr_digest");
+
     // `auto` recognises the Azure vTPM by its HCL report index.
     let auto = std::fs::read_to_string(&cfg)
         .unwrap()

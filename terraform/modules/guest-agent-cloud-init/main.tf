@@ -25,6 +25,9 @@ locals {
   ])
 
   cloud_config = {
+    # Installed (config stage) before runcmd (final stage) runs the agent.
+    package_update = length(var.runtime_packages) > 0
+    packages       = var.runtime_packages
     write_files = [
       { path = "/etc/guest-agent/config.toml", permissions = "0644", owner = "root:root", content = local.agent_config },
       { path = "/etc/guest-agent/broker-ca.pem", permissions = "0644", owner = "root:root", content = var.broker_ca_pem },

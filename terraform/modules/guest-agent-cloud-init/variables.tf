@@ -34,6 +34,16 @@ variable "agent_sha256" {
   }
 }
 
+variable "runtime_packages" {
+  description = "Distribution packages the agent binary needs at run time: the TPM software stack (libtss2) it links for the Azure vTPM source. The default names are Debian 12's and Ubuntu 22.04's; set [] if the image has them."
+  type        = list(string)
+  default     = ["libtss2-esys-3.0.2-0", "libtss2-tctildr0", "libtss2-tcti-device0"]
+  validation {
+    condition     = alltrue([for p in var.runtime_packages : can(regex("^[a-z0-9][a-z0-9+.-]*$", p))])
+    error_message = "runtime_packages must be package names."
+  }
+}
+
 variable "platform" {
   description = "Evidence source: auto, configfs-tsm, sev-guest or azure-vtpm."
   type        = string

@@ -44,6 +44,10 @@ run "renders_config_units_and_install" {
     error_message = "the agent must be enabled"
   }
   assert {
+    condition     = strcontains(output.user_data, "\"libtss2-esys-3.0.2-0\"") && strcontains(output.user_data, "\"package_update\": true")
+    error_message = "the agent's run-time libraries are installed"
+  }
+  assert {
     condition     = base64decode(output.user_data_base64) == output.user_data
     error_message = "the base64 output must encode the user data"
   }
