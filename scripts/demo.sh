@@ -2,16 +2,22 @@
 # The demo: the whole flow on one machine, with the embedded store and the simulated platform.
 # A broker is set up and started, an operator uploads a TLS key, generates a data key and sets
 # a policy; a simulated measured guest receives both secrets, a guest with another
-# measurement is refused. Everything happens in a temporary directory, removed at the end.
+# measurement is refused, and an emulated Azure confidential VM receives them through its
+# vTPM. Everything happens in a temporary directory, removed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BROKER=${BROKER:-$PWD/target/debug/broker}
 AGENT=${AGENT:-$PWD/target/debug/guest-agent}
+EMULATOR=${EMULATOR:-$PWD/target/debug/azure-cvm-emulator}
 DATA=attestation/tests/data
 WORK=$(mktemp -d)
 SERVER_PID=
+EMULATOR_PID=
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  # Closing its stdin stops the emulated Azure VM (and its swtpm).
+  exec 4>&- 2>/dev/null
+  [ -n "$EMULATOR_PID" ] && wait "$EMULATOR_PID" 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -75,7 +81,35 @@ agent_config unmeasured "measurement = \"$(printf '11%.0s' $(seq 48))\""
 run "$AGENT" --config "$WORK/unmeasured/agent.toml" 2>&1 | grep -v WARN | tail -n 1
 echo "(nothing written: $(ls "$WORK/unmeasured/credstore" 2>/dev/null | wc -l) files)"
 
-step "7. The audit log records both decisions."
+step "7. An Azure confidential VM: no /dev/sev-guest; the SNP report comes through the vTPM (emulated here: swtpm, Azure's paravisor and THIM)."
+mkfifo "$WORK/emulator.in"
+"$EMULATOR" --sim-dir "$WORK/broker/sim" < "$WORK/emulator.in" > "$WORK/azure.toml" 2> "$WORK/emulator.log" &
+EMULATOR_PID=$!
+exec 4> "$WORK/emulator.in"
+for _ in $(seq 1 300); do grep -q thim_url "$WORK/azure.toml" 2>/dev/null && break; sleep 0.1; done
+mkdir -p "$WORK/azure"
+cat > "$WORK/azure/agent.toml" <<TOML
+broker_url = "https://127.0.0.1:$PORT"
+broker_ca = "$WORK/broker/ca.pem"
+platform = "azure-vtpm"
+deadline_secs = 30
+secrets_dir = "$WORK/azure/credstore"
+[[secrets]]
+name = "web-tls"
+mode = "0440"
+[[secrets]]
+name = "db-key"
+$(cat "$WORK/azure.toml")
+TOML
+run "$AGENT" --config "$WORK/azure/agent.toml" 2>/dev/null
+ls -l "$WORK/azure/credstore"
+echo "The evidence it sent: HCL report, vTPM quote (binding as qualifying data and user data), PCRs:"
+run "$AGENT" --config "$WORK/azure/agent.toml" report --out "$WORK/azure/evidence.bin" > /dev/null 2>&1
+run "$BROKER" verify --report "$WORK/azure/evidence.bin" --vek "$WORK/azure/evidence.bin.certs.pem" \
+  --quote "$WORK/azure/evidence.bin.quote.json" --dangerous-trust-simulated-root "$WORK/broker/sim/ark.pem" 2>/dev/null \
+  | grep -E 'verified|azure|vTPM|pcr (0|7) '
+
+step "8. The audit log records every decision."
 run "$BROKER" audit --action attest
 
-printf '\nDone: the measured guest received its TLS key and data key; the other guest received nothing.\n'
+printf '\nDone: the measured guest and the Azure guest received their TLS key and data key; the other guest received nothing.\n'

@@ -136,6 +136,8 @@ impl AzureCvm {
             .arg(format!("type=unixio,path={}", ctrl_sock.display()))
             .arg("--flags")
             .arg("not-need-init,startup-clear")
+            // Exit when the multiplexer's connection drops: no orphan if this process dies.
+            .arg("--terminate")
             .arg("--log")
             .arg(format!("file={}", dir.path().join("swtpm.log").display()))
             .stdin(Stdio::null())
