@@ -42,9 +42,11 @@ build: deps
 
 fmt-check: deps
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path attestation/fuzz/Cargo.toml --all -- --check
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
+	$(CARGO) clippy --manifest-path attestation/fuzz/Cargo.toml --all-targets --locked -- -D warnings
 
 # Binaries first: the end-to-end tests run them as real processes.
 unit: build

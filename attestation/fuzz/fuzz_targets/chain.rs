@@ -29,11 +29,21 @@ fn verifier() -> &'static Verifier {
 fuzz_target!(|data: &[u8]| {
     let at = UNIX_EPOCH + Duration::from_secs(1_756_684_800);
     let v = verifier();
-    let as_vek = Endorsements { vek: data.to_vec(), ..Default::default() };
+    let as_vek = Endorsements {
+        vek: data.to_vec(),
+        ..Default::default()
+    };
     if v.verify_chain(&as_vek, at).is_ok() {
-        assert!(GENUINE.contains(&data), "a certificate other than a genuine one verified");
+        assert!(
+            GENUINE.contains(&data),
+            "a certificate other than a genuine one verified"
+        );
     }
     let chain = decode_pem_or_der(data, "fuzz").unwrap_or_default();
-    let as_chain = Endorsements { vek: VCEK.to_vec(), chain, crls: vec![data.to_vec()] };
+    let as_chain = Endorsements {
+        vek: VCEK.to_vec(),
+        chain,
+        crls: vec![data.to_vec()],
+    };
     let _ = v.verify_chain(&as_chain, at);
 });

@@ -15,7 +15,10 @@ fn setup() -> &'static (Verifier, VerifiedChain) {
     static S: OnceLock<(Verifier, VerifiedChain)> = OnceLock::new();
     S.get_or_init(|| {
         let v = Verifier::new(TrustAnchors::amd().expect("pinned roots load"));
-        let e = Endorsements { vek: VCEK.to_vec(), ..Default::default() };
+        let e = Endorsements {
+            vek: VCEK.to_vec(),
+            ..Default::default()
+        };
         let chain = v.verify_chain(&e, at()).expect("genuine chain");
         (v, chain)
     })
@@ -31,6 +34,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let (verifier, chain) = setup();
     if verifier.verify_report(data, chain, at()).is_ok() {
-        assert_eq!(data, GENUINE, "a report other than the genuine one verified");
+        assert_eq!(
+            data, GENUINE,
+            "a report other than the genuine one verified"
+        );
     }
 });
