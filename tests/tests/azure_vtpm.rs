@@ -368,11 +368,12 @@ fn quote_of(r: &mut AttestRequest) -> &mut TpmQuote {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_stale_and_doctored_azure_evidence_is_refused() {
     let mut b = Broker::start();
-    // Short-lived nonces, so that one can go stale within the test.
+    // Short-lived nonces, so that one can go stale within the test (10 s leaves room for
+    // collecting evidence on a loaded machine).
     let cfg = b.dir.join("broker.toml");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("nonce_ttl_secs = 60", "nonce_ttl_secs = 5");
+        .replace("nonce_ttl_secs = 60", "nonce_ttl_secs = 10");
     std::fs::write(&cfg, text).unwrap();
     b.serve();
     provision(&b);
@@ -417,7 +418,7 @@ async fn replayed_stale_and_doctored_azure_evidence_is_refused() {
 
     // Evidence for a nonce that expired before it was sent.
     let (stale, _) = request(&b, &http, &vm).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let (status, body) = post(&http, &b, &stale).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["type"], "urn:snp-key-broker:problem:nonce-refused");
