@@ -369,53 +369,47 @@ impl<S: Store> Broker<S> {
         (Refusal, Option<String>),
     > {
         let bare = |r: Refusal| (r, None);
-        let crl;
         check_secret_names(&request.secrets).map_err(bare)?;
         let nonce = self
             .nonces
             .check(&request.nonce, unix(now))
             .map_err(|e| bare(Refusal::Nonce(e)))?;
 
-        let verified = match &request.evidence {
+        // Decode the evidence: a bare report, or an HCL report wrapping one and its quote.
+        let malformed = |e: attestation::Error| bare(Refusal::Malformed(e.to_string()));
+        let refused = |e: attestation::Error| bare(Refusal::Verification(e));
+        let (azure, report, certificates) = match &request.evidence {
             Evidence::Snp {
                 report,
                 certificates,
-            } => {
-                let report = decode_b64(report, "evidence.report")
-                    .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
-                // Structure first: a malformed report is refused for that.
-                let parsed = AttestationReport::parse(&report)
-                    .map_err(|e| bare(Refusal::Verification(e)))?;
-                let chain = self
-                    .endorse(&parsed, certificates, now)
-                    .await
-                    .map_err(bare)?;
-                crl = chain.1;
-                self.verifier
-                    .verify_report(&report, &chain.0, now)
-                    .map_err(|e| bare(Refusal::Verification(e)))?
-            }
+            } => (
+                None,
+                decode_b64(report, "evidence.report").map_err(malformed)?,
+                certificates,
+            ),
             Evidence::AzSnpVtpm {
                 hcl_report,
                 quote,
                 certificates,
             } => {
-                let hcl = decode_b64(hcl_report, "evidence.hcl_report")
-                    .map_err(|e| bare(Refusal::Malformed(e.to_string())))?;
-                let hcl = HclReport::parse(&hcl).map_err(|e| bare(Refusal::Verification(e)))?;
-                let quote = quote.decode().map_err(|e| bare(Refusal::Verification(e)))?;
-                let parsed = AttestationReport::parse(hcl.snp_report())
-                    .map_err(|e| bare(Refusal::Verification(e)))?;
-                let chain = self
-                    .endorse(&parsed, certificates, now)
-                    .await
-                    .map_err(bare)?;
-                crl = chain.1;
-                self.verifier
-                    .verify_az_snp_vtpm(&hcl, &quote, &chain.0, now)
-                    .map_err(|e| bare(Refusal::Verification(e)))?
+                let hcl = decode_b64(hcl_report, "evidence.hcl_report").map_err(malformed)?;
+                let hcl = HclReport::parse(&hcl).map_err(refused)?;
+                let quote = quote.decode().map_err(refused)?;
+                let report = hcl.snp_report().to_vec();
+                (Some((hcl, quote)), report, certificates)
             }
         };
+        // Structure first: a malformed report is refused for that.
+        let parsed = AttestationReport::parse(&report).map_err(refused)?;
+        let (chain, crl) = self
+            .endorse(&parsed, certificates, now)
+            .await
+            .map_err(bare)?;
+        let verified = match &azure {
+            None => self.verifier.verify_report(&report, &chain, now),
+            Some((hcl, quote)) => self.verifier.verify_az_snp_vtpm(hcl, quote, &chain, now),
+        }
+        .map_err(refused)?;
         let claims = verified.claims();
         let claims_json = claims.to_json();
         let claims_digest = hex::encode(digest::digest(
