@@ -175,6 +175,30 @@ impl EvidenceSource for SevGuest {
     }
 }
 
+/// Loads the simulated AMD hierarchy (ARK, ASK, ASVK keys and certificates) that
+/// `broker init --dev` writes to its `sim/` directory.
+pub fn load_simulated_amd(
+    dir: &Path,
+    product: attestation::Product,
+) -> Result<SimulatedAmd, AgentError> {
+    let der = |name: &str| -> Result<Vec<u8>, AgentError> {
+        let bytes = read(&dir.join(name))?;
+        attestation::certs::decode_pem_or_der(&bytes, name)
+            .map_err(|e| AgentError::Config(e.to_string()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| AgentError::Config(format!("{name}: empty")))
+    };
+    let keys = [der("ark.key")?, der("ask.key")?, der("asvk.key")?];
+    let certs = [der("ark.pem")?, der("ask.pem")?, der("asvk.pem")?];
+    SimulatedAmd::load(
+        product,
+        [&keys[0], &keys[1], &keys[2]],
+        [&certs[0], &certs[1], &certs[2]],
+    )
+    .map_err(|e| AgentError::Config(format!("simulated platform: {e}")))
+}
+
 /// The simulated platform: reports signed by a simulated VCEK (tests and demos only).
 pub struct Simulated {
     fields: ReportFields,
@@ -192,22 +216,7 @@ impl Simulated {
     /// Loads the simulated AMD hierarchy written by `broker init --dev` (its `sim/`
     /// directory) and issues a VCEK for the configured chip and TCB.
     pub fn load(dir: &Path, fields: ReportFields) -> Result<Simulated, AgentError> {
-        let der = |name: &str| -> Result<Vec<u8>, AgentError> {
-            let bytes = read(&dir.join(name))?;
-            attestation::certs::decode_pem_or_der(&bytes, name)
-                .map_err(|e| AgentError::Config(e.to_string()))?
-                .into_iter()
-                .next()
-                .ok_or_else(|| AgentError::Config(format!("{name}: empty")))
-        };
-        let keys = [der("ark.key")?, der("ask.key")?, der("asvk.key")?];
-        let certs = [der("ark.pem")?, der("ask.pem")?, der("asvk.pem")?];
-        let amd = SimulatedAmd::load(
-            fields.product,
-            [&keys[0], &keys[1], &keys[2]],
-            [&certs[0], &certs[1], &certs[2]],
-        )
-        .map_err(|e| AgentError::Config(format!("simulated platform: {e}")))?;
+        let amd = load_simulated_amd(dir, fields.product)?;
         let vcek = amd
             .issue_vcek(
                 &fields.chip_id,

@@ -21,7 +21,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -535,24 +535,4 @@ pub fn swtpm_available() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// The directory of the simulated AMD hierarchy written by `broker init --dev`.
-pub fn load_simulated_amd(sim_dir: &Path) -> Result<SimulatedAmd, String> {
-    let der = |name: &str| -> Result<Vec<u8>, String> {
-        let bytes = std::fs::read(sim_dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
-        attestation::certs::decode_pem_or_der(&bytes, name)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("{name}: empty"))
-    };
-    let keys = [der("ark.key")?, der("ask.key")?, der("asvk.key")?];
-    let certs = [der("ark.pem")?, der("ask.pem")?, der("asvk.pem")?];
-    SimulatedAmd::load(
-        attestation::Product::Genoa,
-        [&keys[0], &keys[1], &keys[2]],
-        [&certs[0], &certs[1], &certs[2]],
-    )
-    .map_err(|e| e.to_string())
 }

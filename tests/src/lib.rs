@@ -1,4 +1,5 @@
-//! Helpers for the end-to-end tests: locating the workspace's built binaries and test data.
+//! Helpers for the end-to-end tests: locating the workspace's built binaries and test data,
+//! running a broker and the guest agent, and talking to the broker as a guest.
 
 #![forbid(unsafe_code)]
 // Test-support code: a failed set-up step should stop the test with its message.
@@ -9,7 +10,25 @@ pub mod azure;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use attestation::sim::SimulatedAmd;
+
+/// Runs the built `guest-agent` with `--config cfg` and `args`.
+pub fn agent(cfg: &Path, args: &[&str]) -> Output {
+    Command::new(binary("guest-agent").unwrap())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A process's standard error, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -143,6 +162,67 @@ impl Broker {
     /// Everything the server logged.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sets up the broker's secrets and policy as an operator would: `web-tls` (the dev TLS
+    /// key), a generated 32-byte `db-key`, and the policy at `policy`.
+    pub fn provision(&self, policy: &Path) {
+        for args in [
+            vec![
+                "secret",
+                "put",
+                "web-tls",
+                "--file",
+                self.dir.join("web-tls.pem").to_str().unwrap(),
+                "--kind",
+                "tls-key",
+            ],
+            vec!["secret", "generate", "db-key", "--bytes", "32"],
+            vec!["policy", "set", policy.to_str().unwrap()],
+        ] {
+            let out = self.cli(&args);
+            assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        }
+    }
+
+    /// The simulated (Genoa) AMD hierarchy of this broker's dev setup.
+    pub fn simulated_amd(&self) -> SimulatedAmd {
+        guest_agent::evidence::load_simulated_amd(
+            &self.dir.join("sim"),
+            attestation::Product::Genoa,
+        )
+        .unwrap()
+    }
+
+    /// An HTTPS client that pins this broker's CA, with a client certificate if given.
+    pub fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(self.dir.join("ca.pem")).unwrap();
+        for c in attestation::certs::decode_pem_or_der(&ca, "ca").unwrap() {
+            roots.add(c.into()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let tls = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                use rustls::pki_types::pem::PemObject;
+                let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
     }
 
     /// Runs an operator command against this broker.

@@ -5,15 +5,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
 use attestation::binding;
 use attestation::protocol::{AttestRequest, ChallengeResponse, EphemeralKey, Kem, TpmQuote};
 use base64::Engine;
-use e2e::azure::{AzureCvm, Faults, Options, load_simulated_amd, measurement};
-use e2e::{Broker, binary};
+use e2e::azure::{AzureCvm, Faults, Options, measurement};
+use e2e::{Broker, agent, stderr};
 use guest_agent::evidence::EvidenceSource;
 use serde_json::{Value, json};
 
@@ -45,26 +43,7 @@ fn provision(b: &Broker) {
     });
     let policy_path = b.dir.join("azure-policy.json");
     std::fs::write(&policy_path, policy.to_string()).unwrap();
-    for args in [
-        vec![
-            "secret",
-            "put",
-            "web-tls",
-            "--file",
-            b.dir.join("web-tls.pem").to_str().unwrap(),
-            "--kind",
-            "tls-key",
-        ],
-        vec!["secret", "generate", "db-key", "--bytes", "32"],
-        vec!["policy", "set", policy_path.to_str().unwrap()],
-    ] {
-        let out = b.cli(&args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    b.provision(&policy_path);
 }
 
 fn agent_config(b: &Broker, cvm: &AzureCvm, out: &Path) -> PathBuf {
@@ -104,25 +83,12 @@ report_timeout_ms = 10000
     cfg
 }
 
-fn agent(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(binary("guest-agent").unwrap())
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn cvm(b: &Broker, options: Options) -> AzureCvm {
     assert!(
         e2e::azure::swtpm_available(),
         "swtpm is not installed: run `make deps`"
     );
-    AzureCvm::start(&load_simulated_amd(&b.dir.join("sim")).unwrap(), options).unwrap()
+    AzureCvm::start(&b.simulated_amd(), options).unwrap()
 }
 
 /// Runs the agent on `cvm` and expects a final refusal naming `check`.
@@ -286,25 +252,6 @@ fn azure_guest_gets_its_secrets_and_tampered_vms_get_nothing() {
     }
 }
 
-fn client(b: &Broker) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(b.dir.join("ca.pem")).unwrap();
-    for c in attestation::certs::decode_pem_or_der(&ca, "ca").unwrap() {
-        roots.add(c.into()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
 /// Evidence from the emulated vTPM for a fresh challenge, built with the agent's own source.
 async fn request(
     b: &Broker,
@@ -378,7 +325,7 @@ async fn replayed_stale_and_doctored_azure_evidence_is_refused() {
     b.serve();
     provision(&b);
     let vm = cvm(&b, Options::default());
-    let http = client(&b);
+    let http = b.guest_client(None);
 
     // Good evidence releases; the same request again is a replay.
     let (good, key) = request(&b, &http, &vm).await;

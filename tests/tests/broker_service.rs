@@ -4,74 +4,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use attestation::protocol::{
     AttestRequest, AttestResponse, CertificateEntry, ChallengeResponse, EphemeralKey, Evidence,
     Kem, encode_b64,
 };
-use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
+use attestation::sim::{ReportFields, SimulatedKey};
 use attestation::{Product, binding};
 use base64::Engine;
 use serde_json::{Value, json};
 
 use e2e::Broker;
-
-trait GuestSide {
-    fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client;
-    fn simulated_amd(&self) -> SimulatedAmd;
-}
-
-impl GuestSide for Broker {
-    fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = std::fs::read(self.dir.join("ca.pem")).unwrap();
-        for c in attestation::certs::decode_pem_or_der(&ca, "ca").unwrap() {
-            roots.add(c.into()).unwrap();
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let tls = match identity {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => {
-                use rustls::pki_types::pem::PemObject;
-                let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
-                    .unwrap()
-                    .collect::<Result<Vec<_>, _>>()
-                    .unwrap();
-                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-                builder.with_client_auth_cert(chain, key).unwrap()
-            }
-        };
-        reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap()
-    }
-
-    fn simulated_amd(&self) -> SimulatedAmd {
-        let sim = self.dir.join("sim");
-        let der = |name: &str| {
-            let bytes = std::fs::read(sim.join(name)).unwrap();
-            attestation::certs::decode_pem_or_der(&bytes, name)
-                .unwrap()
-                .remove(0)
-        };
-        let (ark_k, ask_k, asvk_k) = (der("ark.key"), der("ask.key"), der("asvk.key"));
-        let (ark_c, ask_c, asvk_c) = (der("ark.pem"), der("ask.pem"), der("asvk.pem"));
-        SimulatedAmd::load(
-            Product::Genoa,
-            [&ark_k, &ask_k, &asvk_k],
-            [&ark_c, &ask_c, &asvk_c],
-        )
-        .unwrap()
-    }
-}
 
 /// A simulated guest: report fields and a VCEK for its chip and TCB.
 struct Guest {
@@ -177,26 +121,7 @@ async fn release_and_every_refusal_over_real_tls() {
     };
     let tls_file = b.dir.join("web-tls.pem");
     std::fs::write(&tls_file, &tls_pem).unwrap();
-    for args in [
-        vec![
-            "secret",
-            "put",
-            "web-tls",
-            "--file",
-            tls_file.to_str().unwrap(),
-            "--kind",
-            "tls-key",
-        ],
-        vec!["secret", "generate", "db-key", "--bytes", "32"],
-        vec!["policy", "set", b.dir.join("policy.json").to_str().unwrap()],
-    ] {
-        let out = b.cli(&args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    b.provision(&b.dir.join("policy.json"));
 
     let client = b.guest_client(None);
     let guest = Guest::new(&b, |_| {});

@@ -6,33 +6,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::{Broker, binary};
+use e2e::{Broker, agent, binary, stderr};
 
-/// Sets up the broker's secrets and policy as an operator would.
+/// Sets up the broker's secrets and the dev policy as an operator would.
 fn provision(b: &Broker) {
-    for args in [
-        vec![
-            "secret",
-            "put",
-            "web-tls",
-            "--file",
-            b.dir.join("web-tls.pem").to_str().unwrap(),
-            "--kind",
-            "tls-key",
-        ],
-        vec!["secret", "generate", "db-key", "--bytes", "32"],
-        vec!["policy", "set", b.dir.join("policy.json").to_str().unwrap()],
-    ] {
-        let out = b.cli(&args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    b.provision(&b.dir.join("policy.json"));
 }
 
 /// Writes an agent configuration for a simulated guest; `simulated` adds report fields.
@@ -72,19 +53,6 @@ dir = "{sim}"
     )
     .unwrap();
     cfg
-}
-
-fn agent(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(binary("guest-agent").unwrap())
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use attestation::certs::decode_pem_or_der;
 use attestation::sim::{ReportFields, SimulatedAmd};
 use attestation::{Product, SigningKeyKind};
-use e2e::{binary, vectors};
+use e2e::{binary, stderr, vectors};
 
 /// Inside every genuine certificate's validity (see attestation/tests/vectors.rs).
 const SEPT_2025: &str = "2025-09-01T00:00:00Z";
@@ -22,10 +22,6 @@ fn broker(args: &[&str]) -> Output {
 
 fn path(rel: &str) -> String {
     vectors().join(rel).display().to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

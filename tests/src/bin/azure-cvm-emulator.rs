@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use e2e::azure::{AzureCvm, Faults, Options, load_simulated_amd};
+use e2e::azure::{AzureCvm, Faults, Options};
 
 /// An emulated Azure confidential VM on 127.0.0.1.
 #[derive(Parser)]
@@ -33,7 +33,8 @@ struct Args {
 #[allow(clippy::print_stdout)]
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let amd = load_simulated_amd(&args.sim_dir).map_err(anyhow::Error::msg)?;
+    let amd =
+        guest_agent::evidence::load_simulated_amd(&args.sim_dir, attestation::Product::Genoa)?;
     let cvm = AzureCvm::start(
         &amd,
         Options {
