@@ -43,6 +43,7 @@ step "3. Start it (it warns loudly that it trusts a simulated root)."
 SERVER_PID=$!
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
 grep -m1 -o 'DANGER: this broker trusts a SIMULATED AMD root' "$WORK/broker.log"
+run curl -s --cacert "$WORK/broker/ca.pem" "https://127.0.0.1:$PORT/readyz"
 
 export BROKER_ADMIN_CONFIG="$WORK/broker/admin.toml"
 step "4. As the operator (mutual TLS): upload the workload's TLS key, generate a data key, set the policy."
@@ -75,6 +76,10 @@ agent_config measured ""
 run "$AGENT" --config "$WORK/measured/agent.toml" 2>/dev/null
 ls -l "$WORK/measured/credstore"
 cmp -s "$WORK/measured/credstore/web-tls" "$WORK/broker/web-tls.pem" && echo "web-tls is byte-identical to the uploaded key."
+echo "What the guest received is no admin credential (its certificate is not an operator certificate):"
+run curl -s --cacert "$WORK/broker/ca.pem" --cert "$WORK/measured/credstore/web-tls" \
+  --key "$WORK/measured/credstore/web-tls" "https://127.0.0.1:$PORT/v1/admin/secrets"
+echo
 
 step "6. A guest with another measurement asks for the same secrets."
 agent_config unmeasured "measurement = \"$(printf '11%.0s' $(seq 48))\""

@@ -268,13 +268,105 @@ const OPERATORS: [&str; 6] = [
     "exists",
 ];
 
-/// Names of rules and secrets: letters, digits, `.`, `_`, `-`; 1 to 128 characters.
+/// Names of rules and secrets: letters, digits, `.`, `_`, `-`; 1 to 128 characters; not `.`
+/// or `..`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
+        // Path segments with a meaning of their own in URLs.
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Refuses a document in which an object names a key twice (JSON parsers disagree on which
+/// one wins; serde_json keeps the last): the error points at the second occurrence.
+fn reject_duplicate_keys(text: &str) -> Result<(), PolicyError> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct Seed<'a> {
+        path: String,
+        found: &'a RefCell<Option<String>>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Seed<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Seed<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0usize;
+            while seq
+                .next_element_seed(Seed {
+                    path: format!("{}/{i}", self.path),
+                    found: self.found,
+                })?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = format!("{}/{}", self.path, escape(&key));
+                if !seen.insert(key) {
+                    *self.found.borrow_mut() = Some(path);
+                    return Err(serde::de::Error::custom("duplicate key"));
+                }
+                map.next_value_seed(Seed {
+                    path,
+                    found: self.found,
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    let found = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = Seed {
+        path: String::new(),
+        found: &found,
+    }
+    .deserialize(&mut de);
+    match (result, found.into_inner()) {
+        (Err(_), Some(path)) => Err(err(
+            &path,
+            "this key appears twice in its object; JSON parsers disagree on which one counts",
+        )),
+        (Err(e), None) => Err(err("", format!("not valid JSON: {e}"))),
+        (Ok(()), _) => Ok(()),
+    }
 }
 
 fn escape(key: &str) -> String {
@@ -289,6 +381,7 @@ impl Policy {
         }
         let value: Value =
             serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
+        reject_duplicate_keys(text)?;
         Policy::from_value(value)
     }
 
@@ -1051,6 +1144,28 @@ mod tests {
             deep = json!({"allOf": [deep]});
         }
         assert!(load(json!({"rules": {"r": deep}, "secrets": {}})).is_err());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_with_their_path() {
+        // The second "secrets" entry would otherwise silently replace the first.
+        let twice = r#"{"rules": {"r": {"claim": "vmpl", "equals": 0}},
+            "secrets": {"db-key": ["r"], "db-key": []}}"#;
+        let e = Policy::from_json(twice).unwrap_err();
+        assert_eq!(e.path, "/secrets/db-key", "{e}");
+        assert!(e.to_string().contains("twice"), "{e}");
+        let nested = r#"{"rules": {"r": {"allOf": [{"claim": "vmpl", "equals": 0, "equals": 1}]}},
+            "secrets": {}}"#;
+        assert_eq!(
+            Policy::from_json(nested).unwrap_err().path,
+            "/rules/r/allOf/0/equals"
+        );
+        let top = r#"{"rules": {}, "rules": {}, "secrets": {}}"#;
+        assert_eq!(Policy::from_json(top).unwrap_err().path, "/rules");
+        // The same key in different objects is fine.
+        let ok = r#"{"rules": {"a": {"claim": "vmpl", "equals": 0}, "b": {"claim": "vmpl", "equals": 0}},
+            "secrets": {"s": ["a"], "t": ["a"]}}"#;
+        assert!(Policy::from_json(ok).is_ok());
     }
 
     #[test]

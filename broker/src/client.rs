@@ -145,7 +145,7 @@ impl AdminClient {
         });
         self.call(
             Method::PUT,
-            &format!("/secrets/{name}"),
+            &format!("/secrets/{}", segment(name)?),
             Some(Body::Json(body)),
         )
         .await
@@ -155,20 +155,28 @@ impl AdminClient {
         let body = serde_json::json!({ "bytes": bytes });
         self.call(
             Method::POST,
-            &format!("/secrets/{name}/generate"),
+            &format!("/secrets/{}/generate", segment(name)?),
             Some(Body::Json(body)),
         )
         .await
     }
     /// Rotates a data key.
     pub async fn rotate_secret(&self, name: &str) -> Result<Value, Error> {
-        self.call(Method::POST, &format!("/secrets/{name}/rotate"), None)
-            .await
+        self.call(
+            Method::POST,
+            &format!("/secrets/{}/rotate", segment(name)?),
+            None,
+        )
+        .await
     }
     /// Deletes a secret.
     pub async fn delete_secret(&self, name: &str) -> Result<Value, Error> {
-        self.call(Method::DELETE, &format!("/secrets/{name}"), None)
-            .await
+        self.call(
+            Method::DELETE,
+            &format!("/secrets/{}", segment(name)?),
+            None,
+        )
+        .await
     }
     /// Lists secrets (metadata only).
     pub async fn list_secrets(&self) -> Result<Value, Error> {
@@ -186,6 +194,12 @@ impl AdminClient {
     /// Policy history.
     pub async fn policy_history(&self) -> Result<Value, Error> {
         self.call(Method::GET, "/policy/history", None).await
+    }
+    /// Deletes audit records before `before` (seconds since the epoch); the broker records
+    /// the deletion.
+    pub async fn prune_audit(&self, before: i64) -> Result<Value, Error> {
+        self.call(Method::DELETE, &format!("/audit?before={before}"), None)
+            .await
     }
     /// Audit records.
     pub async fn audit(&self, query: &[(&str, String)]) -> Result<Value, Error> {
@@ -207,13 +221,48 @@ enum Body {
     Text(String),
 }
 
+/// Characters left as they are in a query value or path segment: RFC 3986 unreserved.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
+}
+
+/// A secret name as one URL path segment: checked first (a name such as `..` or `a/../b`
+/// would address another resource once the URL is normalised), then percent-encoded.
+fn segment(name: &str) -> Result<String, Error> {
+    if !attestation::policy::valid_name(name) {
+        return Err(Error::Input(format!(
+            "{:?} is not a secret name: letters, digits, '.', '_', '-' (1 to 128, not '.' or '..')",
+            crate::audit::truncate(name)
+        )));
+    }
+    Ok(urlencode(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_would_address_another_secret_are_refused() {
+        for bad in [
+            "nope/../db-key",
+            "..",
+            ".",
+            "a/b",
+            "a?b",
+            "a#b",
+            "%2e%2e",
+            "",
+        ] {
+            assert!(segment(bad).is_err(), "{bad}");
+        }
+        assert_eq!(segment("db-key.v2_x").unwrap(), "db-key.v2_x");
+        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
 }

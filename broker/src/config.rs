@@ -23,6 +23,16 @@ struct RawConfig {
     kds: RawKds,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    retention_days: Option<u64>,
+    unauthenticated_rows_per_minute: Option<u32>,
+    unauthenticated_rows_per_source_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +42,7 @@ struct RawTls {
     key: PathBuf,
     operator_ca: PathBuf,
     ocsp: Option<PathBuf>,
+    operator_names: Option<Vec<String>>,
     #[serde(default = "default_reload")]
     reload_interval_secs: u64,
 }
@@ -72,6 +83,7 @@ struct RawKds {
 struct RawLimits {
     body_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
     header_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
     request_timeout_secs: Option<u64>,
@@ -101,8 +113,14 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     /// Server private key (PEM).
     pub key: PathBuf,
-    /// CA (PEM) that issues operator client certificates for the admin API.
+    /// CA (PEM) that issues operator client certificates for the admin API. It must not be
+    /// the CA that issues the server certificate or workload certificates: only certificates
+    /// with the clientAuth extended key usage and an operator URI SAN are accepted, and the
+    /// broker refuses to start when its own certificate would be.
     pub operator_ca: PathBuf,
+    /// When set, only these operator names (from `urn:snp-key-broker:operator:<name>`) may
+    /// use the admin API.
+    pub operator_names: Option<Vec<String>>,
     /// Optional DER OCSP response to staple.
     pub ocsp: Option<PathBuf>,
     /// How often certificate, key and OCSP files are checked for changes.
@@ -125,6 +143,8 @@ pub struct Limits {
     pub body_bytes: usize,
     /// Most concurrent connections.
     pub max_connections: usize,
+    /// Most concurrent connections from one source (an IPv4 address or an IPv6 /64).
+    pub max_connections_per_source: usize,
     /// Time allowed to receive request headers.
     pub header_timeout: Duration,
     /// Idle time after which a connection is closed.
@@ -133,6 +153,16 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Attestations processed at once; more are answered 429 with Retry-After.
     pub max_inflight_attestations: usize,
+}
+
+/// The audit log's bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Records older than this are deleted once a day (with an `audit.prune` record);
+    /// `None` keeps every record.
+    pub retention: Option<Duration>,
+    /// Audit rows for refusals of unauthenticated requests, per minute.
+    pub budget: crate::audit::SampleBudget,
 }
 
 /// Checked broker settings.
@@ -154,6 +184,8 @@ pub struct Settings {
     pub kds: KdsSettings,
     /// Limits.
     pub limits: Limits,
+    /// Audit log.
+    pub audit: AuditSettings,
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -195,20 +227,26 @@ impl Settings {
             .kds
             .base_url
             .unwrap_or_else(|| "https://kdsintf.amd.com".to_string());
-        if !(base_url.starts_with("https://")
-            || base_url.starts_with("http://127.")
-            || base_url.starts_with("http://localhost")
-            || base_url.starts_with("http://[::1]"))
-        {
-            return Err("kds.base_url: must be https (plain http only on loopback)".into());
-        }
+        check_kds_url(&base_url)?;
         let l = raw.limits;
+        let max_connections = l.max_connections.unwrap_or(1024);
+        let secs = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, String> {
+            let v = v.unwrap_or(default);
+            if !(1..=3600).contains(&v) {
+                return Err(format!("limits.{name}: must be between 1 and 3600 seconds"));
+            }
+            Ok(Duration::from_secs(v))
+        };
         let limits = Limits {
             body_bytes: l.body_bytes.unwrap_or(64 * 1024),
-            max_connections: l.max_connections.unwrap_or(1024),
-            header_timeout: Duration::from_secs(l.header_timeout_secs.unwrap_or(10)),
-            idle_timeout: Duration::from_secs(l.idle_timeout_secs.unwrap_or(60)),
-            request_timeout: Duration::from_secs(l.request_timeout_secs.unwrap_or(30)),
+            max_connections,
+            max_connections_per_source: l
+                .max_connections_per_source
+                .unwrap_or((max_connections / 16).max(8))
+                .min(max_connections),
+            header_timeout: secs(l.header_timeout_secs, 10, "header_timeout_secs")?,
+            idle_timeout: secs(l.idle_timeout_secs, 60, "idle_timeout_secs")?,
+            request_timeout: secs(l.request_timeout_secs, 30, "request_timeout_secs")?,
             max_inflight_attestations: l.max_inflight_attestations.unwrap_or(256).max(1),
         };
         if limits.body_bytes < 4096 || limits.max_connections == 0 {
@@ -216,12 +254,55 @@ impl Settings {
                 "limits: body_bytes must be at least 4096 and max_connections above 0".into(),
             );
         }
+        if limits.max_connections_per_source == 0 {
+            return Err("limits.max_connections_per_source: must be above 0".into());
+        }
+        let a = raw.audit;
+        let defaults = crate::audit::SampleBudget::default();
+        let audit = AuditSettings {
+            retention: match a.retention_days {
+                Some(0) => {
+                    return Err(
+                        "audit.retention_days: at least 1 (leave it out to keep every record)"
+                            .into(),
+                    );
+                }
+                Some(d) => Some(Duration::from_secs(d.saturating_mul(86_400))),
+                None => None,
+            },
+            budget: crate::audit::SampleBudget {
+                per_source: a
+                    .unauthenticated_rows_per_source_per_minute
+                    .unwrap_or(defaults.per_source),
+                global: a.unauthenticated_rows_per_minute.unwrap_or(defaults.global),
+            },
+        };
         Ok(Settings {
             listen,
             tls: TlsSettings {
                 cert: resolve(base, raw.tls.cert),
                 key: resolve(base, raw.tls.key),
                 operator_ca: resolve(base, raw.tls.operator_ca),
+                operator_names: match raw.tls.operator_names {
+                    Some(names) => {
+                        if names.is_empty() {
+                            return Err(
+                                "tls.operator_names: list at least one operator, or leave it out"
+                                    .into(),
+                            );
+                        }
+                        if let Some(bad) = names
+                            .iter()
+                            .find(|n| !crate::server::tls::valid_operator_name(n))
+                        {
+                            return Err(format!(
+                                "tls.operator_names: {bad:?} is not a valid operator name (1 to 64 letters, digits, '.', '_', '-', '@')"
+                            ));
+                        }
+                        Some(names)
+                    }
+                    None => None,
+                },
                 ocsp: raw.tls.ocsp.map(|p| resolve(base, p)),
                 reload_interval: Duration::from_secs(raw.tls.reload_interval_secs.max(1)),
             },
@@ -237,7 +318,31 @@ impl Settings {
                 offline: raw.kds.offline.unwrap_or(false),
             },
             limits,
+            audit,
         })
+    }
+}
+
+/// AMD's KDS (or a mirror) over https; plain http only to a loopback address or exactly
+/// `localhost` (a local mirror, tests).
+fn check_kds_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("kds.base_url: {e}"))?;
+    if !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err("kds.base_url: no credentials, query or fragment".into());
+    }
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => match parsed.host() {
+            Some(url::Host::Domain("localhost")) => Ok(()),
+            Some(url::Host::Ipv4(ip)) if ip.is_loopback() => Ok(()),
+            Some(url::Host::Ipv6(ip)) if ip.is_loopback() => Ok(()),
+            _ => Err("kds.base_url: must be https (plain http only on loopback)".into()),
+        },
+        _ => Err("kds.base_url: must be https (plain http only on loopback)".into()),
     }
 }
 
@@ -285,5 +390,38 @@ file = "master.key"
         assert!(Settings::parse(&http, Path::new("/")).is_err());
         let listen = GOOD.replace("127.0.0.1:8443", "localhost");
         assert!(Settings::parse(&listen, Path::new("/")).is_err());
+        for (section, bad) in [
+            ("kds", "base_url = \"http://localhost.attacker.example\""),
+            ("kds", "base_url = \"http://127.0.0.1.attacker.example\""),
+            ("kds", "base_url = \"http://user@localhost:8080\""),
+            ("kds", "base_url = \"ftp://localhost\""),
+            ("limits", "header_timeout_secs = 0"),
+            ("limits", "idle_timeout_secs = 0"),
+            ("limits", "request_timeout_secs = 0"),
+            ("limits", "max_connections_per_source = 0"),
+            ("audit", "retention_days = 0"),
+            ("tls", "operator_names = []"),
+            ("tls", "operator_names = [\"a b\"]"),
+        ] {
+            let text = if section == "tls" {
+                GOOD.replace("[tls]\n", &format!("[tls]\n{bad}\n"))
+            } else {
+                format!("{GOOD}\n[{section}]\n{bad}\n")
+            };
+            let e = Settings::parse(&text, Path::new("/")).unwrap_err();
+            assert!(e.contains(section), "{bad}: {e}");
+        }
+        for good in [
+            "http://localhost:8080",
+            "http://127.0.0.1:9",
+            "http://[::1]:9",
+            "https://kds.mirror.example/",
+        ] {
+            let text = format!("{GOOD}\n[kds]\nbase_url = \"{good}\"\n");
+            assert!(Settings::parse(&text, Path::new("/")).is_ok(), "{good}");
+        }
+        let s = Settings::parse(GOOD, Path::new("/")).unwrap();
+        assert_eq!(s.limits.max_connections_per_source, 64);
+        assert_eq!(s.audit.retention, None);
     }
 }

@@ -48,6 +48,37 @@ fn dn(cn: &str) -> DistinguishedName {
     d
 }
 
+/// A self-signed CA (its key is not kept: a development setup issues everything at once).
+fn ca(cn: &str) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>), Error> {
+    let key = KeyPair::generate().map_err(rc)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key).map_err(rc)?;
+    Ok((cert, Issuer::new(params, key)))
+}
+
+/// Certificate parameters of an operator certificate for `name`: the clientAuth extended
+/// key usage and the URI SAN `urn:snp-key-broker:operator:<name>`, which together make a
+/// certificate from the operator CA an admin credential.
+pub fn operator_params(name: &str) -> Result<CertificateParams, Error> {
+    if !crate::server::tls::valid_operator_name(name) {
+        return Err(Error::Input(format!(
+            "{name:?} is not a valid operator name"
+        )));
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let uri = format!("{}{name}", crate::server::tls::OPERATOR_SAN_PREFIX);
+    params.subject_alt_names =
+        vec![SanType::URI(uri.try_into().map_err(|e| {
+            Error::Input(format!("operator URI SAN: {e}"))
+        })?)];
+    Ok(params)
+}
+
 /// Writes a development setup into `dir` (created; must be empty if it exists), listening on
 /// `listen`.
 pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
@@ -74,14 +105,12 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
     mkdir(dir)?;
     mkdir(&dir.join("sim"))?;
 
-    // Operator and server PKI (ECDSA P-256).
-    let ca_key = KeyPair::generate().map_err(rc)?;
-    let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name = dn("snp-key-broker dev CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(rc)?;
-    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    // Three CAs (ECDSA P-256), so that no certificate can stand in for another's role: the
+    // server CA (guests and operators pin it), the operator CA (admin API client
+    // certificates) and a workload CA (certificates of the TLS keys the broker releases).
+    let (ca_cert, issuer) = ca("snp-key-broker dev CA")?;
+    let (operator_ca_cert, operator_issuer) = ca("snp-key-broker dev operator CA")?;
+    let (workload_ca_cert, workload_issuer) = ca("snp-key-broker dev workload CA")?;
 
     let server_key = KeyPair::generate().map_err(rc)?;
     let mut server = CertificateParams::new(vec!["localhost".to_string()]).map_err(rc)?;
@@ -96,17 +125,24 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
     let server_cert = server.signed_by(&server_key, &issuer).map_err(rc)?;
 
     let op_key = KeyPair::generate().map_err(rc)?;
-    let mut op = CertificateParams::default();
-    op.distinguished_name = dn("operator");
-    op.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let op_cert = op.signed_by(&op_key, &issuer).map_err(rc)?;
+    let op = operator_params("operator")?;
+    let op_cert = op.signed_by(&op_key, &operator_issuer).map_err(rc)?;
 
     write(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
+    write(
+        &dir.join("operator-ca.pem"),
+        operator_ca_cert.pem().as_bytes(),
+    )?;
+    write(
+        &dir.join("workload-ca.pem"),
+        workload_ca_cert.pem().as_bytes(),
+    )?;
     // A sample TLS key secret for the quick start: a key and certificate for a workload.
     let web_key = KeyPair::generate().map_err(rc)?;
     let mut web = CertificateParams::new(vec!["web.internal".to_string()]).map_err(rc)?;
     web.distinguished_name = dn("web.internal");
-    let web_cert = web.signed_by(&web_key, &issuer).map_err(rc)?;
+    web.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let web_cert = web.signed_by(&web_key, &workload_issuer).map_err(rc)?;
     write_private_file(
         &dir.join("web-tls.pem"),
         format!("{}{}", web_key.serialize_pem(), web_cert.pem()).as_bytes(),
@@ -152,7 +188,7 @@ listen = "{listen}"
 [tls]
 cert = "server.pem"
 key = "server.key"
-operator_ca = "ca.pem"
+operator_ca = "operator-ca.pem"
 
 [store]
 sqlite = "broker.db"

@@ -2,6 +2,7 @@
 //! TCB, cached in the store, with backoff on 429 and 5xx, and an offline mode that uses only
 //! the cache.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use attestation::report::Tcb;
@@ -26,12 +27,27 @@ pub enum KdsError {
     /// The KDS has no such certificate (404).
     #[error("the KDS has no {0}")]
     NotFound(String),
+    /// Every lookup slot stayed taken (other lookups in flight); not remembered as a failure.
+    #[error("too many KDS lookups in flight")]
+    Busy,
     /// The KDS could not be reached or kept failing.
     #[error("KDS unavailable: {0}")]
     Unavailable(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How long a 404 is remembered: a chip ID and TCB the KDS does not know is not asked again.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(3600);
+/// How long a lookup that kept failing (429, 5xx, unreachable) is not retried.
+pub const UNAVAILABLE_TTL: Duration = Duration::from_secs(60);
+const NEGATIVE_ENTRIES: usize = 10_000;
+
+/// Lookups that failed recently, by path: answered from memory until they expire.
+#[derive(Debug, Default)]
+struct Negative {
+    entries: std::collections::HashMap<String, (tokio::time::Instant, bool)>,
 }
 
 /// A KDS client.
@@ -41,9 +57,16 @@ pub struct Kds {
     offline: bool,
     http: reqwest::Client,
     /// Network fetches at once: guests without certificates drive them, so they are bounded.
-    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// One fetch per path at a time; the others wait for it and read the cache.
+    flights: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    negative: Arc<Mutex<Negative>>,
     /// First backoff delay (doubled per retry).
     pub backoff: Duration,
+    /// How long a 404 is remembered.
+    pub not_found_ttl: Duration,
+    /// How long a lookup that kept failing is not retried.
+    pub unavailable_ttl: Duration,
 }
 
 fn now_i64() -> i64 {
@@ -82,8 +105,12 @@ impl Kds {
             base: settings.base_url.clone(),
             offline: settings.offline,
             http,
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+            slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            flights: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            negative: Arc::new(Mutex::new(Negative::default())),
             backoff: Duration::from_millis(500),
+            not_found_ttl: NOT_FOUND_TTL,
+            unavailable_ttl: UNAVAILABLE_TTL,
         })
     }
 
@@ -149,18 +176,100 @@ impl Kds {
         if self.offline {
             return Err(KdsError::Offline(path.to_string()));
         }
+        // Single flight: whoever holds the path's lock fetches; the others find its result.
+        let flight = self.flight(path);
+        let result = {
+            let _turn = flight.lock().await;
+            self.fetch_once(store, &key, path, cached).await
+        };
+        if let Ok(mut flights) = self.flights.lock()
+            && Arc::strong_count(&flight) <= 2
+        {
+            flights.remove(path);
+        }
+        result
+    }
+
+    fn flight(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.flights.lock() {
+            Ok(mut flights) => flights.entry(path.to_string()).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn remembered_failure(&self, path: &str) -> Option<KdsError> {
+        let mut n = self.negative.lock().ok()?;
+        let (until, not_found) = *n.entries.get(path)?;
+        if until <= tokio::time::Instant::now() {
+            n.entries.remove(path);
+            return None;
+        }
+        Some(if not_found {
+            KdsError::NotFound(path.to_string())
+        } else {
+            KdsError::Unavailable(format!(
+                "{path}: failed recently; not retried before {}s",
+                self.unavailable_ttl.as_secs()
+            ))
+        })
+    }
+
+    fn remember_failure(&self, path: &str, not_found: bool) {
+        if let Ok(mut n) = self.negative.lock() {
+            let now = tokio::time::Instant::now();
+            if n.entries.len() >= NEGATIVE_ENTRIES {
+                n.entries.retain(|_, (until, _)| *until > now);
+                if n.entries.len() >= NEGATIVE_ENTRIES {
+                    n.entries.clear();
+                }
+            }
+            let ttl = if not_found {
+                self.not_found_ttl
+            } else {
+                self.unavailable_ttl
+            };
+            n.entries.insert(path.to_string(), (now + ttl, not_found));
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        store: &impl Store,
+        key: &str,
+        path: &str,
+        cached: Option<(Vec<u8>, i64)>,
+    ) -> Result<Vec<u8>, KdsError> {
+        // Another flight may have filled the cache while this one waited.
+        if let Some((bytes, fetched_at)) = store.cache_get(key).await?
+            && cached.as_ref().is_none_or(|(_, t)| fetched_at > *t)
+        {
+            return Ok(bytes);
+        }
+        if let Some(e) = self.remembered_failure(path) {
+            return match (e, cached) {
+                (KdsError::Unavailable(_), Some((bytes, _))) => Ok(bytes),
+                (e, _) => Err(e),
+            };
+        }
         match self.fetch(path).await {
             Ok(bytes) => {
-                store.cache_put(&key, &bytes, now_i64()).await?;
+                store.cache_put(key, &bytes, now_i64()).await?;
                 Ok(bytes)
             }
-            Err(e @ KdsError::Unavailable(_)) => match cached {
-                Some((bytes, _)) => {
-                    tracing::warn!(error = %e, path, "KDS refresh failed; using the cached copy");
-                    Ok(bytes)
+            Err(e @ KdsError::Unavailable(_)) => {
+                self.remember_failure(path, false);
+                match cached {
+                    Some((bytes, _)) => {
+                        tracing::warn!(error = %e, path, "KDS refresh failed; using the cached copy");
+                        Ok(bytes)
+                    }
+                    None => Err(e),
                 }
-                None => Err(e),
-            },
+            }
+            Err(e @ KdsError::NotFound(_)) => {
+                self.remember_failure(path, true);
+                Err(e)
+            }
             Err(e) => Err(e),
         }
     }
@@ -169,11 +278,7 @@ impl Kds {
         let url = format!("{}{path}", self.base);
         let _slot = match tokio::time::timeout(Duration::from_secs(5), self.slots.acquire()).await {
             Ok(Ok(slot)) => slot,
-            _ => {
-                return Err(KdsError::Unavailable(
-                    "too many KDS lookups in flight".into(),
-                ));
-            }
+            _ => return Err(KdsError::Busy),
         };
         let mut delay = self.backoff;
         let mut last = String::new();

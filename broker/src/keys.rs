@@ -26,6 +26,12 @@ fn parse_hex_key(text: &str, origin: &str) -> Result<MasterKey, Error> {
     let mut key = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(trimmed.as_bytes(), &mut key[..])
         .map_err(|_| Error::Config(format!("{origin}: the master key must be 64 hex digits")))?;
+    // A placeholder, not a key: all bytes the same (all zeros, "ffff…", "1111…").
+    if key.iter().all(|b| *b == key[0]) {
+        return Err(Error::Config(format!(
+            "{origin}: the master key repeats one byte; generate one (e.g. `openssl rand -hex 32`)"
+        )));
+    }
     Ok(MasterKey(key))
 }
 
@@ -242,5 +248,15 @@ mod tests {
             write_private_file(&p, b"again").is_err(),
             "never overwrites"
         );
+    }
+
+    #[test]
+    fn placeholder_keys_are_refused() {
+        for text in ["0".repeat(64), "f".repeat(64), "ab".repeat(32)] {
+            let e = parse_hex_key(&text, "test").unwrap_err();
+            assert!(e.to_string().contains("repeats one byte"), "{e}");
+        }
+        assert!(parse_hex_key(&"0".repeat(63), "test").is_err());
+        assert!(parse_hex_key(&format!("{}1", "0".repeat(63)), "test").is_ok());
     }
 }

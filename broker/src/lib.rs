@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod evidence;
 pub mod init;
 pub mod kds;
 pub mod keys;
+pub mod limit;
 pub mod nonce;
 pub mod policy_cmd;
 pub mod release;

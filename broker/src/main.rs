@@ -54,8 +54,11 @@ enum Command {
     /// Secrets (admin API over mutual TLS).
     #[command(subcommand)]
     Secret(SecretCommand),
-    /// The audit log (admin API over mutual TLS).
+    /// The audit log (admin API over mutual TLS): list records, or `audit prune`.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
         #[command(flatten)]
         admin: AdminArgs,
         /// Only this action (attest, secret.put, policy.set, admin.denied, …).
@@ -73,6 +76,19 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Delete records older than a time; the deletion is itself recorded (who, the cut-off,
+    /// how many). Retention can also be automatic: `[audit] retention_days` in broker.toml.
+    Prune {
+        /// Delete records before this time (RFC 3339, e.g. 2026-01-01T00:00:00Z).
+        #[arg(long)]
+        before: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -417,6 +433,20 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             Ok(Outcome::Done)
         }
         Command::Audit {
+            command: Some(AuditCommand::Prune { before, admin }),
+            ..
+        } => {
+            let before = time_arg(&before)?.unix_timestamp();
+            let v = admin.client()?.prune_audit(before).await?;
+            println!(
+                "deleted {} audit records before {}",
+                v["deleted"],
+                attestation::error::rfc3339(&u64::try_from(before).unwrap_or(0))
+            );
+            Ok(Outcome::Done)
+        }
+        Command::Audit {
+            command: None,
             admin,
             action,
             outcome,

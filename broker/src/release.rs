@@ -63,6 +63,9 @@ pub enum Refusal {
     /// AMD's KDS is unavailable and the certificate is not cached (503).
     #[error("{0}")]
     Kds(String),
+    /// This source has too many attestations of this kind in flight (429).
+    #[error("{0}")]
+    Busy(String),
     /// Something that should not happen (500); details are logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -83,6 +86,7 @@ impl Refusal {
             Refusal::UnknownSecret(_) => "unknown_secret".into(),
             Refusal::Store(_) => "store_unavailable".into(),
             Refusal::Kds(_) => "kds_unavailable".into(),
+            Refusal::Busy(_) => "rate_limited".into(),
             Refusal::Internal(_) => "internal".into(),
         }
     }
@@ -100,7 +104,15 @@ pub struct Broker<S: Store> {
     kds: Option<Kds>,
     /// Until when a failed CRL fetch is not retried (per product and key kind).
     crl_backoff: Mutex<HashMap<String, SystemTime>>,
+    /// Which unauthenticated refusals get an audit row of their own.
+    sampler: crate::audit::Sampler,
+    /// KDS-driven attestations in flight per source: reports without certificates make the
+    /// broker ask AMD's KDS for attacker-chosen chip IDs, so one source gets few at once.
+    kds_sources: Arc<crate::limit::KeyLimiter<String>>,
 }
+
+/// KDS-driven attestations one source may have in flight.
+pub const KDS_LOOKUPS_PER_SOURCE: usize = 2;
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,7 +153,15 @@ impl<S: Store> Broker<S> {
             policy: RwLock::new(None),
             kds: None,
             crl_backoff: Mutex::new(HashMap::new()),
+            sampler: crate::audit::Sampler::new(crate::audit::SampleBudget::default()),
+            kds_sources: crate::limit::KeyLimiter::new(KDS_LOOKUPS_PER_SOURCE),
         }
+    }
+
+    /// Sets the audit budget for unauthenticated refusals.
+    pub fn with_audit_budget(mut self, budget: crate::audit::SampleBudget) -> Broker<S> {
+        self.sampler = crate::audit::Sampler::new(budget);
+        self
     }
 
     /// Checks AMD's CRL, from the cache or the KDS, for a chain that ends in an AMD root.
@@ -193,7 +213,7 @@ impl<S: Store> Broker<S> {
     }
 
     /// The VCEK for a report whose guest sent none: from the cache or AMD's KDS.
-    async fn fetch_vcek(&self, report: &AttestationReport) -> Result<Vec<u8>, Refusal> {
+    async fn fetch_vcek(&self, report: &AttestationReport, peer: &str) -> Result<Vec<u8>, Refusal> {
         let missing = |role| Refusal::Verification(attestation::Error::MissingCertificate { role });
         if report.signing_key() == attestation::SigningKeyKind::Vlek {
             // VLEKs are not on the KDS by chip: they come with the guest's certificate table.
@@ -201,6 +221,11 @@ impl<S: Store> Broker<S> {
         }
         let Some(kds) = &self.kds else {
             return Err(missing(attestation::CertRole::Vcek));
+        };
+        let Some(_turn) = self.kds_sources.acquire(peer.to_string()) else {
+            return Err(Refusal::Busy(format!(
+                "{KDS_LOOKUPS_PER_SOURCE} attestations that need AMD's KDS are already in flight from this source"
+            )));
         };
         let products = match report.cpuid_product() {
             Some(p) => vec![p],
@@ -221,7 +246,9 @@ impl<S: Store> Broker<S> {
                     return Err(missing(attestation::CertRole::Vcek));
                 }
                 Err(KdsError::Store(e)) => return Err(Refusal::Store(e)),
-                Err(e @ KdsError::Unavailable(_)) => return Err(Refusal::Kds(e.to_string())),
+                Err(e @ (KdsError::Unavailable(_) | KdsError::Busy)) => {
+                    return Err(Refusal::Kds(e.to_string()));
+                }
             }
         }
         Err(missing(attestation::CertRole::Vcek))
@@ -300,53 +327,147 @@ impl<S: Store> Broker<S> {
         &self,
         parsed: &AttestationReport,
         certificates: &[attestation::protocol::CertificateEntry],
+        peer: &str,
         now: SystemTime,
     ) -> Result<(VerifiedChain, &'static str), Refusal> {
         let mut endorsements = endorsements(certificates)?;
         if endorsements.vek.is_empty() {
-            endorsements.vek = self.fetch_vcek(parsed).await?;
+            endorsements.vek = self.fetch_vcek(parsed, peer).await?;
         }
         let chain = self.chain(&endorsements, now)?;
         self.revocation(chain, now).await
     }
 
-    /// Handles an attestation: verify → decide → seal. Every outcome is audited under `peer`.
+    /// Handles an attestation: [`check`](Self::check) then [`release`](Self::release). Every
+    /// outcome is audited under `peer` (refusals before the nonce is spent through the
+    /// sampler, see [`crate::audit`]).
     pub async fn attest(
         &self,
         request: AttestRequest,
         peer: &str,
         now: SystemTime,
     ) -> Result<AttestResponse, Refusal> {
-        let secrets_asked = request.secrets.clone();
-        let evidence = match &request.evidence {
-            Evidence::Snp { .. } => "snp",
-            Evidence::AzSnpVtpm { .. } => "az-snp-vtpm",
-        };
-        let outcome = self.attest_inner(request, now).await;
-        let (result, detail) = match outcome {
-            Ok((response, released, claims_digest, crl)) => (
-                "released",
-                (
-                    Ok(response),
-                    json!({ "evidence": evidence, "secrets": released, "claims_sha256": claims_digest, "crl": crl }),
-                ),
-            ),
-            Err((refusal, claims_digest)) => {
-                let detail = json!({
-                    "evidence": evidence,
-                    "secrets": secrets_asked,
-                    "reason": refusal.reason(),
-                    "detail": refusal.to_string(),
-                    "claims_sha256": claims_digest,
-                });
-                ("refused", (Err(refusal), detail))
+        let checked = self.check(request, peer, now).await?;
+        self.release(checked, now).await
+    }
+
+    /// Everything that can be decided before the nonce is spent: secret names, the nonce's
+    /// authenticator and expiry, the evidence's structure, the endorsement chain, the report
+    /// and the binding. Writes nothing but the KDS cache, so it may be abandoned at any await
+    /// (a client that goes away cancels it). A refusal here is audited through the sampler.
+    pub async fn check(
+        &self,
+        request: AttestRequest,
+        peer: &str,
+        now: SystemTime,
+    ) -> Result<Checked, Refusal> {
+        let evidence = evidence_kind(&request.evidence);
+        let asked = request.secrets.clone();
+        match self.check_inner(asked, request, peer, now).await {
+            Ok(mut checked) => {
+                checked.peer = peer.to_string();
+                Ok(checked)
             }
+            Err((refusal, asked, claims_digest)) => {
+                let record = AuditRecord {
+                    id: 0,
+                    at: unix_i64(now),
+                    actor: format!("guest {peer}"),
+                    action: "attest".into(),
+                    outcome: "refused".into(),
+                    detail: json!({
+                        "evidence": evidence,
+                        "secrets": crate::audit::names(&asked),
+                        "reason": refusal.reason(),
+                        "detail": crate::audit::truncate(&refusal.to_string()),
+                        "claims_sha256": claims_digest,
+                    }),
+                };
+                let kind = format!("attest/{}", refusal.reason());
+                self.audit_unauthenticated(peer, &kind, &record).await;
+                Err(refusal)
+            }
+        }
+    }
+
+    async fn check_inner(
+        &self,
+        asked: Vec<String>,
+        request: AttestRequest,
+        peer: &str,
+        now: SystemTime,
+    ) -> Result<Checked, (Refusal, Vec<String>, Option<String>)> {
+        let bare = |r: Refusal| (r, asked.clone(), None);
+        check_secret_names(&request.secrets).map_err(bare)?;
+        let nonce = self
+            .nonces
+            .check(&request.nonce, unix(now))
+            .map_err(|e| bare(Refusal::Nonce(e)))?;
+        let evidence = decode_evidence(&request.evidence).map_err(bare)?;
+        let (chain, crl) = self
+            .endorse(&evidence.parsed, evidence.certificates, peer, now)
+            .await
+            .map_err(bare)?;
+        let verified = match &evidence.azure {
+            None => self.verifier.verify_report(&evidence.report, &chain, now),
+            Some((hcl, quote)) => self.verifier.verify_az_snp_vtpm(hcl, quote, &chain, now),
+        }
+        .map_err(|e| bare(Refusal::Verification(e)))?;
+        let claims = verified.claims();
+        let claims_json = claims.to_json();
+        let claims_digest = hex::encode(digest::digest(
+            &digest::SHA256,
+            claims_json.to_string().as_bytes(),
+        ));
+        let with_digest = |r: Refusal| (r, asked.clone(), Some(claims_digest.clone()));
+        let binding_key = request
+            .public_key
+            .binding_bytes()
+            .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
+        verified
+            .check_binding(&nonce.bytes, &binding_key)
+            .map_err(|e| with_digest(Refusal::Verification(e)))?;
+        Ok(Checked {
+            evidence: evidence_kind(&request.evidence),
+            request,
+            nonce_digest: nonce.digest(),
+            nonce_expires_at: nonce.expires_at,
+            claims,
+            claims_json,
+            claims_digest,
+            crl,
+            peer: String::new(),
+        })
+    }
+
+    /// Spends the nonce, decides and seals, and audits the outcome. Once started this must
+    /// run to completion (spawn it): a spent nonce's outcome is always recorded.
+    pub async fn release(
+        &self,
+        checked: Checked,
+        now: SystemTime,
+    ) -> Result<AttestResponse, Refusal> {
+        let outcome = self.decide_and_seal(&checked).await;
+        let (result, detail) = match &outcome {
+            Ok((_, released)) => (
+                "released",
+                json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl }),
+            ),
+            Err(refusal) => (
+                "refused",
+                json!({
+                    "evidence": checked.evidence,
+                    "secrets": checked.request.secrets,
+                    "reason": refusal.reason(),
+                    "detail": crate::audit::truncate(&refusal.to_string()),
+                    "claims_sha256": checked.claims_digest,
+                }),
+            ),
         };
-        let (response, detail) = detail;
         let record = AuditRecord {
             id: 0,
             at: unix_i64(now),
-            actor: format!("guest {peer}"),
+            actor: format!("guest {}", checked.peer_label()),
             action: "attest".into(),
             outcome: result.into(),
             detail,
@@ -356,123 +477,49 @@ impl<S: Store> Broker<S> {
             tracing::error!(error = %e, "audit append failed; refusing the release");
             return Err(Refusal::Store(e));
         }
-        response
+        outcome.map(|(response, _)| response)
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn attest_inner(
+    async fn decide_and_seal(
         &self,
-        request: AttestRequest,
-        now: SystemTime,
-    ) -> Result<
-        (AttestResponse, Vec<serde_json::Value>, String, &'static str),
-        (Refusal, Option<String>),
-    > {
-        let bare = |r: Refusal| (r, None);
-        check_secret_names(&request.secrets).map_err(bare)?;
-        let nonce = self
-            .nonces
-            .check(&request.nonce, unix(now))
-            .map_err(|e| bare(Refusal::Nonce(e)))?;
-
-        // Decode the evidence: a bare report, or an HCL report wrapping one and its quote.
-        let malformed = |e: attestation::Error| bare(Refusal::Malformed(e.to_string()));
-        let refused = |e: attestation::Error| bare(Refusal::Verification(e));
-        let (azure, report, certificates) = match &request.evidence {
-            Evidence::Snp {
-                report,
-                certificates,
-            } => (
-                None,
-                decode_b64(report, "evidence.report").map_err(malformed)?,
-                certificates,
-            ),
-            Evidence::AzSnpVtpm {
-                hcl_report,
-                quote,
-                certificates,
-            } => {
-                let hcl = decode_b64(hcl_report, "evidence.hcl_report").map_err(malformed)?;
-                let hcl = HclReport::parse(&hcl).map_err(refused)?;
-                let quote = quote.decode().map_err(refused)?;
-                let report = hcl.snp_report().to_vec();
-                (Some((hcl, quote)), report, certificates)
-            }
-        };
-        // Structure first: a malformed report is refused for that.
-        let parsed = AttestationReport::parse(&report).map_err(refused)?;
-        let (chain, crl) = self
-            .endorse(&parsed, certificates, now)
-            .await
-            .map_err(bare)?;
-        let verified = match &azure {
-            None => self.verifier.verify_report(&report, &chain, now),
-            Some((hcl, quote)) => self.verifier.verify_az_snp_vtpm(hcl, quote, &chain, now),
-        }
-        .map_err(refused)?;
-        let claims = verified.claims();
-        let claims_json = claims.to_json();
-        let claims_digest = hex::encode(digest::digest(
-            &digest::SHA256,
-            claims_json.to_string().as_bytes(),
-        ));
-        let with_digest = |r: Refusal| (r, Some(claims_digest.clone()));
-
-        let binding_key = request
-            .public_key
-            .binding_bytes()
-            .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
-        verified
-            .check_binding(&nonce.bytes, &binding_key)
-            .map_err(|e| with_digest(Refusal::Verification(e)))?;
-
+        checked: &Checked,
+    ) -> Result<(AttestResponse, Vec<serde_json::Value>), Refusal> {
         // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
         // and spent nonces are purged only well after they expire.
-        if unix(SystemTime::now()) > nonce.expires_at {
-            return Err(with_digest(Refusal::Nonce(NonceError::Expired)));
+        if unix(SystemTime::now()) > checked.nonce_expires_at {
+            return Err(Refusal::Nonce(NonceError::Expired));
         }
-        let expires = i64::try_from(nonce.expires_at).unwrap_or(i64::MAX);
-        if !self
-            .store
-            .use_nonce(&nonce.digest(), expires)
-            .await
-            .map_err(|e| with_digest(e.into()))?
-        {
-            return Err(with_digest(Refusal::NonceReplay));
+        let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
+        if !self.store.use_nonce(&checked.nonce_digest, expires).await? {
+            return Err(Refusal::NonceReplay);
         }
-
-        let policy = self
-            .active_policy()
-            .await
-            .map_err(&with_digest)?
-            .ok_or_else(|| with_digest(Refusal::NoPolicy))?;
+        let request = &checked.request;
+        let policy = self.active_policy().await?.ok_or(Refusal::NoPolicy)?;
         let mut records: Vec<StoredSecret> = Vec::new();
         for name in &request.secrets {
             let record = self
                 .store
                 .current_secret(name)
-                .await
-                .map_err(|e| with_digest(e.into()))?
-                .ok_or_else(|| with_digest(Refusal::UnknownSecret(name.clone())))?;
+                .await?
+                .ok_or_else(|| Refusal::UnknownSecret(name.clone()))?;
             records.push(record);
         }
         for name in &request.secrets {
-            let decision = policy.decide(name, &claims);
+            let decision = policy.decide(name, &checked.claims);
             if !decision.released {
-                return Err(with_digest(Refusal::Policy {
+                return Err(Refusal::Policy {
                     secret: name.clone(),
                     reason: decision.reason,
-                }));
+                });
             }
         }
-
         let mut sealed: Vec<SealedSecret> = Vec::new();
         let mut released = Vec::new();
         for record in &records {
             let plaintext = self
                 .cipher
                 .open(&record.name, record.version, &record.sealed)
-                .map_err(|e| with_digest(Refusal::Internal(e.to_string())))?;
+                .map_err(|e| Refusal::Internal(e.to_string()))?;
             let s = attestation::protocol::seal(
                 &request.public_key,
                 &record.name,
@@ -480,19 +527,60 @@ impl<S: Store> Broker<S> {
                 &record.kind,
                 &plaintext,
             )
-            .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
+            .map_err(|e| Refusal::Malformed(e.to_string()))?;
             sealed.push(s);
             released.push(json!({ "name": record.name, "version": record.version }));
         }
         Ok((
             AttestResponse {
-                claims: claims_json,
+                claims: checked.claims_json.clone(),
                 secrets: sealed,
             },
             released,
-            claims_digest,
-            crl,
         ))
+    }
+
+    /// Records a refusal of an unauthenticated request (before any nonce is spent): a row of
+    /// its own while the source's and the global budget last, otherwise counted for the
+    /// minute's `audit.suppressed` summary (see [`crate::audit`]).
+    pub async fn audit_unauthenticated(&self, source: &str, kind: &str, record: &AuditRecord) {
+        if !self.sampler.admit(source, kind) {
+            return;
+        }
+        if let Err(e) = self.store.append_audit(record).await {
+            tracing::error!(error = %e, "audit append failed");
+        }
+    }
+
+    /// Writes the summary row of the audit sampler's window that just ended (called once a
+    /// minute by the service).
+    pub async fn flush_audit_summary(&self, now: SystemTime, window: Duration) {
+        if let Some(record) = self.sampler.roll(unix_i64(now), window.as_secs())
+            && let Err(e) = self.store.append_audit(&record).await
+        {
+            tracing::error!(error = %e, "audit summary append failed");
+        }
+    }
+
+    /// The certificate chains of the current `tls-key` secrets (decrypted to read them; the
+    /// keys are zeroized), for the start-up check that none is an operator credential.
+    pub async fn tls_key_chains(
+        &self,
+    ) -> Result<Vec<(String, Vec<rustls_pki_types::CertificateDer<'static>>)>, Error> {
+        let mut out = Vec::new();
+        for info in self.store.list_secrets().await? {
+            if info.kind != SecretKind::TlsKey.as_str() {
+                continue;
+            }
+            let Some(record) = self.store.current_secret(&info.name).await? else {
+                continue;
+            };
+            let plaintext = self
+                .cipher
+                .open(&record.name, record.version, &record.sealed)?;
+            out.push((record.name, secrets::certificate_chain(&plaintext)));
+        }
+        Ok(out)
     }
 
     /// Stores a new version of a secret (operator action, audited).
@@ -504,11 +592,7 @@ impl<S: Store> Broker<S> {
         actor: &str,
         now: SystemTime,
     ) -> Result<u64, Error> {
-        if !attestation::policy::valid_name(name) {
-            return Err(Error::Input(
-                "secret names use letters, digits, '.', '_', '-' (1 to 128)".into(),
-            ));
-        }
+        check_name(name)?;
         let meta = secrets::validate(kind, value)?;
         let mut last_err = None;
         for _ in 0..3 {
@@ -520,21 +604,18 @@ impl<S: Store> Broker<S> {
                 meta: meta.clone(),
                 sealed: self.cipher.seal(name, version, value)?,
             };
+            let audit = admin_record(
+                actor,
+                "secret.put",
+                json!({"name": name, "version": version, "kind": kind.as_str()}),
+                now,
+            );
             match self
                 .store
-                .insert_secret(&record, unix_i64(now), actor)
+                .insert_secret(&record, unix_i64(now), actor, &audit)
                 .await
             {
-                Ok(()) => {
-                    self.audit_admin(
-                        actor,
-                        "secret.put",
-                        json!({"name": name, "version": version, "kind": kind.as_str()}),
-                        now,
-                    )
-                    .await?;
-                    return Ok(version);
-                }
+                Ok(()) => return Ok(version),
                 Err(StoreError::Conflict(e)) => last_err = Some(StoreError::Conflict(e)),
                 Err(e) => return Err(e.into()),
             }
@@ -570,6 +651,7 @@ impl<S: Store> Broker<S> {
         actor: &str,
         now: SystemTime,
     ) -> Result<u64, Error> {
+        check_name(name)?;
         let current = self
             .store
             .current_secret(name)
@@ -592,11 +674,16 @@ impl<S: Store> Broker<S> {
         actor: &str,
         now: SystemTime,
     ) -> Result<(), Error> {
-        if !self.store.delete_secret(name, unix_i64(now)).await? {
+        check_name(name)?;
+        let audit = admin_record(actor, "secret.delete", json!({"name": name}), now);
+        if !self
+            .store
+            .delete_secret(name, unix_i64(now), &audit)
+            .await?
+        {
             return Err(Error::NotFound(format!("secret {name}")));
         }
-        self.audit_admin(actor, "secret.delete", json!({"name": name}), now)
-            .await
+        Ok(())
     }
 
     /// Sets the policy (checked first) as a new version.
@@ -607,34 +694,133 @@ impl<S: Store> Broker<S> {
         now: SystemTime,
     ) -> Result<u64, Error> {
         Policy::from_json(document).map_err(|e| Error::Input(e.to_string()))?;
+        let audit = admin_record(actor, "policy.set", json!({}), now);
         let version = self
             .store
-            .insert_policy(document, unix_i64(now), actor)
-            .await?;
-        self.audit_admin(actor, "policy.set", json!({"version": version}), now)
+            .insert_policy(document, unix_i64(now), actor, &audit)
             .await?;
         Ok(version)
     }
 
-    async fn audit_admin(
+    /// Deletes audit records older than `before`, recording that it did (who, the cut-off,
+    /// how many) in the same transaction.
+    pub async fn prune_audit(
         &self,
+        before: SystemTime,
         actor: &str,
-        action: &str,
-        detail: serde_json::Value,
         now: SystemTime,
-    ) -> Result<(), Error> {
-        self.store
-            .append_audit(&AuditRecord {
-                id: 0,
-                at: unix_i64(now),
-                actor: actor.to_string(),
-                action: action.to_string(),
-                outcome: "ok".into(),
-                detail,
-            })
-            .await?;
-        Ok(())
+    ) -> Result<u64, Error> {
+        if before > now {
+            return Err(Error::Input("the cut-off is in the future".into()));
+        }
+        let cutoff = unix_i64(before);
+        let record = admin_record(actor, "audit.prune", json!({ "before": cutoff }), now);
+        Ok(self.store.prune_audit(cutoff, &record).await?)
     }
+}
+
+fn admin_record(
+    actor: &str,
+    action: &str,
+    detail: serde_json::Value,
+    now: SystemTime,
+) -> AuditRecord {
+    AuditRecord {
+        id: 0,
+        at: unix_i64(now),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        outcome: "ok".into(),
+        detail,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if attestation::policy::valid_name(name) {
+        Ok(())
+    } else {
+        Err(Error::Input(
+            "secret names use letters, digits, '.', '_', '-' (1 to 128, not '.' or '..')".into(),
+        ))
+    }
+}
+
+/// An attestation checked up to the point of spending its nonce: only
+/// [`Broker::check`] makes one, and [`Broker::release`] takes nothing else.
+pub struct Checked {
+    evidence: &'static str,
+    request: AttestRequest,
+    nonce_digest: [u8; 32],
+    nonce_expires_at: u64,
+    claims: attestation::Claims,
+    claims_json: serde_json::Value,
+    claims_digest: String,
+    crl: &'static str,
+    peer: String,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked")
+            .field("evidence", &self.evidence)
+            .field("claims_sha256", &self.claims_digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checked {
+    fn peer_label(&self) -> &str {
+        &self.peer
+    }
+}
+
+fn evidence_kind(evidence: &Evidence) -> &'static str {
+    match evidence {
+        Evidence::Snp { .. } => "snp",
+        Evidence::AzSnpVtpm { .. } => "az-snp-vtpm",
+    }
+}
+
+/// Decoded evidence: the SNP report (bare or from an HCL report) parsed, and the Azure parts.
+struct DecodedEvidence<'a> {
+    report: Vec<u8>,
+    parsed: AttestationReport,
+    azure: Option<(HclReport, attestation::tpm::Quote)>,
+    certificates: &'a [attestation::protocol::CertificateEntry],
+}
+
+/// Decodes the evidence: a bare report, or an HCL report wrapping one and its quote.
+/// Structure first: a malformed report is refused for that.
+fn decode_evidence(evidence: &Evidence) -> Result<DecodedEvidence<'_>, Refusal> {
+    let malformed = |e: attestation::Error| Refusal::Malformed(e.to_string());
+    let (azure, report, certificates) = match evidence {
+        Evidence::Snp {
+            report,
+            certificates,
+        } => (
+            None,
+            decode_b64(report, "evidence.report").map_err(malformed)?,
+            certificates,
+        ),
+        Evidence::AzSnpVtpm {
+            hcl_report,
+            quote,
+            certificates,
+        } => {
+            let hcl = decode_b64(hcl_report, "evidence.hcl_report").map_err(malformed)?;
+            let hcl = HclReport::parse(&hcl).map_err(Refusal::Verification)?;
+            let quote = quote.decode().map_err(Refusal::Verification)?;
+            let report = hcl.snp_report().to_vec();
+            (Some((hcl, quote)), report, certificates)
+        }
+    };
+    let parsed = AttestationReport::parse(&report).map_err(Refusal::Verification)?;
+    Ok(DecodedEvidence {
+        report,
+        parsed,
+        azure,
+        certificates,
+    })
 }
 
 fn check_secret_names(names: &[String]) -> Result<(), Refusal> {

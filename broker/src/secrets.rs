@@ -122,6 +122,15 @@ fn validate_tls_key(value: &[u8]) -> Result<serde_json::Value, Error> {
     Ok(meta)
 }
 
+/// The certificates (leaf first) in a `tls-key` value; empty if there are none or it does
+/// not parse (checked by [`validate`] when it was stored).
+pub fn certificate_chain(value: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(value)
+        .filter_map(Result::ok)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

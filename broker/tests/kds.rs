@@ -123,14 +123,66 @@ async fn fetch_cache_backoff_and_offline() {
         .unwrap_err();
     assert!(matches!(e, KdsError::NotFound(_)), "{e}");
     assert_eq!(amd.hits.load(Ordering::SeqCst), 3);
+    // ...and remembered: asking again for a made-up chip or TCB does not reach AMD.
+    let e = kds
+        .vcek(&store, Product::Genoa, &fields.chip_id, &other_tcb)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KdsError::NotFound(_)), "{e}");
+    assert_eq!(amd.hits.load(Ordering::SeqCst), 3);
 
-    // 5xx is retried, then reported unavailable.
+    // 5xx is retried, then reported unavailable, and not retried for a while.
     let e = kds
         .vcek(&store, Product::Genoa, &[0xca, 0xfe], &fields.tcb)
         .await
         .unwrap_err();
     assert!(matches!(e, KdsError::Unavailable(_)), "{e}");
     assert_eq!(amd.hits.load(Ordering::SeqCst), 3 + 4);
+    let e = kds
+        .vcek(&store, Product::Genoa, &[0xca, 0xfe], &fields.tcb)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KdsError::Unavailable(_)), "{e}");
+    assert_eq!(amd.hits.load(Ordering::SeqCst), 3 + 4, "remembered failure");
+    // Once the memory expires, the KDS is asked again.
+    let mut short = Kds::new(&settings).unwrap();
+    short.backoff = Duration::from_millis(5);
+    short.not_found_ttl = Duration::from_millis(1);
+    short.unavailable_ttl = Duration::from_millis(1);
+    short
+        .vcek(&store, Product::Genoa, &fields.chip_id, &other_tcb)
+        .await
+        .unwrap_err();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    short
+        .vcek(&store, Product::Genoa, &fields.chip_id, &other_tcb)
+        .await
+        .unwrap_err();
+    assert_eq!(amd.hits.load(Ordering::SeqCst), 3 + 4 + 2);
+
+    // Single flight: many guests of one chip at once cause one request to AMD.
+    let mut third_tcb = fields.tcb;
+    third_tcb.bootloader += 1;
+    // (This KDS serves one VCEK only: the lookup ends in one shared 404.)
+    let hits = amd.hits.load(Ordering::SeqCst);
+    let store = Arc::new(store);
+    let lookups: Vec<_> = (0..8)
+        .map(|_| {
+            let kds = kds.clone();
+            let store = store.clone();
+            let chip = fields.chip_id;
+            tokio::spawn(async move { kds.vcek(&*store, Product::Genoa, &chip, &third_tcb).await })
+        })
+        .collect();
+    for l in lookups {
+        assert!(matches!(l.await.unwrap(), Err(KdsError::NotFound(_))));
+    }
+    assert_eq!(
+        amd.hits.load(Ordering::SeqCst),
+        hits + 1,
+        "one request for 8 lookups"
+    );
+    let store = Arc::try_unwrap(store).unwrap();
 
     // Chain and CRL parse as what the simulator issued.
     let pem = kds

@@ -51,8 +51,9 @@ async fn routes_problems_and_limits() {
 
     let (s, v) = call(app.clone(), "GET", "/healthz", Body::empty()).await;
     assert_eq!((s, v.as_str()), (StatusCode::OK, Some("ok\n")));
-    let (s, _) = call(app.clone(), "GET", "/readyz", Body::empty()).await;
+    let (s, v) = call(app.clone(), "GET", "/readyz", Body::empty()).await;
     assert_eq!(s, StatusCode::OK);
+    assert!(v.as_str().unwrap().contains("SIMULATED AMD root"), "{v}");
     let (s, v) = call(app.clone(), "GET", "/nope", Body::empty()).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(v["type"], "urn:snp-key-broker:problem:not-found");
@@ -120,4 +121,83 @@ async fn routes_problems_and_limits() {
             .unwrap()
             .contains("broker_http_requests_total{route=\"/healthz\",status=\"200\"} 1")
     );
+    assert!(
+        v.as_str()
+            .unwrap()
+            .contains("broker_dangerous_simulated_root 1")
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_refusals_cannot_grow_the_audit_log_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state(dir.path(), 8).await;
+    let app = router(state.clone(), 256 * 1024);
+
+    // A 60 KB unknown field name: echoed truncated, in the answer and the audit row alike.
+    let long = "k".repeat(60_000);
+    let body = format!("{{\"{long}\": 1}}");
+    let (s, v) = call(app.clone(), "POST", "/v1/attest", body).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().len() < 1000, "{} bytes", v.to_string().len());
+
+    // A flood of malformed requests and forged nonces from one source.
+    for i in 0..150 {
+        let body = if i % 2 == 0 {
+            "{".to_string()
+        } else {
+            serde_json::json!({
+                "nonce": "forged",
+                "evidence": { "kind": "snp", "report": "AAAA" },
+                "public_key": { "kem": "x25519-hkdf-sha256", "key": "AAAA" },
+                "secrets": ["db-key"]
+            })
+            .to_string()
+        };
+        let (s, _) = call(app.clone(), "POST", "/v1/attest", body).await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::FORBIDDEN,
+            "{s}"
+        );
+    }
+    let store = state.broker.store();
+    let all = store
+        .query_audit(&AuditQuery {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let budget = broker::audit::SampleBudget::default().per_source as usize;
+    assert_eq!(all.len(), budget, "one source gets its budget of rows");
+    let bytes: usize = all.iter().map(|r| r.detail.to_string().len()).sum();
+    assert!(bytes < budget * 1000, "{bytes} bytes of audit detail");
+
+    // What was not recorded one row each is counted in one summary row.
+    state
+        .broker
+        .flush_audit_summary(
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+    let summary = store
+        .query_audit(&AuditQuery {
+            action: Some("audit.suppressed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0].detail["suppressed"], 151 - budget as u64);
+    assert_eq!(summary[0].detail["top_sources"][0]["source"], "unknown");
+
+    // Every refusal is still counted in the metrics.
+    let (_, m) = call(app, "GET", "/metrics", Body::empty()).await;
+    let m = m.as_str().unwrap();
+    assert!(
+        m.contains("broker_attestations_total{outcome=\"refused\",reason=\"malformed\"} 76"),
+        "{m}"
+    );
+    assert!(m.contains("reason=\"nonce_malformed\"} 75"), "{m}");
 }

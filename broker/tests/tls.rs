@@ -89,8 +89,8 @@ async fn alpn_resumption_ocsp_reload_and_shutdown() {
     std::fs::write(dir.join("ocsp.der"), b"stapled-ocsp-v1").unwrap();
     let mut config = std::fs::read_to_string(&setup.config).unwrap();
     config = config.replace(
-        "operator_ca = \"ca.pem\"",
-        "operator_ca = \"ca.pem\"\nocsp = \"ocsp.der\"\nreload_interval_secs = 1",
+        "operator_ca = \"operator-ca.pem\"",
+        "operator_ca = \"operator-ca.pem\"\nocsp = \"ocsp.der\"\nreload_interval_secs = 1",
     );
     std::fs::write(&setup.config, config).unwrap();
     let settings = broker::config::Settings::load(&setup.config).unwrap();

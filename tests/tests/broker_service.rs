@@ -147,6 +147,38 @@ async fn release_and_every_refusal_over_real_tls() {
             .is_err()
     );
 
+    // What the guest received is no admin credential: not its TLS key and certificate (here
+    // the broker's own), nor the dev workload certificate `web-tls.pem`.
+    let received = b.dir.join("received.pem");
+    std::fs::write(&received, &tls[..]).unwrap();
+    let workload = b.dir.join("web-tls.pem");
+    for identity in [&received, &workload] {
+        let as_guest = b.guest_client(Some((identity, identity)));
+        for (method, path) in [
+            (reqwest::Method::GET, "/v1/admin/secrets"),
+            (reqwest::Method::DELETE, "/v1/admin/secrets/db-key"),
+            (reqwest::Method::PUT, "/v1/admin/policy"),
+        ] {
+            let r = as_guest
+                .request(method.clone(), b.url(path))
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 403, "{} {method} {path}", identity.display());
+        }
+    }
+    // The CLI does not let a name address another secret.
+    let out = b.cli(&["secret", "delete", "nope/../db-key"]);
+    assert!(!out.status.success());
+    assert!(
+        e2e::stderr(&out).contains("not a secret name"),
+        "{}",
+        e2e::stderr(&out)
+    );
+    let out = b.cli(&["secret", "list", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("db-key"));
+
     // P-384 guests get the P-384 suite.
     let nonce = challenge(&client, &b).await;
     let p384 = EphemeralKey::generate(Kem::P384);
@@ -324,8 +356,8 @@ async fn release_and_every_refusal_over_real_tls() {
             .iter()
             .filter(|r| r["action"] == "admin.denied")
             .count(),
-        2,
-        "both refused admin calls are audited"
+        2 + 6,
+        "every refused admin call is audited"
     );
     let released = records
         .iter()
@@ -387,4 +419,50 @@ fn foreign_operator(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
+}
+
+/// The simulated-root warning reaches standard error whatever the log filter says.
+#[test]
+fn simulated_root_warning_survives_a_quiet_log_filter() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let out = std::process::Command::new(e2e::binary("broker").unwrap())
+        .args(["init", "--dev"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut child = std::process::Command::new(e2e::binary("broker").unwrap())
+        .args(["serve", "--config"])
+        .arg(dir.join("broker.toml"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while !seen.contains("Never use this in production") {
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        seen
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = reader.join().unwrap();
+    assert!(
+        seen.contains("DANGER: this broker trusts a SIMULATED AMD root"),
+        "{seen}"
+    );
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -13,6 +14,11 @@ use prometheus_client::registry::Registry;
 struct RequestLabels {
     route: String,
     status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +34,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
     latency: Histogram,
+    connections_refused: Family<ReasonLabels, Counter>,
+    simulated_root: Gauge,
 }
 
 impl Default for Metrics {
@@ -59,11 +67,25 @@ impl Metrics {
             "Time to verify, decide and seal one attestation",
             latency.clone(),
         );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept: the connection limit (limit) or a source's share of it (per_source)",
+            connections_refused.clone(),
+        );
+        let simulated_root = Gauge::default();
+        registry.register(
+            "dangerous_simulated_root",
+            "1 when this broker trusts a SIMULATED AMD root (attestation.dangerous_trust_simulated_root): never in production",
+            simulated_root.clone(),
+        );
         Metrics {
             registry,
             requests,
             outcomes,
             latency,
+            connections_refused,
+            simulated_root,
         }
     }
 
@@ -85,6 +107,20 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Counts a connection closed at accept.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Marks the broker as trusting a simulated AMD root.
+    pub fn set_simulated_root(&self, trusted: bool) {
+        self.simulated_root.set(i64::from(trusted));
     }
 
     /// Records an attestation's duration.

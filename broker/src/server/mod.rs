@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::Error;
+use crate::audit;
 use crate::config::{Settings, StoreSettings};
 use crate::keys::MasterKey;
 use crate::nonce::NonceAuthority;
@@ -32,6 +33,8 @@ use crate::release::{Broker, Refusal};
 use crate::secrets::SecretKind;
 use crate::store::{AuditQuery, AuditRecord, SqliteStore, Store};
 
+pub mod conn;
+mod drain;
 pub mod metrics;
 pub mod problem;
 pub mod tls;
@@ -57,6 +60,8 @@ pub struct AppState<S: Store> {
     pub operator: Arc<tls::OperatorVerifier>,
     /// Attestations allowed in flight before 429.
     pub attest_slots: Arc<Semaphore>,
+    /// Whether a simulated AMD root is trusted (said in `/readyz`).
+    pub simulated_root: bool,
 }
 
 impl<S: Store> AppState<S> {
@@ -102,15 +107,20 @@ fn body_problem(status: StatusCode, text: String) -> Problem {
             "Request too large",
             "the request body is too large",
         )
-    } else {
-        let mut p = Problem::malformed(text);
+    } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        let mut p = Problem::malformed(audit::truncate(&text));
         p.status = status.as_u16();
         p
+    } else {
+        // Syntax and shape errors alike are 400 (axum says 422 for the latter). The text can
+        // echo the input (an unknown field's name): it is truncated.
+        Problem::malformed(audit::truncate(&text))
     }
 }
 
-/// An operator authenticated by a client certificate from the operator CA. Refusals are
-/// audited.
+/// An operator authenticated by a client certificate from the operator CA that is explicitly
+/// an operator certificate (see [`tls::OperatorVerifier`]). Refusals are audited with the
+/// peer address and the presented certificate's fingerprint.
 pub struct Operator(pub String);
 
 impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
@@ -121,61 +131,64 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
         state: &Arc<AppState<S>>,
     ) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<Peer>().cloned();
+        let chain = peer
+            .as_ref()
+            .map(|p| p.client_chain.as_slice())
+            .unwrap_or_default();
+        let denied = match state.operator.authorize(chain, SystemTime::now()) {
+            Ok(name) => return Ok(Operator(format!("operator {name}"))),
+            Err(denied) => denied,
+        };
         let route = parts
             .extensions
             .get::<axum::extract::OriginalUri>()
             .map(|u| u.0.path().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
-        let (actor, result) = match &peer {
-            None => (
-                "unknown".to_string(),
-                Err("no client certificate".to_string()),
-            ),
-            Some(p) if p.client_chain.is_empty() => (
-                format!("anonymous {}", p.addr.ip()),
-                Err("no client certificate".to_string()),
-            ),
-            Some(p) => {
-                let subject = p.client_chain.first().map(tls::subject).unwrap_or_default();
-                let verified = state
-                    .operator
-                    .verify_chain(&p.client_chain, SystemTime::now());
-                (subject, verified)
-            }
-        };
-        match result {
-            Ok(()) => Ok(Operator(actor)),
-            Err(reason) => {
-                let no_cert = reason == "no client certificate";
-                let record = AuditRecord {
-                    id: 0,
-                    at: now_i64(),
-                    actor: actor.clone(),
-                    action: "admin.denied".into(),
-                    outcome: "refused".into(),
-                    detail: json!({ "route": route, "method": parts.method.as_str(), "reason": reason }),
-                };
-                if let Err(e) = state.broker.store().append_audit(&record).await {
-                    tracing::error!(error = %e, "audit append failed");
-                }
-                tracing::warn!(%actor, %route, %reason, "admin request refused");
-                Err(if no_cert {
-                    Problem::new(
-                        StatusCode::UNAUTHORIZED,
-                        "client-certificate-required",
-                        "Client certificate required",
-                        "admin routes need a client certificate issued by the operator CA",
-                    )
-                } else {
-                    Problem::new(
-                        StatusCode::FORBIDDEN,
-                        "client-certificate-refused",
-                        "Client certificate refused",
-                        "the client certificate is not issued by the operator CA",
-                    )
-                })
-            }
+        let addr = peer
+            .as_ref()
+            .map(|p| p.addr.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut detail = json!({
+            "route": audit::truncate(&route),
+            "method": parts.method.as_str(),
+            "reason": denied.reason(),
+            "peer": addr,
+        });
+        if let Some(leaf) = chain.first() {
+            detail["certificate_sha256"] = tls::fingerprint(leaf).into();
+            detail["presented_subject"] = audit::truncate(&tls::subject(leaf)).into();
         }
+        let record = AuditRecord {
+            id: 0,
+            at: now_i64(),
+            actor: format!("unauthenticated {addr}"),
+            action: "admin.denied".into(),
+            outcome: "refused".into(),
+            detail,
+        };
+        state
+            .broker
+            .audit_unauthenticated(&addr, &format!("admin/{}", denied.reason()), &record)
+            .await;
+        tracing::warn!(peer = %addr, %route, reason = %denied, "admin request refused");
+        Err(if denied == tls::OperatorDenied::NoCertificate {
+            Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "client-certificate-required",
+                "Client certificate required",
+                "admin routes need an operator certificate issued by the operator CA",
+            )
+        } else {
+            Problem::new(
+                StatusCode::FORBIDDEN,
+                "client-certificate-refused",
+                "Client certificate refused",
+                format!(
+                    "the client certificate is not an operator certificate: {}",
+                    denied.reason()
+                ),
+            )
+        })
     }
 }
 
@@ -220,9 +233,16 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         )
         .route("/secrets/{name}/generate", post(generate_secret::<S>))
         .route("/secrets/{name}/rotate", post(rotate_secret::<S>))
-        .route("/policy", get(get_policy::<S>).put(set_policy::<S>))
+        .route(
+            "/policy",
+            get(get_policy::<S>)
+                .put(set_policy::<S>)
+                .layer(DefaultBodyLimit::max(
+                    attestation::policy::MAX_POLICY_BYTES.max(body_limit),
+                )),
+        )
         .route("/policy/history", get(policy_history::<S>))
-        .route("/audit", get(audit::<S>));
+        .route("/audit", get(audit_query::<S>).delete(audit_prune::<S>));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
@@ -240,6 +260,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), count::<S>))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(drain::drain_unread))
         .with_state(state)
 }
 
@@ -259,7 +280,20 @@ async fn count<S: Store>(
 }
 
 async fn ready<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
-    match state.broker.store().ping().await {
+    let ping = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        state.broker.store().ping(),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(crate::store::StoreError::Unavailable(
+            "no write committed within 3 s".into(),
+        ))
+    });
+    match ping {
+        Ok(()) if state.simulated_root => {
+            "ready (DANGER: trusts a SIMULATED AMD root; never in production)\n".into_response()
+        }
         Ok(()) => "ready\n".into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
@@ -279,7 +313,13 @@ async fn metrics_text<S: Store>(State(state): State<Arc<AppState<S>>>) -> Respon
         .into_response()
 }
 
-async fn challenge<S: Store>(State(state): State<Arc<AppState<S>>>) -> Result<Response, Problem> {
+async fn challenge<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, Problem> {
+    // The request needs no body; one that is sent (`{}`) is read to its end within the body
+    // limit, so that an HTTP/2 stream ends cleanly after the answer.
+    body.map_err(|r| body_problem(r.status(), r.body_text()))?;
     let c = state.broker.challenge(SystemTime::now())?;
     Ok(Json(c).into_response())
 }
@@ -296,25 +336,24 @@ async fn attest<S: Store>(
         Ok(ProblemJson(r)) => r,
         Err(problem) => {
             // Malformed requests release nothing and are audited like any refusal.
-            state.metrics.outcome(
-                "refused",
-                if problem.status == 413 {
-                    "too_large"
-                } else {
-                    "malformed"
-                },
-            );
+            let reason = if problem.status == 413 {
+                "too_large"
+            } else {
+                "malformed"
+            };
+            state.metrics.outcome("refused", reason);
             let record = AuditRecord {
                 id: 0,
                 at: now_i64(),
                 actor: format!("guest {addr}"),
                 action: "attest".into(),
                 outcome: "refused".into(),
-                detail: json!({ "reason": if problem.status == 413 { "too_large" } else { "malformed" }, "detail": problem.detail }),
+                detail: json!({ "reason": reason, "detail": crate::audit::truncate(&problem.detail) }),
             };
-            if let Err(e) = state.broker.store().append_audit(&record).await {
-                tracing::error!(error = %e, "audit append failed");
-            }
+            state
+                .broker
+                .audit_unauthenticated(&addr, &format!("attest/{reason}"), &record)
+                .await;
             return problem.into_response();
         }
     };
@@ -326,11 +365,12 @@ async fn attest<S: Store>(
             actor: format!("guest {addr}"),
             action: "attest".into(),
             outcome: "refused".into(),
-            detail: json!({ "reason": "rate_limited", "secrets": request.secrets }),
+            detail: json!({ "reason": "rate_limited", "secrets": crate::audit::names(&request.secrets) }),
         };
-        if let Err(e) = state.broker.store().append_audit(&record).await {
-            tracing::error!(error = %e, "audit append failed");
-        }
+        state
+            .broker
+            .audit_unauthenticated(&addr, "attest/rate_limited", &record)
+            .await;
         let mut p = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",
@@ -341,19 +381,25 @@ async fn attest<S: Store>(
         return p.into_response();
     };
     let started = Instant::now();
-    // Run to completion even if the client goes away or the request times out: once a nonce
-    // is spent, the outcome must be audited.
-    let task = {
-        let state = state.clone();
-        let addr = addr.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            state.broker.attest(request, &addr, SystemTime::now()).await
-        })
-    };
-    let result = match task.await {
-        Ok(r) => r,
-        Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
+    // Checking (nonce, evidence, chain, report, binding) happens in this future: a client that
+    // goes away (a reset HTTP/2 stream, a closed connection) cancels it, and nothing was
+    // spent. Once the nonce is to be spent, the release runs to completion in its own task
+    // even if the client goes away or the request times out: its outcome must be audited.
+    let result = match state.broker.check(request, &addr, SystemTime::now()).await {
+        Err(refusal) => Err(refusal),
+        Ok(checked) => {
+            let task = {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    state.broker.release(checked, SystemTime::now()).await
+                })
+            };
+            match task.await {
+                Ok(r) => r,
+                Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
+            }
+        }
     };
     state.metrics.attest_latency(started.elapsed());
     match result {
@@ -405,6 +451,21 @@ async fn put_secret<S: Store>(
         attestation::protocol::decode_b64(&body.value, "value")
             .map_err(|e| Problem::malformed(e.to_string()))?,
     );
+    if kind == SecretKind::TlsKey
+        && state.operator.accepts(
+            &crate::secrets::certificate_chain(&value),
+            SystemTime::now(),
+        )
+    {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "Invalid request",
+            "this certificate would be accepted as an operator certificate by the admin API \
+             (operator CA, clientAuth and an operator URI SAN): a guest that receives it could \
+             administer the broker; issue workload certificates from another CA",
+        ));
+    }
     let version = state
         .broker
         .put_secret(&name, kind, &value, &op, SystemTime::now())
@@ -527,12 +588,12 @@ async fn policy_history<S: Store>(
     Ok(Json(json!({ "versions": h })).into_response())
 }
 
-async fn audit<S: Store>(
+async fn audit_query<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(_op): Operator,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let Query(q) = query.map_err(|e| Problem::malformed(e.body_text()))?;
+    let Query(q) = query.map_err(|e| Problem::malformed(audit::truncate(&e.body_text())))?;
     let records = state
         .broker
         .store()
@@ -540,6 +601,30 @@ async fn audit<S: Store>(
         .await
         .map_err(Error::from)?;
     Ok(Json(json!({ "records": records })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneQuery {
+    /// Seconds since the epoch: records before this are deleted.
+    before: i64,
+}
+
+async fn audit_prune<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    Operator(op): Operator,
+    query: Result<Query<PruneQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(|e| Problem::malformed(audit::truncate(&e.body_text())))?;
+    let before = u64::try_from(q.before)
+        .ok()
+        .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .ok_or_else(|| Problem::malformed("before is seconds since the epoch"))?;
+    let deleted = state
+        .broker
+        .prune_audit(before, &op, SystemTime::now())
+        .await?;
+    Ok(Json(json!({ "deleted": deleted })).into_response())
 }
 
 /// Builds the service state from settings: store, master key, verifier, TLS.
@@ -557,14 +642,18 @@ pub async fn build(
             .next()
             .ok_or_else(|| Error::Config(format!("{}: no certificate", root.display())))?;
         anchors = anchors.dangerous_trust_simulated_root(&der)?;
+        // On standard error whatever the log filter, and in /metrics and /readyz.
         let banner = "!".repeat(78);
-        tracing::warn!("{banner}");
-        tracing::warn!(
-            root = %root.display(),
-            "DANGER: this broker trusts a SIMULATED AMD root (attestation.dangerous_trust_simulated_root). \
-             Evidence from a simulated platform will be accepted as genuine. Never use this in production."
+        let warning = format!(
+            "DANGER: this broker trusts a SIMULATED AMD root ({}, attestation.dangerous_trust_simulated_root). \
+             Evidence from a simulated platform will be accepted as genuine. Never use this in production.",
+            root.display()
         );
-        tracing::warn!("{banner}");
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("{banner}\n{warning}\n{banner}");
+        }
+        tracing::warn!("{warning}");
     }
     let tls_state = Arc::new(tls::TlsState::load(&settings.tls)?);
     let broker = Broker::new(
@@ -574,10 +663,25 @@ pub async fn build(
         master.record_cipher()?,
         settings.nonce_ttl,
     )
-    .with_kds(crate::kds::Kds::new(&settings.kds)?);
+    .with_kds(crate::kds::Kds::new(&settings.kds)?)
+    .with_audit_budget(settings.audit.budget);
+    let metrics = metrics::Metrics::new();
+    metrics.set_simulated_root(settings.dangerous_trust_simulated_root.is_some());
+    // No released certificate may be an admin credential (docs/threat-model.md).
+    for (name, chain) in broker.tls_key_chains().await? {
+        if tls_state.operator().accepts(&chain, SystemTime::now()) {
+            return Err(Error::Config(format!(
+                "secret {name}: its certificate would be accepted as an operator certificate \
+                 (operator CA, clientAuth and an operator URI SAN), so a guest that receives it \
+                 could administer the broker; delete it (broker secret delete {name}) or \
+                 reissue it from another CA before starting"
+            )));
+        }
+    }
     let state = Arc::new(AppState {
         broker,
-        metrics: metrics::Metrics::new(),
+        metrics,
+        simulated_root: settings.dangerous_trust_simulated_root.is_some(),
         operator: tls_state.operator(),
         attest_slots: Arc::new(Semaphore::new(settings.limits.max_inflight_attestations)),
     });
@@ -602,10 +706,8 @@ pub async fn serve<S: Store>(
     tls_state: Arc<tls::TlsState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    use tower::ServiceExt;
 
     let app = router(state.clone(), settings.limits.body_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
@@ -614,7 +716,8 @@ pub async fn serve<S: Store>(
         ),
     );
     let connections = Arc::new(Semaphore::new(settings.limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let sources = conn::KeyLimiter::new(settings.limits.max_connections_per_source);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -648,14 +751,37 @@ pub async fn serve<S: Store>(
     };
     let purge = {
         let state = state.clone();
+        let retention = settings.audit.retention;
+        let mut last_retention: Option<Instant> = None;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            tick.tick().await;
             loop {
                 tick.tick().await;
                 // Ten minutes of grace past expiry: longer than any request may take, so a
                 // nonce is never forgotten while a request holding it is still in flight.
                 if let Err(e) = state.broker.store().purge_nonces(now_i64() - 600).await {
                     tracing::warn!(error = %e, "nonce purge failed");
+                }
+                state
+                    .broker
+                    .flush_audit_summary(SystemTime::now(), std::time::Duration::from_secs(60))
+                    .await;
+                if let Some(retention) = retention
+                    && last_retention.is_none_or(|t: Instant| {
+                        t.elapsed() >= std::time::Duration::from_secs(86_400)
+                    })
+                {
+                    last_retention = Some(Instant::now());
+                    let now = SystemTime::now();
+                    match state
+                        .broker
+                        .prune_audit(now - retention, "broker (audit.retention_days)", now)
+                        .await
+                    {
+                        Ok(n) => tracing::info!(deleted = n, "audit retention applied"),
+                        Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+                    }
                 }
             }
         })
@@ -675,22 +801,81 @@ pub async fn serve<S: Store>(
             },
             () = &mut shutdown => break,
         };
+        let Some(source) = sources.acquire(conn::source_key(addr.ip())) else {
+            tracing::debug!(%addr, "this source has its share of connections; closing");
+            state.metrics.connection_refused("per_source");
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(%addr, "connection limit reached; closing connection");
+            state.metrics.connection_refused("limit");
             drop(stream);
             continue;
         };
         let Some(config) = tls_state.config() else {
             continue;
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = settings.limits.header_timeout;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%addr, error = %e, "TCP_NODELAY");
+        }
+        let connection = Connection {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            app: app.clone(),
+            builder: builder.clone(),
+            header_timeout: settings.limits.header_timeout,
+            idle_timeout: settings.limits.idle_timeout,
+            shutdown: shutdown_rx.clone(),
+        };
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            let _source = source;
+            connection.serve(stream, addr).await;
+        });
+    }
+    tracing::info!("shutting down: draining connections");
+    reload.abort();
+    purge.abort();
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    let all = u32::try_from(settings.limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        connections.acquire_many(all),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections did not drain within 10 s");
+    }
+    state
+        .broker
+        .flush_audit_summary(SystemTime::now(), std::time::Duration::from_secs(60))
+        .await;
+    Ok(())
+}
+
+/// One accepted TCP connection: TLS handshake, then HTTP/1.1 or HTTP/2 as ALPN chose (no
+/// sniffing of the first bytes), watched by [`conn::Activity`] deadlines.
+struct Connection {
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    header_timeout: std::time::Duration,
+    idle_timeout: std::time::Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(mut self, stream: tokio::net::TcpStream, addr: SocketAddr) {
+        use hyper_util::rt::TokioIo;
+        use hyper_util::service::TowerToHyperService;
+        use tower::ServiceExt;
+
+        // The deadline for a first complete request starts now: the handshake counts.
+        let activity = conn::Activity::new();
+        let tls =
+            match tokio::time::timeout(self.header_timeout, self.acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "TLS handshake failed");
@@ -701,33 +886,61 @@ pub async fn serve<S: Store>(
                     return;
                 }
             };
-            let client_chain = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
-                .unwrap_or_default();
-            let peer = Peer { addr, client_chain };
-            let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        let session = tls.get_ref().1;
+        let h2 = session.alpn_protocol() == Some(b"h2".as_slice());
+        let client_chain = session
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let peer = Peer { addr, client_chain };
+        let svc = self
+            .app
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer.clone());
                 req
             });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%addr, error = %e, "connection ended with an error");
+        let svc = conn::Tracked::new(svc, activity.clone());
+        let builder = if h2 {
+            self.builder.http2_only()
+        } else {
+            self.builder.http1_only()
+        };
+        let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+        tokio::pin!(conn);
+        let mut draining = *self.shutdown.borrow();
+        if draining {
+            conn.as_mut().graceful_shutdown();
+        }
+        loop {
+            let deadline = activity.deadline(self.header_timeout, self.idle_timeout);
+            let wake =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.header_timeout);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%addr, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    let due = activity
+                        .deadline(self.header_timeout, self.idle_timeout)
+                        .is_some_and(|d| d <= tokio::time::Instant::now());
+                    if due {
+                        tracing::debug!(%addr, "closing a connection without a request in flight");
+                        conn.as_mut().graceful_shutdown();
+                        // A polite close (HTTP/2 GOAWAY) if the peer reads it; then it goes.
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.as_mut()).await;
+                        return;
+                    }
+                }
+                changed = self.shutdown.changed(), if !draining => {
+                    if changed.is_err() || *self.shutdown.borrow() {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
             }
-        });
+        }
     }
-    tracing::info!("shutting down: draining connections");
-    reload.abort();
-    purge.abort();
-    drop(listener);
-    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections did not drain within 10 s");
-    }
-    Ok(())
 }

@@ -152,6 +152,16 @@ impl From<&Refusal> for Problem {
             Refusal::Kds(_) => {
                 Problem::unavailable("AMD's key distribution service is unavailable")
             }
+            Refusal::Busy(d) => {
+                let mut p = Problem::new(
+                    S::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many attestations in flight",
+                    d.clone(),
+                );
+                p.retry_after = Some(1);
+                p
+            }
             Refusal::Internal(_) => Problem::internal(),
         }
     }

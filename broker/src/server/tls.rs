@@ -21,20 +21,73 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Checks operator client certificates against the operator CA.
+/// The URI SAN namespace that marks a certificate as an operator certificate: an operator
+/// certificate carries exactly one `urn:snp-key-broker:operator:<name>` URI SAN, and `<name>`
+/// is the operator's identity in the audit log.
+pub const OPERATOR_SAN_PREFIX: &str = "urn:snp-key-broker:operator:";
+
+/// id-kp-clientAuth (RFC 5280).
+const ID_KP_CLIENT_AUTH: der::oid::ObjectIdentifier =
+    der::oid::ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2");
+
+/// Why a client certificate is not an operator credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OperatorDenied {
+    /// No client certificate was presented.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// The chain does not verify against the operator CA (or has expired).
+    #[error("not issued by the operator CA: {0}")]
+    Untrusted(String),
+    /// The leaf has no extended key usage extension, or one without clientAuth.
+    #[error("no clientAuth extended key usage")]
+    NoClientAuth,
+    /// The leaf has no `urn:snp-key-broker:operator:<name>` URI SAN (or several).
+    #[error("no operator name (a single URI SAN {OPERATOR_SAN_PREFIX}<name>)")]
+    NotOperator,
+    /// The operator name is not in the configured allow-list.
+    #[error("operator {0:?} is not in tls.operator_names")]
+    NotAllowed(String),
+    /// The certificate does not parse.
+    #[error("unparseable certificate")]
+    Unparseable,
+}
+
+impl OperatorDenied {
+    /// A stable identifier for the audit log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OperatorDenied::NoCertificate => "no client certificate",
+            OperatorDenied::Untrusted(_) => "untrusted certificate",
+            OperatorDenied::NoClientAuth => "no clientAuth",
+            OperatorDenied::NotOperator => "not an operator certificate",
+            OperatorDenied::NotAllowed(_) => "operator not allowed",
+            OperatorDenied::Unparseable => "unparseable certificate",
+        }
+    }
+}
+
+/// Checks operator client certificates: the chain must verify against the operator CA, and
+/// the leaf must be explicitly an operator certificate: the clientAuth extended key usage
+/// *and* one URI SAN `urn:snp-key-broker:operator:<name>` (and `<name>` in
+/// `tls.operator_names` when that list is set). A certificate without an extended key usage
+/// extension, which X.509 treats as good for any purpose, is not an operator certificate.
 ///
 /// During the handshake a client certificate is optional and, when presented, only its proof
-/// of possession is checked; the chain is checked against the operator CA by the admin API's
-/// authorization extractor. That way a certificate from another CA is refused with an HTTP 403
-/// and an audit record instead of a bare TLS alert. Guest routes never look at it.
+/// of possession is checked; the chain is checked by the admin API's authorization extractor.
+/// That way a refused certificate gets an HTTP 403 and an audit record instead of a bare TLS
+/// alert. Guest routes never look at it.
 #[derive(Debug)]
 pub struct OperatorVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    names: Option<Vec<String>>,
 }
 
 impl OperatorVerifier {
-    /// Loads the operator CA (PEM, one or more certificates).
-    pub fn load(ca: &Path) -> Result<OperatorVerifier, Error> {
+    /// Loads the operator CA (PEM, one or more certificates); `names` is the optional
+    /// allow-list of operator names.
+    pub fn load(ca: &Path, names: Option<Vec<String>>) -> Result<OperatorVerifier, Error> {
         let mut roots = RootCertStore::empty();
         let certs = CertificateDer::pem_file_iter(ca)
             .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
@@ -53,27 +106,81 @@ impl OperatorVerifier {
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| Error::Config(format!("operator CA: {e}")))?;
-        Ok(OperatorVerifier { inner })
+        Ok(OperatorVerifier { inner, names })
     }
 
-    /// Verifies a presented chain (leaf first) against the operator CA at `now`.
-    pub fn verify_chain(
+    /// Authorizes a presented chain (leaf first) at `now`: the operator's name, or why the
+    /// chain is not an operator credential.
+    pub fn authorize(
         &self,
-        chain: &[CertificateDer<'static>],
+        chain: &[CertificateDer<'_>],
         now: SystemTime,
-    ) -> Result<(), String> {
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or_else(|| "no client certificate".to_string())?;
-        let now = UnixTime::since_unix_epoch(
+    ) -> Result<String, OperatorDenied> {
+        let (leaf, intermediates) = chain.split_first().ok_or(OperatorDenied::NoCertificate)?;
+        let unix = UnixTime::since_unix_epoch(
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
         );
         self.inner
-            .verify_client_cert(leaf, intermediates, now)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            .verify_client_cert(leaf, intermediates, unix)
+            .map_err(|e| OperatorDenied::Untrusted(e.to_string()))?;
+        let name = operator_name(leaf)?;
+        if let Some(allowed) = &self.names
+            && !allowed.contains(&name)
+        {
+            return Err(OperatorDenied::NotAllowed(name));
+        }
+        Ok(name)
     }
+
+    /// Whether a certificate chain (leaf first, e.g. a server certificate or a workload's
+    /// certificate the broker releases) would be accepted as an operator credential.
+    pub fn accepts(&self, chain: &[CertificateDer<'_>], now: SystemTime) -> bool {
+        self.authorize(chain, now).is_ok()
+    }
+}
+
+/// The operator name of a leaf certificate that has the clientAuth extended key usage and
+/// exactly one `urn:snp-key-broker:operator:<name>` URI SAN.
+pub fn operator_name(leaf: &CertificateDer<'_>) -> Result<String, OperatorDenied> {
+    use der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
+    let cert =
+        x509_cert::Certificate::from_der(leaf.as_ref()).map_err(|_| OperatorDenied::Unparseable)?;
+    let tbs = cert.tbs_certificate();
+    let eku = tbs
+        .get_extension::<ExtendedKeyUsage>()
+        .map_err(|_| OperatorDenied::Unparseable)?;
+    if !eku.is_some_and(|(_, eku)| eku.0.contains(&ID_KP_CLIENT_AUTH)) {
+        return Err(OperatorDenied::NoClientAuth);
+    }
+    let san = tbs
+        .get_extension::<SubjectAltName>()
+        .map_err(|_| OperatorDenied::Unparseable)?;
+    let mut names = san
+        .map(|(_, san)| san.0)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(uri) => uri
+                .as_str()
+                .strip_prefix(OPERATOR_SAN_PREFIX)
+                .map(str::to_string),
+            _ => None,
+        });
+    match (names.next(), names.next()) {
+        (Some(name), None) if valid_operator_name(&name) => Ok(name),
+        _ => Err(OperatorDenied::NotOperator),
+    }
+}
+
+/// Operator names: 1 to 64 letters, digits, '.', '_', '-', '@'.
+pub fn valid_operator_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
 }
 
 #[derive(Debug)]
@@ -136,7 +243,10 @@ pub struct TlsState {
 impl TlsState {
     /// Loads certificate, key, OCSP response and operator CA.
     pub fn load(settings: &TlsSettings) -> Result<TlsState, Error> {
-        let operator = Arc::new(OperatorVerifier::load(&settings.operator_ca)?);
+        let operator = Arc::new(OperatorVerifier::load(
+            &settings.operator_ca,
+            settings.operator_names.clone(),
+        )?);
         let config = build(settings, operator.clone())?;
         Ok(TlsState {
             settings: settings.clone(),
@@ -198,6 +308,14 @@ fn build(
             settings.cert.display()
         )));
     }
+    if operator.accepts(&certs, SystemTime::now()) {
+        return Err(Error::Config(format!(
+            "{}: the server certificate would be accepted as an operator certificate \
+             (issued by the operator CA, with clientAuth and an operator URI SAN); \
+             issue server certificates from another CA or without those",
+            settings.cert.display()
+        )));
+    }
     crate::keys::check_private_file(&settings.key)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| cfg(&settings.key, &e))?;
     let ocsp = match &settings.ocsp {
@@ -215,6 +333,14 @@ fn build(
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| Error::Config(format!("TLS tickets: {e}")))?;
     Ok(Arc::new(config))
+}
+
+/// The SHA-256 fingerprint of a DER certificate (hex), for audit records.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        cert.as_ref(),
+    ))
 }
 
 /// The subject of a DER certificate, for audit records.

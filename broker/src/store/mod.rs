@@ -121,7 +121,7 @@ pub struct AuditQuery {
 
 /// The operations the broker needs from its store.
 pub trait Store: Send + Sync + 'static {
-    /// Checks the store answers.
+    /// Checks the store answers and can commit a write.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The newest version number ever used for `name` (deleted ones included), 0 if none.
@@ -129,12 +129,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Inserts a secret version; `Conflict` if that version exists.
+    /// Inserts a secret version and its audit record in one transaction; `Conflict` if that
+    /// version exists.
     fn insert_secret(
         &self,
         secret: &StoredSecret,
         created_at: i64,
         created_by: &str,
+        audit: &AuditRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The current (newest, not deleted) version of a secret.
     fn current_secret(
@@ -143,19 +145,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<StoredSecret>, StoreError>> + Send;
     /// Current versions of every secret, metadata only.
     fn list_secrets(&self) -> impl Future<Output = Result<Vec<SecretInfo>, StoreError>> + Send;
-    /// Deletes every version of a secret: records erased, metadata kept. False if unknown.
+    /// Deletes every version of a secret: records erased (and overwritten on disk where the
+    /// engine can), metadata kept, the audit record written in the same transaction. False
+    /// (and nothing written) if unknown.
     fn delete_secret(
         &self,
         name: &str,
         at: i64,
+        audit: &AuditRecord,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Stores a new policy version and makes it active; returns its version.
+    /// Stores a new policy version and makes it active, with its audit record (whose
+    /// `detail.version` the store sets) in the same transaction; returns the version.
     fn insert_policy(
         &self,
         document: &str,
         at: i64,
         by: &str,
+        audit: &AuditRecord,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The active (newest) policy.
     fn active_policy(
@@ -179,6 +186,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         record: &AuditRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes audit records older than `before` and appends `record` (whose
+    /// `detail.deleted` the store sets) in one transaction; returns how many were deleted.
+    fn prune_audit(
+        &self,
+        before: i64,
+        record: &AuditRecord,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Audit records, newest first.
     fn query_audit(
         &self,

@@ -50,6 +50,11 @@ const MIGRATIONS: &[&str] = &[
         bytes BLOB NOT NULL,
         fetched_at BIGINT NOT NULL
     );",
+    // 2: a row that readiness probes write, to prove the store can commit.
+    "CREATE TABLE heartbeat (
+        id INTEGER PRIMARY KEY,
+        at BIGINT NOT NULL
+    );",
 ];
 
 /// The SQLite store.
@@ -67,12 +72,17 @@ fn to_i64(v: u64) -> i64 {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and migrates it.
+    /// Opens (creating if needed, mode 0600) the database at `path` and migrates it. The
+    /// database, its WAL and shared-memory files must not be accessible to group or others,
+    /// and its directory not writable by them.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        prepare_files(path)?;
         let url = format!("sqlite://{}", path.display());
         let options = SqliteConnectOptions::from_str(&url)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .create_if_missing(true)
+            // Deleted content is overwritten with zeros in the database file.
+            .pragma("secure_delete", "ON")
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
@@ -114,6 +124,74 @@ impl SqliteStore {
     }
 }
 
+/// Creates the database file with mode 0600 (SQLite gives its WAL and shared-memory files
+/// the database file's mode) and refuses files and a directory that others can reach.
+#[cfg(unix)]
+fn prepare_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |what: String| StoreError::Unavailable(what);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let dir_mode = std::fs::metadata(&dir)
+        .map_err(|e| fail(format!("{}: {e}", dir.display())))?
+        .permissions()
+        .mode();
+    if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+        return Err(fail(format!(
+            "{} has mode {:o}: the store's directory must not be writable by group or others (chmod go-w)",
+            dir.display(),
+            dir_mode & 0o7777
+        )));
+    }
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(fail(format!(
+                "{} has mode {mode:o}: the store holds encrypted secrets and the audit log; \
+                 it must be 0600 or stricter (chmod 600)",
+                file.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn prepare_files(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
+async fn insert_audit(
+    conn: &mut sqlx::SqliteConnection,
+    r: &AuditRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (at, actor, action, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(r.at)
+    .bind(&r.actor)
+    .bind(&r.action)
+    .bind(&r.outcome)
+    .bind(r.detail.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 fn secret_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredSecret, StoreError> {
     let meta: String = row.try_get("meta")?;
     Ok(StoredSecret {
@@ -138,7 +216,14 @@ fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, Store
 
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // A committed write, not a read: a store that answers reads but cannot write (disk
+        // full, locked, read-only) is not ready.
+        sqlx::query(
+            "INSERT INTO heartbeat (id, at) VALUES (1, strftime('%s', 'now'))
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -155,7 +240,9 @@ impl Store for SqliteStore {
         s: &StoredSecret,
         created_at: i64,
         created_by: &str,
+        audit: &AuditRecord,
     ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -167,8 +254,10 @@ impl Store for SqliteStore {
         .bind(created_by)
         .bind(&s.sealed)
         .bind(s.meta.to_string())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -207,18 +296,46 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn delete_secret(&self, name: &str, at: i64) -> Result<bool, StoreError> {
+    async fn delete_secret(
+        &self,
+        name: &str,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE secrets SET deleted_at = $1, sealed = NULL WHERE name = $2 AND deleted_at IS NULL",
         )
         .bind(at)
         .bind(name)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        // secure_delete zeroed the old records in the pages written to the WAL; a truncating
+        // checkpoint copies those pages over the database file and empties the WAL, so the
+        // old ciphertext is in neither file. If a reader holds the WAL, the checkpoint is
+        // partial and the next one finishes it (docs/operations.md).
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "checkpoint after delete failed");
+        }
+        Ok(true)
     }
 
-    async fn insert_policy(&self, document: &str, at: i64, by: &str) -> Result<u64, StoreError> {
+    async fn insert_policy(
+        &self,
+        document: &str,
+        at: i64,
+        by: &str,
+        audit: &AuditRecord,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
         // One statement: the next version is taken and written atomically.
         let version: i64 = sqlx::query_scalar(
             "INSERT INTO policies (version, document, created_at, created_by)
@@ -228,8 +345,12 @@ impl Store for SqliteStore {
         .bind(document)
         .bind(at)
         .bind(by)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        let mut audit = audit.clone();
+        audit.detail["version"] = version.into();
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
         Ok(to_u64(version))
     }
 
@@ -271,17 +392,21 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO audit (at, actor, action, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(r.at)
-        .bind(&r.actor)
-        .bind(&r.action)
-        .bind(&r.outcome)
-        .bind(r.detail.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        insert_audit(&mut conn, r).await
+    }
+
+    async fn prune_audit(&self, before: i64, record: &AuditRecord) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM audit WHERE at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        let mut record = record.clone();
+        record.detail["deleted"] = done.rows_affected().into();
+        insert_audit(&mut tx, &record).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
@@ -347,6 +472,26 @@ mod tests {
         (dir, s)
     }
 
+    fn audit(action: &str) -> AuditRecord {
+        AuditRecord {
+            id: 0,
+            at: 1,
+            actor: "operator op".into(),
+            action: action.into(),
+            outcome: "ok".into(),
+            detail: serde_json::json!({}),
+        }
+    }
+
+    async fn actions(s: &SqliteStore) -> Vec<String> {
+        s.query_audit(&AuditQuery::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.action)
+            .collect()
+    }
+
     fn secret(name: &str, version: u64) -> StoredSecret {
         StoredSecret {
             name: name.into(),
@@ -361,19 +506,42 @@ mod tests {
     async fn secrets_are_versioned_and_deleted_records_erased() {
         let (_d, s) = store().await;
         assert_eq!(s.last_secret_version("a").await.unwrap(), 0);
-        s.insert_secret(&secret("a", 1), 10, "op").await.unwrap();
-        s.insert_secret(&secret("a", 2), 11, "op").await.unwrap();
+        let put = audit("secret.put");
+        s.insert_secret(&secret("a", 1), 10, "op", &put)
+            .await
+            .unwrap();
+        s.insert_secret(&secret("a", 2), 11, "op", &put)
+            .await
+            .unwrap();
         assert!(matches!(
-            s.insert_secret(&secret("a", 2), 12, "op").await,
+            s.insert_secret(&secret("a", 2), 12, "op", &put).await,
             Err(StoreError::Conflict(_))
         ));
+        assert_eq!(
+            actions(&s).await.len(),
+            2,
+            "the conflict wrote no audit record"
+        );
         let cur = s.current_secret("a").await.unwrap().unwrap();
         assert_eq!((cur.version, cur.sealed[0]), (2, 2));
         assert_eq!(s.list_secrets().await.unwrap().len(), 1);
-        assert!(s.delete_secret("a", 20).await.unwrap());
+        assert!(
+            s.delete_secret("a", 20, &audit("secret.delete"))
+                .await
+                .unwrap()
+        );
         assert!(s.current_secret("a").await.unwrap().is_none());
         assert!(s.list_secrets().await.unwrap().is_empty());
-        assert!(!s.delete_secret("a", 21).await.unwrap());
+        assert!(
+            !s.delete_secret("a", 21, &audit("secret.delete"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            actions(&s).await,
+            ["secret.delete", "secret.put", "secret.put"],
+            "one record per change, none for the refused delete"
+        );
         assert_eq!(
             s.last_secret_version("a").await.unwrap(),
             2,
@@ -392,8 +560,11 @@ mod tests {
     #[tokio::test]
     async fn policy_history_and_audit_queries() {
         let (dir, s) = store().await;
-        assert_eq!(s.insert_policy("{1}", 1, "a").await.unwrap(), 1);
-        assert_eq!(s.insert_policy("{2}", 2, "b").await.unwrap(), 2);
+        let set = audit("policy.set");
+        assert_eq!(s.insert_policy("{1}", 1, "a", &set).await.unwrap(), 1);
+        assert_eq!(s.insert_policy("{2}", 2, "b", &set).await.unwrap(), 2);
+        let recorded = s.query_audit(&AuditQuery::default()).await.unwrap();
+        assert_eq!(recorded[0].detail["version"], 2, "{recorded:?}");
         assert_eq!(s.active_policy().await.unwrap().unwrap().document, "{2}");
         assert_eq!(s.policy_history().await.unwrap().len(), 2);
         for (i, outcome) in ["released", "refused", "refused"].iter().enumerate() {
@@ -410,6 +581,7 @@ mod tests {
         }
         let refused = s
             .query_audit(&AuditQuery {
+                action: Some("attest".into()),
                 outcome: Some("refused".into()),
                 ..Default::default()
             })
@@ -424,5 +596,135 @@ mod tests {
         drop(s);
         let s = SqliteStore::open(&dir.path().join("b.db")).await.unwrap();
         assert_eq!(s.policy_history().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn deleted_ciphertext_leaves_the_database_and_wal_files() {
+        let (dir, s) = store().await;
+        let marker: Vec<u8> = b"CIPHERTEXT-MARKER-".repeat(8);
+        let mut sec = secret("gone", 1);
+        sec.sealed = marker.clone();
+        s.insert_secret(&sec, 1, "op", &audit("secret.put"))
+            .await
+            .unwrap();
+        let on_disk = || {
+            ["b.db", "b.db-wal"].iter().any(|f| {
+                std::fs::read(dir.path().join(f))
+                    .unwrap_or_default()
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_slice())
+            })
+        };
+        assert!(on_disk(), "the record was written");
+        assert!(
+            s.delete_secret("gone", 2, &audit("secret.delete"))
+                .await
+                .unwrap()
+        );
+        assert!(!on_disk(), "ciphertext still on disk after delete");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn files_are_private_and_loose_modes_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, s) = store().await;
+        s.ping().await.unwrap();
+        for f in ["b.db", "b.db-wal", "b.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{f} has mode {mode:o}");
+        }
+        drop(s);
+        let db = dir.path().join("b.db");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = SqliteStore::open(&db).await.unwrap_err();
+        assert!(e.to_string().contains("0600"), "{e}");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = SqliteStore::open(&db).await.unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn ping_fails_while_the_store_cannot_write() {
+        use sqlx::Connection;
+        let (dir, s) = store().await;
+        s.ping().await.unwrap();
+        // Another process holds the write lock (as a stuck writer or a backup tool would).
+        let mut other = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("b.db").display()
+        ))
+        .await
+        .unwrap();
+        sqlx::raw_sql("BEGIN EXCLUSIVE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.ping()).await;
+        assert!(matches!(r, Ok(Err(StoreError::Unavailable(_)))), "{r:?}");
+        sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+        s.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn prune_deletes_old_records_and_records_itself() {
+        let (_d, s) = store().await;
+        for at in [10, 20, 30] {
+            let mut r = audit("attest");
+            r.at = at;
+            s.append_audit(&r).await.unwrap();
+        }
+        let mut prune = audit("audit.prune");
+        prune.at = 40;
+        assert_eq!(s.prune_audit(25, &prune).await.unwrap(), 2);
+        let left = s.query_audit(&AuditQuery::default()).await.unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[0].action, "audit.prune");
+        assert_eq!(left[0].detail["deleted"], 2);
+        assert_eq!(left[1].at, 30);
+    }
+
+    #[tokio::test]
+    async fn an_admin_change_never_exists_without_its_audit_record() {
+        let (_d, s) = store().await;
+        s.insert_secret(&secret("a", 1), 1, "op", &audit("secret.put"))
+            .await
+            .unwrap();
+        // From now on every audit insert fails (as a full disk or a crash between the two
+        // statements would make it): the change must not happen either.
+        sqlx::raw_sql(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit refused'); END",
+        )
+        .execute(&s.pool)
+        .await
+        .unwrap();
+        assert!(
+            s.insert_secret(&secret("a", 2), 2, "op", &audit("secret.put"))
+                .await
+                .is_err()
+        );
+        assert_eq!(s.current_secret("a").await.unwrap().unwrap().version, 1);
+        assert!(
+            s.delete_secret("a", 3, &audit("secret.delete"))
+                .await
+                .is_err()
+        );
+        assert!(s.current_secret("a").await.unwrap().is_some());
+        assert!(
+            s.insert_policy("{}", 4, "op", &audit("policy.set"))
+                .await
+                .is_err()
+        );
+        assert!(s.active_policy().await.unwrap().is_none());
+        assert!(
+            s.prune_audit(i64::MAX, &audit("audit.prune"))
+                .await
+                .is_err()
+        );
+        assert_eq!(actions(&s).await, ["secret.put"]);
     }
 }
