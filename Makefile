@@ -14,7 +14,8 @@ CARGO ?= cargo
 #   libtss2-dev:     the TPM software stack the guest agent's Azure vTPM source links (tss-esapi).
 #   swtpm, swtpm-tools, tpm2-tools: the emulated Azure vTPM of the end-to-end tests, and
 #                    the tools to inspect it by hand (docs/guest-agent.md).
-DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev
+#   postgresql:      initdb/pg_ctl for the tests of the PostgreSQL store and of several replicas.
+DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev postgresql
 FUZZ_SECONDS ?= 20
 
 .PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench demo clean

@@ -385,6 +385,19 @@ impl Policy {
         Policy::from_value(value)
     }
 
+    /// Loads a document stored by an earlier version, as [`Policy::from_json`] does but
+    /// without refusing repeated keys (the last one counts, as it did when it was stored):
+    /// a policy that was accepted keeps deciding after an upgrade. New documents go through
+    /// [`Policy::from_json`].
+    pub fn from_stored_json(text: &str) -> Result<Policy, PolicyError> {
+        if text.len() > MAX_POLICY_BYTES {
+            return Err(err("", "policy is larger than 1 MiB"));
+        }
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
+        Policy::from_value(value)
+    }
+
     /// Checks a parsed policy document.
     pub fn from_value(value: Value) -> Result<Policy, PolicyError> {
         let top = value

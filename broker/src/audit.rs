@@ -2,10 +2,12 @@
 //!
 //! Anyone can send a malformed attestation, a forged nonce or a bogus certificate to the admin
 //! API. Each such refusal is counted in the metrics, but only a bounded number become audit
-//! rows of their own: a per-source and a global budget per minute. What exceeds the budget is
-//! counted and written once a minute as one `audit.suppressed` summary row (counts by action
-//! and reason, and the busiest sources). Refusals after the nonce is spent and every release
-//! and admin change are always recorded one row each. Input echoed into a row is truncated.
+//! rows of their own: a per-source and a global budget per minute, kept apart for two
+//! classes, so that junk cannot crowd out the refusals worth reading ([`Class`]). What exceeds
+//! a budget is counted and written once a minute as one `audit.suppressed` summary row (counts
+//! by class, action and reason, and the busiest sources). Refusals after the nonce is spent,
+//! admin calls whose certificate the operator CA issued, and every release and admin change
+//! are always recorded one row each. Input echoed into a row is truncated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -33,9 +35,10 @@ pub fn truncate(s: &str) -> String {
     format!("{}… ({} bytes)", &s[..end], s.len())
 }
 
-/// Secret names asked for, as recorded: valid names as they are, at most 32 of them.
+/// Secret names asked for, as recorded for an unauthenticated refusal: at most 8, each cut to
+/// [`MAX_ECHO`] bytes, with the count when there were more.
 pub fn names(names: &[String]) -> serde_json::Value {
-    let shown: Vec<String> = names.iter().take(32).map(|n| truncate(n)).collect();
+    let shown: Vec<String> = names.iter().take(8).map(|n| truncate(n)).collect();
     if names.len() > shown.len() {
         json!({ "names": shown, "count": names.len() })
     } else {
@@ -55,8 +58,28 @@ pub struct SampleBudget {
 impl Default for SampleBudget {
     fn default() -> Self {
         SampleBudget {
-            per_source: 20,
-            global: 600,
+            per_source: 10,
+            global: 120,
+        }
+    }
+}
+
+/// Which budget a refusal draws on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Nothing about the request was authenticated: malformed, a forged or expired nonce,
+    /// evidence whose signature or chain did not verify, a certificate from another CA.
+    Anonymous,
+    /// Evidence that verified (AMD's chain and signature) and was refused before the spend,
+    /// e.g. on the binding: a genuine platform, worth its own budget.
+    Verified,
+}
+
+impl Class {
+    fn name(self) -> &'static str {
+        match self {
+            Class::Anonymous => "anonymous",
+            Class::Verified => "verified",
         }
     }
 }
@@ -73,6 +96,7 @@ struct Window {
 pub struct Sampler {
     budget: SampleBudget,
     window: Mutex<Window>,
+    verified: Mutex<Window>,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -89,13 +113,18 @@ impl Sampler {
         Sampler {
             budget,
             window: Mutex::new(Window::default()),
+            verified: Mutex::new(Window::default()),
         }
     }
 
     /// Whether a refusal of `kind` (e.g. `attest/malformed`) from `source` gets its own row
     /// in this window; if not, it is counted for the summary.
-    pub fn admit(&self, source: &str, kind: &str) -> bool {
-        let Ok(mut w) = self.window.lock() else {
+    pub fn admit(&self, class: Class, source: &str, kind: &str) -> bool {
+        let window = match class {
+            Class::Anonymous => &self.window,
+            Class::Verified => &self.verified,
+        };
+        let Ok(mut w) = window.lock() else {
             return false;
         };
         let tracked = w.per_source.len() < MAX_SOURCES || w.per_source.contains_key(source);
@@ -106,7 +135,9 @@ impl Sampler {
             *w.per_source.entry(key.to_string()).or_default() += 1;
             return true;
         }
-        *w.suppressed.entry(kind.to_string()).or_default() += 1;
+        *w.suppressed
+            .entry(format!("{}/{kind}", class.name()))
+            .or_default() += 1;
         if w.suppressed_sources.len() < MAX_SOURCES || w.suppressed_sources.contains_key(key) {
             *w.suppressed_sources.entry(key.to_string()).or_default() += 1;
         }
@@ -115,10 +146,18 @@ impl Sampler {
 
     /// Ends the current window: the summary row of what was suppressed in it, if anything.
     pub fn roll(&self, at: i64, window_secs: u64) -> Option<AuditRecord> {
-        let w = {
+        let mut w = {
             let mut guard = self.window.lock().ok()?;
             std::mem::take(&mut *guard)
         };
+        let v = {
+            let mut guard = self.verified.lock().ok()?;
+            std::mem::take(&mut *guard)
+        };
+        w.suppressed.extend(v.suppressed);
+        for (source, n) in v.suppressed_sources {
+            *w.suppressed_sources.entry(source).or_default() += n;
+        }
         if w.suppressed.is_empty() {
             return None;
         }
@@ -164,19 +203,27 @@ mod tests {
             per_source: 3,
             global: 5,
         });
-        let admitted: Vec<bool> = (0..5).map(|_| s.admit("a", "attest/malformed")).collect();
+        let anon = Class::Anonymous;
+        let admitted: Vec<bool> = (0..5)
+            .map(|_| s.admit(anon, "a", "attest/malformed"))
+            .collect();
         assert_eq!(admitted, [true, true, true, false, false]);
-        assert!(s.admit("b", "attest/nonce_malformed"));
-        assert!(s.admit("c", "attest/malformed"));
-        assert!(!s.admit("d", "attest/malformed"), "global budget spent");
+        assert!(s.admit(anon, "b", "attest/nonce_malformed"));
+        assert!(s.admit(anon, "c", "attest/malformed"));
+        assert!(
+            !s.admit(anon, "d", "attest/malformed"),
+            "global budget spent"
+        );
+        // Junk does not crowd out verified evidence: its own budget.
+        assert!(s.admit(Class::Verified, "d", "attest/binding"));
         let summary = s.roll(100, 60).unwrap();
         assert_eq!(summary.action, "audit.suppressed");
         assert_eq!(summary.detail["suppressed"], 3);
-        assert_eq!(summary.detail["by_kind"]["attest/malformed"], 3);
+        assert_eq!(summary.detail["by_kind"]["anonymous/attest/malformed"], 3);
         assert_eq!(summary.detail["top_sources"][0]["source"], "a");
         assert_eq!(summary.detail["top_sources"][0]["count"], 2);
         // A new window: budgets restored, nothing to summarise.
-        assert!(s.admit("a", "attest/malformed"));
+        assert!(s.admit(anon, "a", "attest/malformed"));
         assert!(s.roll(160, 60).is_none());
     }
 }

@@ -55,6 +55,13 @@ fn default_reload() -> u64 {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     sqlite: Option<PathBuf>,
+    postgres: Option<String>,
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    password_file: Option<PathBuf>,
+    pool_size: Option<u32>,
+    statement_timeout_secs: Option<u64>,
+    connect_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +93,7 @@ struct RawLimits {
     max_connections_per_source: Option<usize>,
     header_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
+    max_connection_age_secs: Option<u64>,
     request_timeout_secs: Option<u64>,
     max_inflight_attestations: Option<usize>,
 }
@@ -104,6 +112,8 @@ pub enum MasterKeySource {
 pub enum StoreSettings {
     /// An SQLite database file (created if missing, WAL journal).
     Sqlite(PathBuf),
+    /// A PostgreSQL database shared by several replicas.
+    Postgres(crate::store::PgSettings),
 }
 
 /// TLS material.
@@ -149,6 +159,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Idle time after which a connection is closed.
     pub idle_timeout: Duration,
+    /// Age after which a connection is asked to close (after its requests in flight), so no
+    /// client keeps a connection slot forever.
+    pub max_connection_age: Duration,
     /// Time allowed for one request.
     pub request_timeout: Duration,
     /// Attestations processed at once; more are answered 429 with Retry-After.
@@ -210,10 +223,7 @@ impl Settings {
             .listen
             .parse()
             .map_err(|_| format!("listen: {:?} is not an address:port", raw.listen))?;
-        let store = match raw.store.sqlite {
-            Some(p) => StoreSettings::Sqlite(resolve(base, p)),
-            None => return Err("store: set sqlite = \"PATH\"".into()),
-        };
+        let store = store_settings(raw.store, base)?;
         let master_key = match (raw.master_key.file, raw.master_key.env) {
             (Some(f), None) => MasterKeySource::File(resolve(base, f)),
             (None, Some(e)) => MasterKeySource::Env(e),
@@ -246,6 +256,7 @@ impl Settings {
                 .min(max_connections),
             header_timeout: secs(l.header_timeout_secs, 10, "header_timeout_secs")?,
             idle_timeout: secs(l.idle_timeout_secs, 60, "idle_timeout_secs")?,
+            max_connection_age: secs(l.max_connection_age_secs, 600, "max_connection_age_secs")?,
             request_timeout: secs(l.request_timeout_secs, 30, "request_timeout_secs")?,
             max_inflight_attestations: l.max_inflight_attestations.unwrap_or(256).max(1),
         };
@@ -261,13 +272,13 @@ impl Settings {
         let defaults = crate::audit::SampleBudget::default();
         let audit = AuditSettings {
             retention: match a.retention_days {
-                Some(0) => {
+                Some(d) if !(1..=36_500).contains(&d) => {
                     return Err(
-                        "audit.retention_days: at least 1 (leave it out to keep every record)"
+                        "audit.retention_days: 1 to 36500 (leave it out to keep every record)"
                             .into(),
                     );
                 }
-                Some(d) => Some(Duration::from_secs(d.saturating_mul(86_400))),
+                Some(d) => Some(Duration::from_secs(d * 86_400)),
                 None => None,
             },
             budget: crate::audit::SampleBudget {
@@ -321,6 +332,96 @@ impl Settings {
             audit,
         })
     }
+}
+
+fn store_settings(raw: RawStore, base: &Path) -> Result<StoreSettings, String> {
+    let url = match (raw.postgres, raw.url) {
+        (Some(_), Some(_)) => return Err("store: set postgres or url, not both".into()),
+        (a, b) => a.or(b),
+    };
+    match (raw.sqlite, url) {
+        (Some(path), None) => {
+            if raw.ca_file.is_some()
+                || raw.password_file.is_some()
+                || raw.pool_size.is_some()
+                || raw.statement_timeout_secs.is_some()
+                || raw.connect_timeout_secs.is_some()
+            {
+                return Err(
+                    "store: ca_file, password_file, pool_size and the timeouts are PostgreSQL settings"
+                        .into(),
+                );
+            }
+            Ok(StoreSettings::Sqlite(resolve(base, path)))
+        }
+        (None, Some(url)) => {
+            check_postgres_url(&url)?;
+            let secs = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, String> {
+                let v = v.unwrap_or(default);
+                if !(1..=600).contains(&v) {
+                    return Err(format!("store.{name}: must be between 1 and 600 seconds"));
+                }
+                Ok(Duration::from_secs(v))
+            };
+            let pool_size = raw.pool_size.unwrap_or(16);
+            if !(1..=1000).contains(&pool_size) {
+                return Err("store.pool_size: must be between 1 and 1000".into());
+            }
+            Ok(StoreSettings::Postgres(crate::store::PgSettings {
+                url,
+                ca_file: raw.ca_file.map(|p| resolve(base, p)),
+                password_file: raw.password_file.map(|p| resolve(base, p)),
+                pool_size,
+                statement_timeout: secs(raw.statement_timeout_secs, 10, "statement_timeout_secs")?,
+                connect_timeout: secs(raw.connect_timeout_secs, 5, "connect_timeout_secs")?,
+            }))
+        }
+        _ => Err(
+            "store: set exactly one engine: sqlite = \"PATH\" or postgres = \"postgres://…\""
+                .into(),
+        ),
+    }
+}
+
+/// A PostgreSQL URL: TLS with the server's certificate and name verified
+/// (`sslmode=verify-full`), unless the server is on this machine (a loopback address or a
+/// unix socket directory).
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("store.postgres: {e}"))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err("store.postgres: a postgres:// URL".into());
+    }
+    let param = |name: &str| {
+        parsed
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let socket = param("host").is_some_and(|h| h.starts_with('/'));
+    // postgres:// is not a special scheme: an IPv4 host arrives as a domain.
+    let local = socket
+        || match parsed.host() {
+            Some(url::Host::Domain(d)) => {
+                d == "localhost"
+                    || d.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => true,
+        };
+    let mode = param("sslmode").unwrap_or_default();
+    if !local && mode != "verify-full" {
+        return Err(format!(
+            "store.postgres: a database on another machine needs sslmode=verify-full (got {:?}); add it to the URL, with store.ca_file for a private CA",
+            if mode.is_empty() {
+                "none"
+            } else {
+                mode.as_str()
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// AMD's KDS (or a mirror) over https; plain http only to a loopback address or exactly
@@ -384,6 +485,42 @@ file = "master.key"
                 .unwrap_err()
                 .contains("unknown field")
         );
+        for (store, ok) in [
+            (
+                "postgres = \"postgres://kb@db.example/kb?sslmode=verify-full\"",
+                true,
+            ),
+            ("postgres = \"postgres://kb@127.0.0.1:5432/kb\"", true),
+            (
+                "postgres = \"postgres:///kb?host=/run/postgresql&user=kb\"",
+                true,
+            ),
+            (
+                "url = \"postgres://kb@db.example/kb?sslmode=require\"",
+                false,
+            ),
+            ("postgres = \"postgres://kb@db.example/kb\"", false),
+            ("postgres = \"postgres://kb@10.0.0.5/kb\"", false),
+            ("postgres = \"postgres://kb@127.0.0.1.example/kb\"", false),
+            ("postgres = \"postgres://kb@[::1]:5432/kb\"", true),
+            ("postgres = \"mysql://kb@127.0.0.1/kb\"", false),
+            (
+                "postgres = \"postgres://kb@127.0.0.1/kb\"\npool_size = 0",
+                false,
+            ),
+            ("sqlite = \"b.db\"\npool_size = 4", false),
+            (
+                "sqlite = \"b.db\"\npostgres = \"postgres://127.0.0.1/kb\"",
+                false,
+            ),
+        ] {
+            let text = GOOD.replace("sqlite = \"broker.db\"", store);
+            assert_eq!(
+                Settings::parse(&text, Path::new("/")).is_ok(),
+                ok,
+                "{store}"
+            );
+        }
         let both = GOOD.replace("file = \"master.key\"", "file = \"m\"\nenv = \"E\"");
         assert!(Settings::parse(&both, Path::new("/")).is_err());
         let http = format!("{GOOD}\n[kds]\nbase_url = \"http://kds.example\"\n");
@@ -400,6 +537,7 @@ file = "master.key"
             ("limits", "request_timeout_secs = 0"),
             ("limits", "max_connections_per_source = 0"),
             ("audit", "retention_days = 0"),
+            ("audit", "retention_days = 18446744073709551615"),
             ("tls", "operator_names = []"),
             ("tls", "operator_names = [\"a b\"]"),
         ] {

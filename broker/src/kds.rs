@@ -50,6 +50,25 @@ struct Negative {
     entries: std::collections::HashMap<String, (tokio::time::Instant, bool)>,
 }
 
+/// One caller's part in a path's single flight; the path's entry goes when its last caller
+/// does, however it ends (a cancelled request included).
+struct Flight {
+    flights: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    path: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.flights.lock()
+            // The map's reference and this one: no other caller waits on the path.
+            && Arc::strong_count(&self.lock) <= 2
+        {
+            flights.remove(&self.path);
+        }
+    }
+}
+
 /// A KDS client.
 #[derive(Debug, Clone)]
 pub struct Kds {
@@ -67,6 +86,13 @@ pub struct Kds {
     pub not_found_ttl: Duration,
     /// How long a lookup that kept failing is not retried.
     pub unavailable_ttl: Duration,
+}
+
+impl Kds {
+    /// Paths with a lookup in flight or waiting (for tests: cancelled lookups leave none).
+    pub fn flights_in_progress(&self) -> usize {
+        self.flights.lock().map(|f| f.len()).unwrap_or(0)
+    }
 }
 
 fn now_i64() -> i64 {
@@ -178,22 +204,19 @@ impl Kds {
         }
         // Single flight: whoever holds the path's lock fetches; the others find its result.
         let flight = self.flight(path);
-        let result = {
-            let _turn = flight.lock().await;
-            self.fetch_once(store, &key, path, cached).await
-        };
-        if let Ok(mut flights) = self.flights.lock()
-            && Arc::strong_count(&flight) <= 2
-        {
-            flights.remove(path);
-        }
-        result
+        let _turn = flight.lock.lock().await;
+        self.fetch_once(store, &key, path, cached).await
     }
 
-    fn flight(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
-        match self.flights.lock() {
+    fn flight(&self, path: &str) -> Flight {
+        let lock = match self.flights.lock() {
             Ok(mut flights) => flights.entry(path.to_string()).or_default().clone(),
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        };
+        Flight {
+            flights: self.flights.clone(),
+            path: path.to_string(),
+            lock,
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// At most `max` holders per key at once.
@@ -52,5 +53,32 @@ impl<K: Hash + Eq + Clone> KeyLimiter<K> {
             limiter: self.clone(),
             key,
         })
+    }
+}
+
+/// The key a source is counted under: an IPv4 address, or an IPv6 /64 (one host usually
+/// holds a whole /64). IPv4-mapped IPv6 addresses count as IPv4.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                for s in &mut seg[4..] {
+                    *s = 0;
+                }
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
+}
+
+/// A peer label (an address, as the front ends record it) as the source it is counted under:
+/// [`source_key`] for addresses, the label itself otherwise.
+pub fn source_label(peer: &str) -> String {
+    match peer.parse::<IpAddr>() {
+        Ok(ip) => source_key(ip).to_string(),
+        Err(_) => peer.to_string(),
     }
 }

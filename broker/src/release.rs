@@ -19,7 +19,9 @@ use crate::kds::{Kds, KdsError};
 use crate::keys::RecordCipher;
 use crate::nonce::{NonceAuthority, NonceError};
 use crate::secrets::{self, SecretKind};
-use crate::store::{AuditRecord, Store, StoreError, StoredSecret};
+use crate::store::{
+    AuditRecord, Decision, DecisionInputs, PolicyRef, Store, StoreError, StoredSecret,
+};
 
 /// Most secrets one attestation may ask for.
 pub const MAX_SECRETS_PER_REQUEST: usize = 32;
@@ -222,7 +224,7 @@ impl<S: Store> Broker<S> {
         let Some(kds) = &self.kds else {
             return Err(missing(attestation::CertRole::Vcek));
         };
-        let Some(_turn) = self.kds_sources.acquire(peer.to_string()) else {
+        let Some(_turn) = self.kds_sources.acquire(crate::limit::source_label(peer)) else {
             return Err(Refusal::Busy(format!(
                 "{KDS_LOOKUPS_PER_SOURCE} attestations that need AMD's KDS are already in flight from this source"
             )));
@@ -266,29 +268,6 @@ impl<S: Store> Broker<S> {
             nonce: self.nonces.mint(expires_at)?,
             expires_at: rfc3339(expires_at),
         })
-    }
-
-    /// The active policy, parsed once per version.
-    async fn active_policy(&self) -> Result<Option<Arc<Policy>>, Refusal> {
-        let Some(current) = self.store.active_policy().await? else {
-            return Ok(None);
-        };
-        if let Ok(guard) = self.policy.read()
-            && let Some((version, policy)) = guard.as_ref()
-            && *version == current.version
-        {
-            return Ok(Some(policy.clone()));
-        }
-        let policy = Arc::new(Policy::from_json(&current.document).map_err(|e| {
-            Refusal::Internal(format!(
-                "stored policy v{} does not load: {e}",
-                current.version
-            ))
-        })?);
-        if let Ok(mut guard) = self.policy.write() {
-            *guard = Some((current.version, policy.clone()));
-        }
-        Ok(Some(policy))
     }
 
     fn chain(&self, endorsements: &Endorsements, at: SystemTime) -> Result<VerifiedChain, Refusal> {
@@ -384,7 +363,15 @@ impl<S: Store> Broker<S> {
                     }),
                 };
                 let kind = format!("attest/{}", refusal.reason());
-                self.audit_unauthenticated(peer, &kind, &record).await;
+                // Refused after AMD's chain and the report's signature verified (that is,
+                // with a claims digest): a genuine platform, on its own budget.
+                let class = if record.detail["claims_sha256"].is_string() {
+                    crate::audit::Class::Verified
+                } else {
+                    crate::audit::Class::Anonymous
+                };
+                self.audit_unauthenticated(class, peer, &kind, &record)
+                    .await;
                 Err(refusal)
             }
         }
@@ -440,69 +427,68 @@ impl<S: Store> Broker<S> {
         })
     }
 
-    /// Spends the nonce, decides and seals, and audits the outcome. Once started this must
-    /// run to completion (spawn it): a spent nonce's outcome is always recorded.
+    /// Spends the nonce, decides and seals, and audits the outcome, in one store transaction:
+    /// the answer exists only once the spend and its audit record are committed together; a
+    /// crash before that leaves the nonce unspent and nothing released. Once started this
+    /// must run to completion (spawn it).
     pub async fn release(
         &self,
         checked: Checked,
         now: SystemTime,
     ) -> Result<AttestResponse, Refusal> {
-        let outcome = self.decide_and_seal(&checked).await;
-        let (result, detail) = match &outcome {
-            Ok((_, released)) => (
-                "released",
-                json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl }),
-            ),
-            Err(refusal) => (
-                "refused",
-                json!({
-                    "evidence": checked.evidence,
-                    "secrets": checked.request.secrets,
-                    "reason": refusal.reason(),
-                    "detail": crate::audit::truncate(&refusal.to_string()),
-                    "claims_sha256": checked.claims_digest,
-                }),
-            ),
+        // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
+        // and spent nonces are purged only well after they expire.
+        if unix(SystemTime::now()) > checked.nonce_expires_at {
+            let refusal = Refusal::Nonce(NonceError::Expired);
+            self.store
+                .append_audit(&release_record(&checked, Err(&refusal), now))
+                .await?;
+            return Err(refusal);
+        }
+        let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
+        let cached = self
+            .policy
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(v, _)| *v));
+        let (inputs, decision) = self
+            .store
+            .begin_decision(
+                &checked.nonce_digest,
+                expires,
+                &checked.request.secrets,
+                cached,
+            )
+            .await?;
+        let outcome = self.decide_and_seal(&checked, inputs);
+        let record = match &outcome {
+            Ok((_, released)) => release_record(&checked, Ok(released), now),
+            Err(refusal) => release_record(&checked, Err(refusal), now),
         };
-        let record = AuditRecord {
-            id: 0,
-            at: unix_i64(now),
-            actor: format!("guest {}", checked.peer_label()),
-            action: "attest".into(),
-            outcome: result.into(),
-            detail,
-        };
-        if let Err(e) = self.store.append_audit(&record).await {
-            // Nothing is released that is not audited.
-            tracing::error!(error = %e, "audit append failed; refusing the release");
+        if let Err(e) = decision.commit(&record).await {
+            // Nothing is released that is not audited (and nothing was spent).
+            tracing::error!(error = %e, "decision commit failed; refusing the release");
             return Err(Refusal::Store(e));
         }
         outcome.map(|(response, _)| response)
     }
 
-    async fn decide_and_seal(
+    /// The decision on what the store said, and the sealed secrets: no I/O.
+    fn decide_and_seal(
         &self,
         checked: &Checked,
+        inputs: DecisionInputs,
     ) -> Result<(AttestResponse, Vec<serde_json::Value>), Refusal> {
-        // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
-        // and spent nonces are purged only well after they expire.
-        if unix(SystemTime::now()) > checked.nonce_expires_at {
-            return Err(Refusal::Nonce(NonceError::Expired));
-        }
-        let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
-        if !self.store.use_nonce(&checked.nonce_digest, expires).await? {
+        if !inputs.fresh {
             return Err(Refusal::NonceReplay);
         }
+        let policy = self
+            .policy_for(inputs.policy.ok_or(Refusal::NoPolicy)?)
+            .map_err(Refusal::Internal)?;
         let request = &checked.request;
-        let policy = self.active_policy().await?.ok_or(Refusal::NoPolicy)?;
         let mut records: Vec<StoredSecret> = Vec::new();
-        for name in &request.secrets {
-            let record = self
-                .store
-                .current_secret(name)
-                .await?
-                .ok_or_else(|| Refusal::UnknownSecret(name.clone()))?;
-            records.push(record);
+        for (name, record) in request.secrets.iter().zip(inputs.secrets) {
+            records.push(record.ok_or_else(|| Refusal::UnknownSecret(name.clone()))?);
         }
         for name in &request.secrets {
             let decision = policy.decide(name, &checked.claims);
@@ -540,11 +526,42 @@ impl<S: Store> Broker<S> {
         ))
     }
 
+    /// The parsed policy of `current`: the cached one when its version matches, otherwise
+    /// parsed from the document the store sent (and cached).
+    fn policy_for(&self, current: PolicyRef) -> Result<Arc<Policy>, String> {
+        if let Ok(guard) = self.policy.read()
+            && let Some((version, policy)) = guard.as_ref()
+            && *version == current.version
+        {
+            return Ok(policy.clone());
+        }
+        let document = current
+            .document
+            .ok_or_else(|| format!("policy v{} was not sent and is not cached", current.version))?;
+        let policy = Arc::new(
+            Policy::from_stored_json(&document)
+                .map_err(|e| format!("stored policy v{} does not load: {e}", current.version))?,
+        );
+        if let Ok(mut guard) = self.policy.write() {
+            *guard = Some((current.version, policy.clone()));
+        }
+        Ok(policy)
+    }
+
     /// Records a refusal of an unauthenticated request (before any nonce is spent): a row of
     /// its own while the source's and the global budget last, otherwise counted for the
     /// minute's `audit.suppressed` summary (see [`crate::audit`]).
-    pub async fn audit_unauthenticated(&self, source: &str, kind: &str, record: &AuditRecord) {
-        if !self.sampler.admit(source, kind) {
+    pub async fn audit_unauthenticated(
+        &self,
+        class: crate::audit::Class,
+        peer: &str,
+        kind: &str,
+        record: &AuditRecord,
+    ) {
+        if !self
+            .sampler
+            .admit(class, &crate::limit::source_label(peer), kind)
+        {
             return;
         }
         if let Err(e) = self.store.append_audit(record).await {
@@ -695,11 +712,21 @@ impl<S: Store> Broker<S> {
     ) -> Result<u64, Error> {
         Policy::from_json(document).map_err(|e| Error::Input(e.to_string()))?;
         let audit = admin_record(actor, "policy.set", json!({}), now);
-        let version = self
-            .store
-            .insert_policy(document, unix_i64(now), actor, &audit)
-            .await?;
-        Ok(version)
+        // Two replicas setting a policy at once take the same next version: one wins, the
+        // other tries the next one.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .store
+                .insert_policy(document, unix_i64(now), actor, &audit)
+                .await
+            {
+                Ok(version) => return Ok(version),
+                Err(StoreError::Conflict(_)) if attempt < 5 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Deletes audit records older than `before`, recording that it did (who, the cut-off,
@@ -716,6 +743,38 @@ impl<S: Store> Broker<S> {
         let cutoff = unix_i64(before);
         let record = admin_record(actor, "audit.prune", json!({ "before": cutoff }), now);
         Ok(self.store.prune_audit(cutoff, &record).await?)
+    }
+}
+
+/// The audit record of a release decision.
+fn release_record(
+    checked: &Checked,
+    outcome: Result<&Vec<serde_json::Value>, &Refusal>,
+    now: SystemTime,
+) -> AuditRecord {
+    let (result, detail) = match outcome {
+        Ok(released) => (
+            "released",
+            json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl }),
+        ),
+        Err(refusal) => (
+            "refused",
+            json!({
+                "evidence": checked.evidence,
+                "secrets": checked.request.secrets,
+                "reason": refusal.reason(),
+                "detail": crate::audit::truncate(&refusal.to_string()),
+                "claims_sha256": checked.claims_digest,
+            }),
+        ),
+    };
+    AuditRecord {
+        id: 0,
+        at: unix_i64(now),
+        actor: format!("guest {}", checked.peer),
+        action: "attest".into(),
+        outcome: result.into(),
+        detail,
     }
 }
 
@@ -765,12 +824,6 @@ impl std::fmt::Debug for Checked {
             .field("evidence", &self.evidence)
             .field("claims_sha256", &self.claims_digest)
             .finish_non_exhaustive()
-    }
-}
-
-impl Checked {
-    fn peer_label(&self) -> &str {
-        &self.peer
     }
 }
 

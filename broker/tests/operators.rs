@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use broker::server::{AppState, Peer, router};
-use broker::store::{AuditQuery, SqliteStore, Store};
+use broker::store::{AnyStore, AuditQuery, Store};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
 };
@@ -53,7 +53,7 @@ impl Setup {
         broker::config::Settings::load(&self.dir.join("broker.toml")).unwrap()
     }
 
-    async fn state(&self) -> Arc<AppState<SqliteStore>> {
+    async fn state(&self) -> Arc<AppState<AnyStore>> {
         broker::server::build(&self.settings()).await.unwrap().0
     }
 }
@@ -250,6 +250,25 @@ async fn no_certificate_the_broker_serves_or_releases_may_be_an_operator_credent
             .unwrap()
             .contains("operator certificate")
     );
+
+    // Also when its issuer is not (yet) the operator CA: a guest could add the intermediate
+    // that chains it there, or wait for its validity to begin.
+    let other = Setup::new();
+    let (k, c) = other.issue(broker::init::operator_params("alice").unwrap());
+    let leaf_only = format!("{}{}", k.serialize_pem(), der_to_pem(&c));
+    let body = serde_json::json!({
+        "kind": "tls-key",
+        "value": attestation::protocol::encode_b64(leaf_only.as_bytes()),
+    });
+    let (s, v) = call(
+        &app,
+        "PUT",
+        "/v1/admin/secrets/rogue2",
+        &operator,
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
     // One stored behind the API's back (an older broker, a restored backup) stops the start.
     let settings = setup.settings();

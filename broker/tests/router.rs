@@ -6,10 +6,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use broker::server::{AppState, router};
-use broker::store::{AuditQuery, SqliteStore, Store};
+use broker::store::{AnyStore, AuditQuery, Store};
 use tower::ServiceExt;
 
-async fn state(dir: &std::path::Path, inflight: usize) -> Arc<AppState<SqliteStore>> {
+async fn state(dir: &std::path::Path, inflight: usize) -> Arc<AppState<AnyStore>> {
     let setup = broker::init::dev(&dir.join("dev"), "127.0.0.1:0").unwrap();
     let mut settings = broker::config::Settings::load(&setup.config).unwrap();
     settings.limits.max_inflight_attestations = inflight;

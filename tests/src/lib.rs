@@ -7,13 +7,17 @@
 #![deny(missing_docs)]
 
 pub mod azure;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use attestation::sim::SimulatedAmd;
+use attestation::protocol::{AttestRequest, CertificateEntry, EphemeralKey, Evidence, encode_b64};
+use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
+use attestation::{Product, binding};
+use base64::Engine;
 
 /// Runs the built `guest-agent` with `--config cfg` and `args`.
 pub fn agent(cfg: &Path, args: &[&str]) -> Output {
@@ -64,7 +68,8 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// A `broker serve` process on 127.0.0.1 with a fresh `init --dev` setup.
+/// A `broker serve` process on 127.0.0.1 with a fresh `init --dev` setup, and optionally
+/// more replicas of it (same setup, other ports) on a shared PostgreSQL store.
 pub struct Broker {
     /// The dev setup directory.
     pub dir: PathBuf,
@@ -72,16 +77,21 @@ pub struct Broker {
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
+    replicas: Vec<(u16, Option<Child>)>,
     _tmp: tempfile::TempDir,
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+        for i in 1..=self.replicas.len() {
+            self.kill_replica(i);
+        }
     }
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -90,8 +100,13 @@ fn free_port() -> u16 {
 }
 
 impl Broker {
-    /// Sets up and starts a broker.
+    /// Sets up and starts a broker on the embedded store.
     pub fn start() -> Broker {
+        Broker::start_on(None)
+    }
+
+    /// Sets up and starts a broker on the PostgreSQL database at `postgres` (or SQLite).
+    pub fn start_on(postgres: Option<&str>) -> Broker {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("dev");
         let port = free_port();
@@ -106,12 +121,20 @@ impl Broker {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(url) = postgres {
+            let config = dir.join("broker.toml");
+            let text = std::fs::read_to_string(&config)
+                .unwrap()
+                .replace("sqlite = \"broker.db\"", &format!("postgres = \"{url}\""));
+            std::fs::write(&config, text).unwrap();
+        }
         let log = tmp.path().join("broker.log");
         let mut b = Broker {
             dir,
             port,
             child: None,
             log,
+            replicas: Vec::new(),
             _tmp: tmp,
         };
         b.serve();
@@ -144,6 +167,68 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts another replica (same setup and store, another port); returns its index (1, 2,
+    /// …; the first broker is replica 0).
+    pub fn add_replica(&mut self) -> usize {
+        let port = free_port();
+        let config = std::fs::read_to_string(self.dir.join("broker.toml"))
+            .unwrap()
+            .replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!("listen = \"127.0.0.1:{port}\""),
+            );
+        let i = self.replicas.len() + 1;
+        std::fs::write(self.dir.join(format!("broker-{i}.toml")), config).unwrap();
+        self.replicas.push((port, None));
+        self.serve_replica(i);
+        i
+    }
+
+    /// Starts (or restarts) replica `i` (1, 2, …) and waits until it accepts connections.
+    pub fn serve_replica(&mut self, i: usize) {
+        self.kill_replica(i);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log.with_extension(format!("{i}.log")))
+            .unwrap();
+        let child = Command::new(binary("broker").unwrap())
+            .args(["serve", "--config"])
+            .arg(self.dir.join(format!("broker-{i}.toml")))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let port = self.replicas[i - 1].0;
+        self.replicas[i - 1].1 = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "replica {i} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills replica `i` (1, 2, …) with SIGKILL.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some((_, child)) = self.replicas.get_mut(i - 1)
+            && let Some(mut c) = child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A URL on replica `i` (0 is the first broker).
+    pub fn replica_url(&self, i: usize, path: &str) -> String {
+        let port = if i == 0 {
+            self.port
+        } else {
+            self.replicas[i - 1].0
+        };
+        format!("https://127.0.0.1:{port}{path}")
     }
 
     /// Stops the server process.
@@ -232,5 +317,68 @@ impl Broker {
             .env("BROKER_ADMIN_CONFIG", self.dir.join("admin.toml"))
             .output()
             .unwrap()
+    }
+}
+
+/// A simulated guest: report fields and a VCEK for its chip and TCB.
+pub struct Guest {
+    /// The report fields.
+    pub fields: ReportFields,
+    vcek: SimulatedKey,
+    ask: Vec<u8>,
+}
+
+impl Guest {
+    /// A guest of the simulated hierarchy `amd`, its report fields changed by `tweak`.
+    pub fn new(amd: &SimulatedAmd, tweak: impl FnOnce(&mut ReportFields)) -> Guest {
+        let mut fields = ReportFields::new(Product::Genoa);
+        tweak(&mut fields);
+        let vcek = amd
+            .issue_vcek(
+                &fields.chip_id,
+                fields.tcb,
+                SystemTime::now() - Duration::from_secs(3600),
+            )
+            .unwrap();
+        Guest {
+            fields,
+            vcek,
+            ask: amd.ask_der().to_vec(),
+        }
+    }
+
+    /// Builds an attest request for `nonce`; `bind_to` overrides the key bound in REPORT_DATA.
+    pub fn request(
+        &self,
+        nonce: &str,
+        key: &EphemeralKey,
+        secrets: &[&str],
+        bind_to: Option<&EphemeralKey>,
+    ) -> AttestRequest {
+        let nonce_bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(nonce)
+            .unwrap();
+        let bound = bind_to.unwrap_or(key).public_key().binding_bytes().unwrap();
+        let mut fields = self.fields.clone();
+        fields.report_data = binding::report_data(&nonce_bytes, &bound);
+        let report = self.vcek.sign_report(&fields).unwrap();
+        AttestRequest {
+            nonce: nonce.to_string(),
+            evidence: Evidence::Snp {
+                report: encode_b64(&report),
+                certificates: vec![
+                    CertificateEntry {
+                        kind: "vcek".into(),
+                        der: encode_b64(self.vcek.cert_der()),
+                    },
+                    CertificateEntry {
+                        kind: "ask".into(),
+                        der: encode_b64(&self.ask),
+                    },
+                ],
+            },
+            public_key: key.public_key(),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        }
     }
 }

@@ -7,33 +7,14 @@
 //! connections that only answer pings included). HTTP/1.1 connections are additionally held
 //! to the header timeout for each request's headers by hyper.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub use crate::limit::{KeyGuard, KeyLimiter};
+pub use crate::limit::{KeyGuard, KeyLimiter, source_key};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-/// The key a source is counted under: an IPv4 address, or an IPv6 /64 (one host usually
-/// holds a whole /64). IPv4-mapped IPv6 addresses count as IPv4.
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut seg = v6.segments();
-                for s in &mut seg[4..] {
-                    *s = 0;
-                }
-                IpAddr::V6(seg.into())
-            }
-        },
-    }
-}
 
 /// What a connection is doing: requests in flight, and when it last finished one.
 #[derive(Debug)]
@@ -137,6 +118,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn sources_share_the_limit_and_v6_counts_by_64() {

@@ -60,12 +60,16 @@ impl HttpBody for Shared {
 
 /// The middleware: runs the handler, then drains what it left unread.
 pub async fn drain_unread(req: Request, next: Next) -> Response {
+    // A client that asked to be told before it sends its body gets the refusal instead of an
+    // invitation to upload.
+    let expects_continue = req.headers().contains_key(axum::http::header::EXPECT);
     let (parts, body) = req.into_parts();
     let slot: Slot = Arc::new(Mutex::new(Some(body)));
     let req = Request::from_parts(parts, Body::new(Shared(slot.clone())));
     let response = next.run(req).await;
     let rest = slot.lock().ok().and_then(|mut g| g.take());
     if let Some(mut rest) = rest
+        && !expects_continue
         && !rest.is_end_stream()
     {
         let drained = tokio::time::timeout(DRAIN_TIME, async {

@@ -31,7 +31,7 @@ use crate::keys::MasterKey;
 use crate::nonce::NonceAuthority;
 use crate::release::{Broker, Refusal};
 use crate::secrets::SecretKind;
-use crate::store::{AuditQuery, AuditRecord, SqliteStore, Store};
+use crate::store::{AnyStore, AuditQuery, AuditRecord, PgStore, SqliteStore, Store};
 
 pub mod conn;
 mod drain;
@@ -62,6 +62,8 @@ pub struct AppState<S: Store> {
     pub attest_slots: Arc<Semaphore>,
     /// Whether a simulated AMD root is trusted (said in `/readyz`).
     pub simulated_root: bool,
+    /// The last readiness probe: when, and what it found.
+    pub readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl<S: Store> AppState<S> {
@@ -166,10 +168,29 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
             outcome: "refused".into(),
             detail,
         };
-        state
-            .broker
-            .audit_unauthenticated(&addr, &format!("admin/{}", denied.reason()), &record)
-            .await;
+        // A certificate the operator CA issued (refused for its usage, its name or the
+        // allow-list) is recorded every time; anything else is anonymous and sampled.
+        let from_operator_ca = matches!(
+            denied,
+            tls::OperatorDenied::NoClientAuth
+                | tls::OperatorDenied::NotOperator
+                | tls::OperatorDenied::NotAllowed(_)
+        );
+        if from_operator_ca {
+            if let Err(e) = state.broker.store().append_audit(&record).await {
+                tracing::error!(error = %e, "audit append failed");
+            }
+        } else {
+            state
+                .broker
+                .audit_unauthenticated(
+                    audit::Class::Anonymous,
+                    &addr,
+                    &format!("admin/{}", denied.reason()),
+                    &record,
+                )
+                .await;
+        }
         tracing::warn!(peer = %addr, %route, reason = %denied, "admin request refused");
         Err(if denied == tls::OperatorDenied::NoCertificate {
             Problem::new(
@@ -280,16 +301,31 @@ async fn count<S: Store>(
 }
 
 async fn ready<S: Store>(State(state): State<Arc<AppState<S>>>) -> Response {
-    let ping = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        state.broker.store().ping(),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(crate::store::StoreError::Unavailable(
-            "no write committed within 3 s".into(),
-        ))
-    });
+    // One probe at a time, its answer reused for a second: probes are anonymous, and each is
+    // a committed write.
+    let ping = {
+        let mut last = state.readiness.lock().await;
+        match last.as_ref() {
+            Some((at, result)) if at.elapsed() < std::time::Duration::from_secs(1) => {
+                result.clone()
+            }
+            _ => {
+                let result = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    state.broker.store().ping(),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::store::StoreError::Unavailable(
+                        "no write committed within 3 s".into(),
+                    ))
+                })
+                .map_err(|e| e.to_string());
+                *last = Some((Instant::now(), result.clone()));
+                result
+            }
+        }
+    };
     match ping {
         Ok(()) if state.simulated_root => {
             "ready (DANGER: trusts a SIMULATED AMD root; never in production)\n".into_response()
@@ -352,7 +388,12 @@ async fn attest<S: Store>(
             };
             state
                 .broker
-                .audit_unauthenticated(&addr, &format!("attest/{reason}"), &record)
+                .audit_unauthenticated(
+                    audit::Class::Anonymous,
+                    &addr,
+                    &format!("attest/{reason}"),
+                    &record,
+                )
                 .await;
             return problem.into_response();
         }
@@ -369,7 +410,12 @@ async fn attest<S: Store>(
         };
         state
             .broker
-            .audit_unauthenticated(&addr, "attest/rate_limited", &record)
+            .audit_unauthenticated(
+                audit::Class::Anonymous,
+                &addr,
+                "attest/rate_limited",
+                &record,
+            )
             .await;
         let mut p = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -630,10 +676,11 @@ async fn audit_prune<S: Store>(
 /// Builds the service state from settings: store, master key, verifier, TLS.
 pub async fn build(
     settings: &Settings,
-) -> Result<(Arc<AppState<SqliteStore>>, Arc<tls::TlsState>), Error> {
+) -> Result<(Arc<AppState<AnyStore>>, Arc<tls::TlsState>), Error> {
     let master = MasterKey::load(&settings.master_key)?;
     let store = match &settings.store {
-        StoreSettings::Sqlite(path) => SqliteStore::open(path).await?,
+        StoreSettings::Sqlite(path) => AnyStore::Sqlite(SqliteStore::open(path).await?),
+        StoreSettings::Postgres(pg) => AnyStore::Postgres(PgStore::open(pg).await?),
     };
     let mut anchors = TrustAnchors::amd()?;
     if let Some(root) = &settings.dangerous_trust_simulated_root {
@@ -682,6 +729,7 @@ pub async fn build(
         broker,
         metrics,
         simulated_root: settings.dangerous_trust_simulated_root.is_some(),
+        readiness: tokio::sync::Mutex::new(None),
         operator: tls_state.operator(),
         attest_slots: Arc::new(Semaphore::new(settings.limits.max_inflight_attestations)),
     });
@@ -774,9 +822,10 @@ pub async fn serve<S: Store>(
                 {
                     last_retention = Some(Instant::now());
                     let now = SystemTime::now();
+                    let before = now.checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
                     match state
                         .broker
-                        .prune_audit(now - retention, "broker (audit.retention_days)", now)
+                        .prune_audit(before, "broker (audit.retention_days)", now)
                         .await
                     {
                         Ok(n) => tracing::info!(deleted = n, "audit retention applied"),
@@ -825,6 +874,7 @@ pub async fn serve<S: Store>(
             builder: builder.clone(),
             header_timeout: settings.limits.header_timeout,
             idle_timeout: settings.limits.idle_timeout,
+            max_age: settings.limits.max_connection_age,
             shutdown: shutdown_rx.clone(),
         };
         tokio::spawn(async move {
@@ -848,6 +898,18 @@ pub async fn serve<S: Store>(
     {
         tracing::warn!("connections did not drain within 10 s");
     }
+    // Releases run in tasks of their own, to completion: wait for those still running (a
+    // spent nonce's outcome is audited before the process exits).
+    let inflight = u32::try_from(settings.limits.max_inflight_attestations).unwrap_or(u32::MAX);
+    if tokio::time::timeout(
+        settings.limits.request_timeout,
+        state.attest_slots.acquire_many(inflight),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("attestations still running at shutdown");
+    }
     state
         .broker
         .flush_audit_summary(SystemTime::now(), std::time::Duration::from_secs(60))
@@ -863,6 +925,7 @@ struct Connection {
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     header_timeout: std::time::Duration,
     idle_timeout: std::time::Duration,
+    max_age: std::time::Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -874,6 +937,7 @@ impl Connection {
 
         // The deadline for a first complete request starts now: the handshake counts.
         let activity = conn::Activity::new();
+        let retire_at = tokio::time::Instant::now() + self.max_age;
         let tls =
             match tokio::time::timeout(self.header_timeout, self.acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -923,6 +987,12 @@ impl Connection {
                     return;
                 }
                 () = tokio::time::sleep_until(wake) => {
+                    if !draining && tokio::time::Instant::now() >= retire_at {
+                        // Old enough: finish what is in flight, then close (HTTP/2 GOAWAY).
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                        continue;
+                    }
                     let due = activity
                         .deadline(self.header_timeout, self.idle_timeout)
                         .is_some_and(|d| d <= tokio::time::Instant::now());

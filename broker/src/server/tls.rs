@@ -134,9 +134,15 @@ impl OperatorVerifier {
     }
 
     /// Whether a certificate chain (leaf first, e.g. a server certificate or a workload's
-    /// certificate the broker releases) would be accepted as an operator credential.
+    /// certificate the broker releases) is or could become an operator credential: accepted
+    /// now, or a leaf marked as an operator certificate whatever its issuer and validity (a
+    /// guest that receives it could add the intermediate that chains it to the operator CA,
+    /// or wait until it is valid).
     pub fn accepts(&self, chain: &[CertificateDer<'_>], now: SystemTime) -> bool {
         self.authorize(chain, now).is_ok()
+            || chain
+                .first()
+                .is_some_and(|leaf| operator_name(leaf).is_ok())
     }
 }
 

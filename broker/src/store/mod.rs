@@ -6,8 +6,12 @@ use std::future::Future;
 
 use serde::Serialize;
 
+mod postgres;
+pub(crate) mod sql;
 mod sqlite;
 
+pub use postgres::{PgSettings, PgStore};
+pub use sql::SqlDecision;
 pub use sqlite::SqliteStore;
 
 /// Why the store failed.
@@ -119,8 +123,51 @@ pub struct AuditQuery {
     pub limit: Option<u32>,
 }
 
+/// The active policy's version, and its document unless the caller has that version already.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyRef {
+    /// Version.
+    pub version: u64,
+    /// The document; `None` when it is the version the caller said it has parsed.
+    pub document: Option<String>,
+}
+
+/// What a release decision reads from the store, in the transaction that spends its nonce.
+#[derive(Debug)]
+pub struct DecisionInputs {
+    /// The nonce was unspent and this transaction spends it. When false (a replay) nothing
+    /// else was read.
+    pub fresh: bool,
+    /// The active policy, if one is set.
+    pub policy: Option<PolicyRef>,
+    /// The current version of each secret asked for, in order (`None`: no such secret).
+    pub secrets: Vec<Option<StoredSecret>>,
+}
+
+/// A release decision's open transaction. Committing writes the audit record and makes the
+/// nonce spend durable together; dropping it rolls both back.
+pub trait Decision: Send {
+    /// Appends `audit` and commits.
+    fn commit(self, audit: &AuditRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
 /// The operations the broker needs from its store.
 pub trait Store: Send + Sync + 'static {
+    /// An open decision transaction.
+    type Decision: Decision;
+
+    /// Begins a release decision: spends the nonce (with its expiry, for purging) and, if it
+    /// was unspent, reads the active policy (its document only if its version is not
+    /// `cached_policy`) and the current version of each secret in `names`, all in one
+    /// transaction that [`Decision::commit`] ends with the audit record.
+    fn begin_decision(
+        &self,
+        nonce: &[u8; 32],
+        expires_at: i64,
+        names: &[String],
+        cached_policy: Option<u64>,
+    ) -> impl Future<Output = Result<(DecisionInputs, Self::Decision), StoreError>> + Send;
+
     /// Checks the store answers and can commit a write.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -211,4 +258,132 @@ pub trait Store: Send + Sync + 'static {
         bytes: &[u8],
         at: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store a broker runs on, chosen by its configuration.
+#[derive(Clone, Debug)]
+pub enum AnyStore {
+    /// The embedded engine.
+    Sqlite(SqliteStore),
+    /// The engine for several replicas.
+    Postgres(PgStore),
+}
+
+/// [`AnyStore`]'s open decision.
+#[derive(Debug)]
+pub enum AnyDecision {
+    /// On SQLite.
+    Sqlite(SqlDecision<sqlx::Sqlite>),
+    /// On PostgreSQL.
+    Postgres(SqlDecision<sqlx::Postgres>),
+}
+
+impl Decision for AnyDecision {
+    async fn commit(self, audit: &AuditRecord) -> Result<(), StoreError> {
+        match self {
+            AnyDecision::Sqlite(d) => d.commit(audit).await,
+            AnyDecision::Postgres(d) => d.commit(audit).await,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $e,
+            AnyStore::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    type Decision = AnyDecision;
+
+    async fn begin_decision(
+        &self,
+        nonce: &[u8; 32],
+        expires_at: i64,
+        names: &[String],
+        cached_policy: Option<u64>,
+    ) -> Result<(DecisionInputs, AnyDecision), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => {
+                let (i, d) = s
+                    .begin_decision(nonce, expires_at, names, cached_policy)
+                    .await?;
+                Ok((i, AnyDecision::Sqlite(d)))
+            }
+            AnyStore::Postgres(s) => {
+                let (i, d) = s
+                    .begin_decision(nonce, expires_at, names, cached_policy)
+                    .await?;
+                Ok((i, AnyDecision::Postgres(d)))
+            }
+        }
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+    async fn last_secret_version(&self, name: &str) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.last_secret_version(name).await)
+    }
+    async fn insert_secret(
+        &self,
+        secret: &StoredSecret,
+        created_at: i64,
+        created_by: &str,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.insert_secret(secret, created_at, created_by, audit).await)
+    }
+    async fn current_secret(&self, name: &str) -> Result<Option<StoredSecret>, StoreError> {
+        dispatch!(self, s => s.current_secret(name).await)
+    }
+    async fn list_secrets(&self) -> Result<Vec<SecretInfo>, StoreError> {
+        dispatch!(self, s => s.list_secrets().await)
+    }
+    async fn delete_secret(
+        &self,
+        name: &str,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.delete_secret(name, at, audit).await)
+    }
+    async fn insert_policy(
+        &self,
+        document: &str,
+        at: i64,
+        by: &str,
+        audit: &AuditRecord,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.insert_policy(document, at, by, audit).await)
+    }
+    async fn active_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
+        dispatch!(self, s => s.active_policy().await)
+    }
+    async fn policy_history(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+        dispatch!(self, s => s.policy_history().await)
+    }
+    async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.use_nonce(digest, expires_at).await)
+    }
+    async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.purge_nonces(now).await)
+    }
+    async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.append_audit(record).await)
+    }
+    async fn prune_audit(&self, before: i64, record: &AuditRecord) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_audit(before, record).await)
+    }
+    async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        dispatch!(self, s => s.query_audit(query).await)
+    }
+    async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        dispatch!(self, s => s.cache_get(key).await)
+    }
+    async fn cache_put(&self, key: &str, bytes: &[u8], at: i64) -> Result<(), StoreError> {
+        dispatch!(self, s => s.cache_put(key, bytes, at).await)
+    }
 }

@@ -9,7 +9,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{AuditQuery, AuditRecord, PolicyVersion, SecretInfo, Store, StoreError, StoredSecret};
+use super::sql::{to_i64, to_u64};
+use super::{
+    AuditQuery, AuditRecord, DecisionInputs, PolicyRef, PolicyVersion, SecretInfo, StoreError,
+    StoredSecret,
+};
 
 /// Schema migrations, applied in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -61,14 +65,6 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl SqliteStore {
@@ -134,18 +130,19 @@ fn prepare_files(path: &Path) -> Result<(), StoreError> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
+    use std::os::unix::fs::MetadataExt;
     let dir_mode = std::fs::metadata(&dir)
         .map_err(|e| fail(format!("{}: {e}", dir.display())))?
         .permissions()
         .mode();
-    if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+    if dir_mode & 0o022 != 0 {
         return Err(fail(format!(
             "{} has mode {:o}: the store's directory must not be writable by group or others (chmod go-w)",
             dir.display(),
             dir_mode & 0o7777
         )));
     }
-    if !path.exists() {
+    if std::fs::symlink_metadata(path).is_err() {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -153,11 +150,28 @@ fn prepare_files(path: &Path) -> Result<(), StoreError> {
             .open(path)
             .map_err(|e| fail(format!("{}: {e}", path.display())))?;
     }
+    // The user this process runs as (the owner of its /proc entry).
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
     for suffix in ["", "-wal", "-shm"] {
         let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
-        let Ok(meta) = std::fs::metadata(&file) else {
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
             continue;
         };
+        if meta.file_type().is_symlink() {
+            return Err(fail(format!(
+                "{} is a symbolic link: point store.sqlite at the file itself",
+                file.display()
+            )));
+        }
+        if let Some(me) = me
+            && meta.uid() != me
+        {
+            return Err(fail(format!(
+                "{} belongs to user {}, not to the broker's user {me}",
+                file.display(),
+                meta.uid()
+            )));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(fail(format!(
@@ -175,296 +189,46 @@ fn prepare_files(_path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn insert_audit(
-    conn: &mut sqlx::SqliteConnection,
-    r: &AuditRecord,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit (at, actor, action, outcome, detail) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(r.at)
-    .bind(&r.actor)
-    .bind(&r.action)
-    .bind(&r.outcome)
-    .bind(r.detail.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-fn secret_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredSecret, StoreError> {
-    let meta: String = row.try_get("meta")?;
-    Ok(StoredSecret {
-        name: row.try_get("name")?,
-        version: to_u64(row.try_get("version")?),
-        kind: row.try_get("kind")?,
-        meta: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
-        sealed: row
-            .try_get::<Option<Vec<u8>>, _>("sealed")?
-            .unwrap_or_default(),
-    })
-}
-
-fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PolicyVersion, StoreError> {
-    Ok(PolicyVersion {
-        version: to_u64(row.try_get("version")?),
-        document: row.try_get("document")?,
-        created_at: row.try_get("created_at")?,
-        created_by: row.try_get("created_by")?,
-    })
-}
-
-impl Store for SqliteStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        // A committed write, not a read: a store that answers reads but cannot write (disk
-        // full, locked, read-only) is not ready.
-        sqlx::query(
-            "INSERT INTO heartbeat (id, at) VALUES (1, strftime('%s', 'now'))
-             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+impl SqliteStore {
+    /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so
+    /// that it never fails later on upgrading a read lock.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    async fn last_secret_version(&self, name: &str) -> Result<u64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM secrets WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(to_u64(v.unwrap_or(0)))
-    }
-
-    async fn insert_secret(
-        &self,
-        s: &StoredSecret,
-        created_at: i64,
-        created_by: &str,
-        audit: &AuditRecord,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&s.name)
-        .bind(to_i64(s.version))
-        .bind(&s.kind)
-        .bind(created_at)
-        .bind(created_by)
-        .bind(&s.sealed)
-        .bind(s.meta.to_string())
-        .execute(&mut *tx)
-        .await?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn current_secret(&self, name: &str) -> Result<Option<StoredSecret>, StoreError> {
-        let row = sqlx::query(
-            "SELECT name, version, kind, sealed, meta FROM secrets
-             WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(secret_from_row).transpose()
-    }
-
-    async fn list_secrets(&self) -> Result<Vec<SecretInfo>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT s.name, s.version, s.kind, s.created_at, s.created_by, s.meta FROM secrets s
-             WHERE s.deleted_at IS NULL AND s.version =
-               (SELECT MAX(t.version) FROM secrets t WHERE t.name = s.name AND t.deleted_at IS NULL)
-             ORDER BY s.name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let meta: String = row.try_get("meta")?;
-                Ok(SecretInfo {
-                    name: row.try_get("name")?,
-                    version: to_u64(row.try_get("version")?),
-                    kind: row.try_get("kind")?,
-                    created_at: row.try_get("created_at")?,
-                    created_by: row.try_get("created_by")?,
-                    meta: serde_json::from_str(&meta).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect()
-    }
-
-    async fn delete_secret(
-        &self,
-        name: &str,
-        at: i64,
-        audit: &AuditRecord,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE secrets SET deleted_at = $1, sealed = NULL WHERE name = $2 AND deleted_at IS NULL",
-        )
-        .bind(at)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
+    /// After a delete: secure_delete zeroed the old records in the pages written to the WAL;
+    /// a truncating checkpoint copies those pages over the database file and empties the
+    /// WAL, so the old ciphertext is in neither file. If a reader holds the WAL, the
+    /// checkpoint is partial and the next one finishes it (docs/operations.md).
+    async fn after_delete(&self) {
+        for attempt in 0..10 {
+            // (busy, WAL frames, frames checkpointed): busy means a reader held the WAL.
+            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&self.pool)
+                .await
+            {
+                Ok((0, _, _)) => return,
+                Ok(_) => {
+                    tokio::time::sleep(Duration::from_millis(20 << attempt.min(5))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "checkpoint after delete failed");
+                    return;
+                }
+            }
         }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await?;
-        // secure_delete zeroed the old records in the pages written to the WAL; a truncating
-        // checkpoint copies those pages over the database file and empties the WAL, so the
-        // old ciphertext is in neither file. If a reader holds the WAL, the checkpoint is
-        // partial and the next one finishes it (docs/operations.md).
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await
-        {
-            tracing::warn!(error = %e, "checkpoint after delete failed");
-        }
-        Ok(true)
-    }
-
-    async fn insert_policy(
-        &self,
-        document: &str,
-        at: i64,
-        by: &str,
-        audit: &AuditRecord,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // One statement: the next version is taken and written atomically.
-        let version: i64 = sqlx::query_scalar(
-            "INSERT INTO policies (version, document, created_at, created_by)
-             SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3 FROM policies
-             RETURNING version",
-        )
-        .bind(document)
-        .bind(at)
-        .bind(by)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut audit = audit.clone();
-        audit.detail["version"] = version.into();
-        insert_audit(&mut tx, &audit).await?;
-        tx.commit().await?;
-        Ok(to_u64(version))
-    }
-
-    async fn active_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
-        let row = sqlx::query(
-            "SELECT version, document, created_at, created_by FROM policies ORDER BY version DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(policy_from_row).transpose()
-    }
-
-    async fn policy_history(&self) -> Result<Vec<PolicyVersion>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT version, document, created_at, created_by FROM policies ORDER BY version DESC",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(policy_from_row).collect()
-    }
-
-    async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO used_nonces (digest, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(&digest[..])
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        insert_audit(&mut conn, r).await
-    }
-
-    async fn prune_audit(&self, before: i64, record: &AuditRecord) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("DELETE FROM audit WHERE at < $1")
-            .bind(before)
-            .execute(&mut *tx)
-            .await?;
-        let mut record = record.clone();
-        record.detail["deleted"] = done.rows_affected().into();
-        insert_audit(&mut tx, &record).await?;
-        tx.commit().await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        let limit = i64::from(q.limit.unwrap_or(100).clamp(1, 1000));
-        let rows = sqlx::query(
-            "SELECT id, at, actor, action, outcome, detail FROM audit
-             WHERE ($1 IS NULL OR action = $1) AND ($2 IS NULL OR outcome = $2) AND ($3 IS NULL OR at >= $3)
-             ORDER BY id DESC LIMIT $4",
-        )
-        .bind(q.action.as_deref())
-        .bind(q.outcome.as_deref())
-        .bind(q.since)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let detail: String = row.try_get("detail")?;
-                Ok(AuditRecord {
-                    id: row.try_get("id")?,
-                    at: row.try_get("at")?,
-                    actor: row.try_get("actor")?,
-                    action: row.try_get("action")?,
-                    outcome: row.try_get("outcome")?,
-                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect()
-    }
-
-    async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let row = sqlx::query("SELECT bytes, fetched_at FROM kds_cache WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok(Some((r.try_get("bytes")?, r.try_get("fetched_at")?))),
-            None => Ok(None),
-        }
-    }
-
-    async fn cache_put(&self, key: &str, bytes: &[u8], at: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO kds_cache (key, bytes, fetched_at) VALUES ($1, $2, $3)
-             ON CONFLICT (key) DO UPDATE SET bytes = excluded.bytes, fetched_at = excluded.fetched_at",
-        )
-        .bind(key)
-        .bind(bytes)
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        tracing::warn!(
+            "checkpoint after delete incomplete: a reader holds the WAL; deleted ciphertext stays in it until the next truncating checkpoint"
+        );
     }
 }
+
+super::sql::sql_store!(SqliteStore, sqlx::Sqlite);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -643,9 +407,17 @@ mod tests {
         let e = SqliteStore::open(&db).await.unwrap_err();
         assert!(e.to_string().contains("0600"), "{e}");
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = SqliteStore::open(&db).await.unwrap_err();
-        assert!(e.to_string().contains("directory"), "{e}");
+        for mode in [0o777, 0o1777, 0o770] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = SqliteStore::open(&db).await.unwrap_err();
+            assert!(e.to_string().contains("directory"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A link planted where the database should be is refused.
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        let e = SqliteStore::open(&link).await.unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
     }
 
     #[tokio::test]

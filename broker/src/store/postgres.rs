@@ -1,0 +1,170 @@
+//! The engine for several replicas: one PostgreSQL database shared by every broker replica.
+//! TLS to the database through rustls; migrations once, under an advisory lock, however many
+//! replicas start together.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::sql::{to_i64, to_u64};
+use super::{
+    AuditQuery, AuditRecord, DecisionInputs, PolicyRef, PolicyVersion, SecretInfo, StoreError,
+    StoredSecret,
+};
+
+/// Schema migrations, applied in order; the index + 1 is the schema version. The same
+/// versions as the SQLite engine's, in PostgreSQL's types.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE secrets (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        deleted_at BIGINT,
+        sealed BYTEA,
+        meta TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE policies (
+        version BIGINT PRIMARY KEY,
+        document TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE used_nonces (
+        digest BYTEA PRIMARY KEY,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX used_nonces_expiry ON used_nonces (expires_at);
+    CREATE TABLE audit (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at);
+    CREATE TABLE kds_cache (
+        key TEXT PRIMARY KEY,
+        bytes BYTEA NOT NULL,
+        fetched_at BIGINT NOT NULL
+    );",
+    // 2: a row that readiness probes write, to prove the store can commit.
+    "CREATE TABLE heartbeat (
+        id BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL
+    );",
+];
+
+/// The advisory lock key that serialises migrations across replicas ("snpkbmig").
+const MIGRATION_LOCK: i64 = 0x736e_706b_626d_6967;
+
+/// How to reach the database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/db?sslmode=verify-full` (a password in it is accepted, a
+    /// `password_file` is better).
+    pub url: String,
+    /// CA certificates (PEM) that issue the database server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// A file (0600) holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Connections per replica.
+    pub pool_size: u32,
+    /// Longest time one statement may run (PostgreSQL `statement_timeout`).
+    pub statement_timeout: Duration,
+    /// Longest wait for a connection (connecting included); then the store is unavailable.
+    pub connect_timeout: Duration,
+}
+
+/// The PostgreSQL store.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects and migrates (once across replicas, under an advisory lock). Refuses a
+    /// database whose schema is newer than this broker knows.
+    pub async fn open(settings: &PgSettings) -> Result<PgStore, StoreError> {
+        let mut options = PgConnectOptions::from_str(&settings.url)
+            .map_err(|e| StoreError::Unavailable(format!("store.postgres: {e}")))?
+            .application_name("snp-key-broker")
+            .options([(
+                "statement_timeout",
+                format!("{}ms", settings.statement_timeout.as_millis()),
+            )]);
+        if let Some(ca) = &settings.ca_file {
+            options = options.ssl_root_cert(ca);
+        }
+        if let Some(file) = &settings.password_file {
+            crate::keys::check_private_file(file)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let password = zeroize::Zeroizing::new(
+                std::fs::read_to_string(file)
+                    .map_err(|e| StoreError::Unavailable(format!("{}: {e}", file.display())))?,
+            );
+            options = options.password(password.trim_end_matches(['\n', '\r']));
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_with(options)
+            .await?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // PostgreSQL's DDL is transactional: every migration and its version row commit
+        // together, and the transaction-scoped advisory lock makes the other replicas wait
+        // and then find the work done.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
+        if current > MIGRATIONS.len() {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {current} is newer than this broker ({}): upgrade the broker",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            // One statement at a time (the migrations hold no ';' inside a statement).
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Nothing to do: a deleted record's old row version stays in the table file until
+    /// VACUUM reclaims it (docs/operations.md).
+    async fn after_delete(&self) {}
+}
+
+super::sql::sql_store!(PgStore, sqlx::Postgres);

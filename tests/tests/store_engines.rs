@@ -1,0 +1,234 @@
+//! The store's guarantees on both engines, SQLite and a real PostgreSQL server: versions,
+//! single-use nonces under concurrency, one transaction per decision and per admin change,
+//! migrations once across replicas, and a refusal of a schema newer than the broker.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker::store::{
+    AuditQuery, AuditRecord, Decision, PgSettings, PgStore, SqliteStore, Store, StoreError,
+    StoredSecret,
+};
+use e2e::postgres::PgServer;
+
+fn audit(action: &str) -> AuditRecord {
+    AuditRecord {
+        id: 0,
+        at: 1,
+        actor: "operator op".into(),
+        action: action.into(),
+        outcome: "ok".into(),
+        detail: serde_json::json!({}),
+    }
+}
+
+fn secret(name: &str, version: u64) -> StoredSecret {
+    StoredSecret {
+        name: name.into(),
+        version,
+        kind: "opaque".into(),
+        meta: serde_json::json!({"bytes": 3}),
+        sealed: vec![version as u8; 40],
+    }
+}
+
+async fn actions(s: &impl Store) -> Vec<String> {
+    s.query_audit(&AuditQuery {
+        limit: Some(1000),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| r.action)
+    .collect()
+}
+
+fn pg_settings(url: String) -> PgSettings {
+    PgSettings {
+        url,
+        ca_file: None,
+        password_file: None,
+        pool_size: 32,
+        statement_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+/// What both engines must do alike.
+async fn conformance(s: impl Store + Clone) {
+    // Versions, never reused.
+    let put = audit("secret.put");
+    s.insert_secret(&secret("a", 1), 10, "op", &put)
+        .await
+        .unwrap();
+    s.insert_secret(&secret("a", 2), 11, "op", &put)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.insert_secret(&secret("a", 2), 12, "op", &put).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.current_secret("a").await.unwrap().unwrap().version, 2);
+    assert!(
+        s.delete_secret("a", 20, &audit("secret.delete"))
+            .await
+            .unwrap()
+    );
+    assert!(s.current_secret("a").await.unwrap().is_none());
+    assert_eq!(s.last_secret_version("a").await.unwrap(), 2);
+    assert_eq!(
+        actions(&s).await,
+        ["secret.delete", "secret.put", "secret.put"]
+    );
+
+    // Policies, audit detail from the store, the KDS cache, the readiness write.
+    assert_eq!(
+        s.insert_policy("{1}", 1, "a", &audit("policy.set"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.insert_policy("{2}", 2, "b", &audit("policy.set"))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(s.active_policy().await.unwrap().unwrap().document, "{2}");
+    s.cache_put("k", b"v1", 1).await.unwrap();
+    s.cache_put("k", b"v2", 2).await.unwrap();
+    assert_eq!(s.cache_get("k").await.unwrap(), Some((b"v2".to_vec(), 2)));
+    s.ping().await.unwrap();
+
+    // A decision: the nonce spent, its inputs read, all committed with the audit record.
+    s.insert_secret(&secret("db-key", 1), 30, "op", &put)
+        .await
+        .unwrap();
+    let names = vec!["db-key".to_string(), "nope".to_string()];
+    let (inputs, d) = s.begin_decision(&[7; 32], 100, &names, None).await.unwrap();
+    assert!(inputs.fresh);
+    assert_eq!(inputs.policy.as_ref().unwrap().version, 2);
+    assert_eq!(
+        inputs.policy.as_ref().unwrap().document.as_deref(),
+        Some("{2}")
+    );
+    assert_eq!(inputs.secrets[0].as_ref().unwrap().version, 1);
+    assert!(inputs.secrets[1].is_none());
+    d.commit(&audit("attest")).await.unwrap();
+    let (inputs, d) = s
+        .begin_decision(&[7; 32], 100, &names, Some(2))
+        .await
+        .unwrap();
+    assert!(!inputs.fresh, "spent");
+    drop(d);
+    // A decision rolled back (a crash before the commit) spends nothing and records nothing.
+    let before = actions(&s).await.len();
+    let (inputs, d) = s
+        .begin_decision(&[8; 32], 100, &names, Some(2))
+        .await
+        .unwrap();
+    assert!(inputs.fresh);
+    assert!(
+        inputs.policy.unwrap().document.is_none(),
+        "cached version: no document"
+    );
+    drop(d);
+    assert_eq!(actions(&s).await.len(), before);
+    let (inputs, d) = s
+        .begin_decision(&[8; 32], 100, &names, Some(2))
+        .await
+        .unwrap();
+    assert!(inputs.fresh, "the rolled-back spend did not happen");
+    d.commit(&audit("attest")).await.unwrap();
+
+    // The same nonce from many tasks at once: exactly one spends it.
+    let fresh = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let s = s.clone();
+            let fresh = fresh.clone();
+            tokio::spawn(async move {
+                let (inputs, d) = s
+                    .begin_decision(&[9; 32], 100, &["db-key".to_string()], Some(2))
+                    .await
+                    .unwrap();
+                if inputs.fresh {
+                    fresh.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                d.commit(&audit("attest")).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fresh.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(s.purge_nonces(101).await.unwrap(), 3);
+
+    // Pruning records itself.
+    let n = s
+        .prune_audit(i64::MAX, &audit("audit.prune"))
+        .await
+        .unwrap();
+    assert!(n > 0);
+    assert_eq!(actions(&s).await, ["audit.prune"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("b.db")).await.unwrap();
+    conformance(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_engine() {
+    let mut pg = PgServer::start();
+    let url = pg.create_database("conformance");
+    let s = PgStore::open(&pg_settings(url)).await.unwrap();
+    conformance(s).await;
+
+    // Replicas starting together migrate once.
+    let url = pg.create_database("together");
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let settings = pg_settings(url.clone());
+            tokio::spawn(async move { PgStore::open(&settings).await })
+        })
+        .collect();
+    for o in opens {
+        o.await.unwrap().unwrap();
+    }
+    // A schema newer than this broker: a one-line refusal.
+    let s = PgStore::open(&pg_settings(url.clone())).await.unwrap();
+    drop(s);
+    {
+        use sqlx_helper::exec;
+        exec(&url, "INSERT INTO schema_version (version) VALUES (99)").await;
+        let versions = sqlx_helper::count(&url, "SELECT COUNT(*) FROM schema_version").await;
+        assert_eq!(
+            versions, 3,
+            "two migrations, each applied once, and the planted 99"
+        );
+    }
+    let e = PgStore::open(&pg_settings(url)).await.unwrap_err();
+    assert!(e.to_string().contains("newer than this broker"), "{e}");
+    assert!(!e.to_string().contains('\n'));
+}
+
+/// Raw SQL against a test database.
+mod sqlx_helper {
+    use sqlx::Connection;
+
+    pub async fn exec(url: &str, sql: &str) {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+    }
+
+    pub async fn count(url: &str, sql: &str) -> i64 {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    }
+}
