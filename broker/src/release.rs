@@ -752,10 +752,11 @@ fn release_record(
     outcome: Result<&Vec<serde_json::Value>, &Refusal>,
     now: SystemTime,
 ) -> AuditRecord {
+    let nonce = hex::encode(checked.nonce_digest);
     let (result, detail) = match outcome {
         Ok(released) => (
             "released",
-            json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl }),
+            json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl, "nonce_sha256": nonce }),
         ),
         Err(refusal) => (
             "refused",
@@ -765,6 +766,7 @@ fn release_record(
                 "reason": refusal.reason(),
                 "detail": crate::audit::truncate(&refusal.to_string()),
                 "claims_sha256": checked.claims_digest,
+                "nonce_sha256": nonce,
             }),
         ),
     };

@@ -15,7 +15,8 @@ pub const DEFAULT_SECRETS_DIR: &str = "/run/credstore";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    broker_url: String,
+    broker_url: Option<String>,
+    brokers: Option<Vec<String>>,
     broker_ca: Option<PathBuf>,
     #[serde(default)]
     use_system_roots: bool,
@@ -145,8 +146,9 @@ pub struct AzureSettings {
 /// Checked agent settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Broker base URL (https).
-    pub broker_url: String,
+    /// Broker base URLs (https): one, or every replica's (tried in a random order, the next
+    /// one after a transient failure).
+    pub brokers: Vec<String>,
     /// The broker CA to pin.
     pub broker_ca: Option<PathBuf>,
     /// Also trust the Mozilla root set.
@@ -195,8 +197,27 @@ impl Settings {
     /// Parses and checks configuration text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Settings, String> {
         let raw: Raw = toml::from_str(text).map_err(|e| e.to_string())?;
-        if !raw.broker_url.starts_with("https://") {
-            return Err("broker_url: must be https://".into());
+        let brokers = match (raw.broker_url, raw.brokers) {
+            (Some(url), None) => vec![url],
+            (None, Some(list)) if !list.is_empty() && list.len() <= 32 => list,
+            (None, Some(_)) => return Err("brokers: list 1 to 32 broker URLs".into()),
+            (Some(_), Some(_)) => {
+                return Err("broker_url and brokers: set one of them (brokers for several)".into());
+            }
+            (None, None) => {
+                return Err("broker_url: the broker's https:// URL (or brokers = [...])".into());
+            }
+        };
+        let mut checked: Vec<String> = Vec::new();
+        for url in brokers {
+            if !url.starts_with("https://") {
+                return Err(format!("brokers: {url:?} must be https://"));
+            }
+            let url = url.trim_end_matches('/').to_string();
+            if checked.contains(&url) {
+                return Err(format!("brokers: {url:?} is listed twice"));
+            }
+            checked.push(url);
         }
         if raw.broker_ca.is_none() && !raw.use_system_roots {
             return Err("broker_ca: set the broker's CA (or use_system_roots = true)".into());
@@ -345,7 +366,7 @@ impl Settings {
         };
         let initial = Duration::from_millis(raw.retry.initial_ms.unwrap_or(500).max(10));
         Ok(Settings {
-            broker_url: raw.broker_url.trim_end_matches('/').to_string(),
+            brokers: checked,
             broker_ca: raw.broker_ca.map(|p| resolve(base, p)),
             use_system_roots: raw.use_system_roots,
             platform,
@@ -377,6 +398,53 @@ name = "extra"
 path = "/run/app/extra.key"
 required = false
 "#;
+
+    #[test]
+    fn one_broker_or_a_list() {
+        let list = GOOD.replace(
+            "broker_url = \"https://broker.internal:8443\"",
+            "brokers = [\"https://b1.internal:8443/\", \"https://b2.internal:8443\"]",
+        );
+        let s = Settings::parse(&list, Path::new("/etc/guest-agent")).unwrap();
+        assert_eq!(
+            s.brokers,
+            ["https://b1.internal:8443", "https://b2.internal:8443"]
+        );
+        for (bad, needle) in [
+            (
+                GOOD.replace("broker_url", "brokers = [\"https://x\"]\nbroker_url"),
+                "set one of them",
+            ),
+            (
+                GOOD.replace("broker_url = \"https://broker.internal:8443\"", ""),
+                "broker_url",
+            ),
+            (
+                GOOD.replace(
+                    "broker_url = \"https://broker.internal:8443\"",
+                    "brokers = []",
+                ),
+                "1 to 32",
+            ),
+            (
+                GOOD.replace(
+                    "broker_url = \"https://broker.internal:8443\"",
+                    "brokers = [\"https://a\", \"http://b\"]",
+                ),
+                "https://",
+            ),
+            (
+                GOOD.replace(
+                    "broker_url = \"https://broker.internal:8443\"",
+                    "brokers = [\"https://a\", \"https://a/\"]",
+                ),
+                "twice",
+            ),
+        ] {
+            let e = Settings::parse(&bad, Path::new("/")).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn defaults_and_paths() {

@@ -53,7 +53,7 @@ pub struct Agent {
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("broker", &self.settings.broker_url)
+            .field("brokers", &self.settings.brokers)
             .field("source", &self.source.name())
             .finish_non_exhaustive()
     }
@@ -186,9 +186,10 @@ impl Agent {
         self.source.as_ref()
     }
 
-    /// One attestation for `names`.
-    pub async fn attempt(&self, names: &[String]) -> Result<Vec<Opened>, Failure> {
-        let url = |p: &str| format!("{}{p}", self.settings.broker_url);
+    /// One attestation for `names` at the broker at `base` (challenge and attestation at the
+    /// same one, though any replica serves either).
+    pub async fn attempt(&self, base: &str, names: &[String]) -> Result<Vec<Opened>, Failure> {
+        let url = |p: &str| format!("{base}{p}");
         let resp = self
             .http
             .post(url("/v1/challenge"))
@@ -277,19 +278,34 @@ impl Agent {
         Ok(out)
     }
 
-    /// Attests for `names`, retrying transient failures with backoff and jitter until
-    /// `deadline`.
+    /// Attests for `names`, retrying transient failures until `deadline`: on the next broker
+    /// of the list (in a random order, so agents spread over the replicas) at once, and with
+    /// backoff and jitter once every broker failed in turn.
     pub async fn fetch(
         &self,
         names: &[String],
         deadline: Instant,
     ) -> Result<Vec<Opened>, AgentError> {
+        let brokers = shuffled(&self.settings.brokers);
         let mut delay = self.settings.retry_initial;
         let mut attempt = 1u32;
         loop {
-            match self.attempt(names).await {
+            let base = &brokers[(attempt as usize - 1) % brokers.len()];
+            match self.attempt(base, names).await {
                 Ok(opened) => return Ok(opened),
                 Err(Failure::Final(reason)) => return Err(AgentError::Refused(reason)),
+                Err(Failure::Transient(reason, _))
+                    if !(attempt as usize).is_multiple_of(brokers.len()) =>
+                {
+                    // More brokers to try in this round: the next one now.
+                    tracing::warn!(attempt, broker = %base, "attempt failed, trying the next broker: {reason}");
+                    if Instant::now() >= deadline {
+                        return Err(AgentError::Deadline(format!(
+                            "gave up after {attempt} attempts: {reason}"
+                        )));
+                    }
+                    attempt += 1;
+                }
                 Err(Failure::Transient(reason, wait)) => {
                     let jittered = jitter(delay);
                     let sleep = wait.map_or(jittered, |w| w.max(jittered));
@@ -310,6 +326,18 @@ impl Agent {
             }
         }
     }
+}
+
+/// `list` in a random order.
+fn shuffled(list: &[String]) -> Vec<String> {
+    let mut out = list.to_vec();
+    for i in (1..out.len()).rev() {
+        let mut b = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        let j = usize::try_from(u32::from_le_bytes(b)).unwrap_or(0) % (i + 1);
+        out.swap(i, j);
+    }
+    out
 }
 
 /// 50–100 % of `d`, so agents restarted together do not retry in lockstep.

@@ -118,7 +118,7 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
         }
         Command::ConfigCheck => Ok(()),
         Command::Check | Command::Run => {
-            tracing::info!(broker = %settings.broker_url, source = source.name(), "attesting");
+            tracing::info!(brokers = ?settings.brokers, source = source.name(), "attesting");
             let agent = flow::Agent::new(settings.clone(), source)?;
             let summary = guest_agent::run(&settings, &agent, write).await?;
             for (name, version, path, bytes) in &summary.written {

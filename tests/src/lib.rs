@@ -8,6 +8,7 @@
 
 pub mod azure;
 pub mod postgres;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

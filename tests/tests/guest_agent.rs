@@ -184,3 +184,28 @@ fn agent_survives_a_broker_restart_and_refuses_another_ca() {
         stderr(&out)
     );
 }
+
+/// With several brokers listed, an agent whose first pick is down (nothing listens there)
+/// moves on to the next and gets its secrets, whatever order it drew.
+#[test]
+fn agent_fails_over_to_the_next_broker() {
+    let b = Broker::start();
+    provision(&b);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = agent_config(&b, tmp.path(), &b.dir.join("ca.pem"), "", 30);
+    let dead = e2e::free_port();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("broker_url = \"https://127.0.0.1:{}\"", b.port),
+        &format!(
+            "brokers = [\"https://127.0.0.1:{dead}\", \"https://127.0.0.1:{}\"]",
+            b.port
+        ),
+    );
+    assert!(text.contains("brokers = ["));
+    std::fs::write(&cfg, text).unwrap();
+    for _ in 0..4 {
+        let out = agent(&cfg, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::remove_dir_all(tmp.path().join("credstore")).unwrap();
+    }
+}

@@ -11,6 +11,7 @@ terraform {
 module "agent" {
   source        = "../guest-agent-cloud-init"
   broker_url    = var.agent.broker_url
+  brokers       = var.agent.brokers
   broker_ca_pem = var.agent.broker_ca_pem
   agent_source  = var.agent.source
   agent_sha256  = var.agent.sha256

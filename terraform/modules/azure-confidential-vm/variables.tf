@@ -49,9 +49,10 @@ variable "tags" {
 }
 
 variable "agent" {
-  description = "The guest agent's settings, forwarded to the guest-agent-cloud-init module (which validates them): broker_url, broker_ca_pem, source (https URL or absolute path), sha256, secrets."
+  description = "The guest agent's settings, forwarded to the guest-agent-cloud-init module (which validates them): broker_url (or brokers, a list), broker_ca_pem, source (https URL or absolute path), sha256, secrets."
   type = object({
-    broker_url    = string
+    broker_url    = optional(string)
+    brokers       = optional(list(string), [])
     broker_ca_pem = string
     source        = string
     sha256        = string

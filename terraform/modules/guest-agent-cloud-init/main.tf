@@ -1,6 +1,7 @@
 locals {
   agent_config = templatefile("${path.module}/config.toml.tftpl", {
-    broker_url    = trimsuffix(var.broker_url, "/")
+    broker_url    = var.broker_url == null ? "" : trimsuffix(var.broker_url, "/")
+    brokers       = [for b in var.brokers : trimsuffix(b, "/")]
     platform      = var.platform
     deadline_secs = var.deadline_secs
     secrets       = var.secrets

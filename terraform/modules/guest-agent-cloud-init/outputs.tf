@@ -11,4 +11,8 @@ output "user_data_base64" {
 output "agent_config" {
   description = "The rendered /etc/guest-agent/config.toml."
   value       = local.agent_config
+  precondition {
+    condition     = (var.broker_url == null) != (length(var.brokers) == 0)
+    error_message = "Set exactly one of broker_url and brokers."
+  }
 }

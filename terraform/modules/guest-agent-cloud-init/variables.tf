@@ -1,9 +1,20 @@
 variable "broker_url" {
-  description = "The key broker's base URL (https)."
+  description = "The key broker's base URL (https). Set this or brokers."
   type        = string
+  default     = null
   validation {
-    condition     = can(regex("^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$", var.broker_url))
+    condition     = var.broker_url == null || can(regex("^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$", var.broker_url))
     error_message = "broker_url must be https://host[:port]."
+  }
+}
+
+variable "brokers" {
+  description = "Several brokers' base URLs (https), for replicas without a load balancer in front: the agent tries them in a random order and moves to the next on a transient failure. Set this or broker_url."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = length(var.brokers) <= 32 && alltrue([for b in var.brokers : can(regex("^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$", b))])
+    error_message = "brokers: at most 32, each https://host[:port]."
   }
 }
 

@@ -127,3 +127,42 @@ run "rejects_the_simulator" {
   }
   expect_failures = [var.platform]
 }
+
+run "renders_a_list_of_brokers" {
+  command = plan
+
+  variables {
+    broker_url = null
+    brokers    = ["https://b1.internal:8443/", "https://b2.internal:8443"]
+  }
+
+  assert {
+    condition     = strcontains(output.agent_config, "brokers = [\"https://b1.internal:8443\", \"https://b2.internal:8443\"]")
+    error_message = "config must carry every broker, without trailing slashes"
+  }
+  assert {
+    condition     = !strcontains(output.agent_config, "broker_url")
+    error_message = "a list of brokers replaces broker_url"
+  }
+}
+
+run "refuses_both_broker_url_and_brokers" {
+  command = plan
+
+  variables {
+    brokers = ["https://b1.internal:8443"]
+  }
+
+  expect_failures = [output.agent_config]
+}
+
+run "refuses_a_plain_http_broker_in_the_list" {
+  command = plan
+
+  variables {
+    broker_url = null
+    brokers    = ["https://b1.internal:8443", "http://b2.internal:8443"]
+  }
+
+  expect_failures = [var.brokers]
+}
