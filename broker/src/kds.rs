@@ -205,6 +205,9 @@ impl Kds {
         // Single flight: whoever holds the path's lock fetches; the others find its result.
         let flight = self.flight(path);
         let _turn = flight.lock.lock().await;
+        // And across replicas: one broker on the store fetches, the others wait for the
+        // cache (AMD's KDS answers bursts with 429).
+        let _shared = store.lock_fetch(&key).await?;
         self.fetch_once(store, &key, path, cached).await
     }
 

@@ -14,6 +14,8 @@ pub struct PgServer {
     bin: PathBuf,
     /// The TCP port on 127.0.0.1.
     pub port: u16,
+    fsync: bool,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// The newest installed PostgreSQL's binary directory.
@@ -49,8 +51,27 @@ fn is_root() -> bool {
 
 impl PgServer {
     /// Creates and starts a cluster with a superuser `kb` (trust authentication, loopback
-    /// only) and a database `kb`.
+    /// only) and a database `kb`, with `fsync` off (crash tests stop the server, not the
+    /// machine: the page cache survives).
     pub fn start() -> PgServer {
+        PgServer::start_with(false)
+    }
+
+    /// The same with `fsync` on, as in production: for measurements.
+    pub fn start_durable() -> PgServer {
+        PgServer::start_with(true)
+    }
+
+    /// The same serving TLS with `cert_pem` and `key_pem` (as well as plain connections).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+        PgServer::start_full(false, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(fsync: bool) -> PgServer {
+        PgServer::start_full(fsync, None)
+    }
+
+    fn start_full(fsync: bool, tls: Option<(&str, &str)>) -> PgServer {
         let tmp = tempfile::tempdir().unwrap();
         let root = is_root();
         let data = tmp.path().join("data");
@@ -66,12 +87,27 @@ impl PgServer {
         }
         let bin = bindir();
         let port = crate::free_port();
+        let tls = tls.map(|(cert, key)| {
+            let (c, k) = (tmp.path().join("server.crt"), tmp.path().join("server.key"));
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, key).unwrap();
+            chmod(&k, "0600");
+            if root {
+                run(Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&c)
+                    .arg(&k));
+            }
+            (c, k)
+        });
         let mut server = PgServer {
             _tmp: tmp,
             data,
             log,
             bin,
             port,
+            fsync,
+            tls,
         };
         let data_dir = server.data.to_str().unwrap().to_string();
         server.pg(
@@ -116,11 +152,19 @@ impl PgServer {
 
     /// Starts (or restarts) the server and waits until it accepts connections.
     pub fn start_again(&mut self) {
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=200",
+        let mut options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync={} -c max_connections=200",
             self.port,
-            self.data.display()
+            self.data.display(),
+            if self.fsync { "on" } else { "off" }
         );
+        if let Some((cert, key)) = &self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         let (data, log) = (
             self.data.to_str().unwrap().to_string(),
             self.log.to_str().unwrap().to_string(),
@@ -148,6 +192,50 @@ impl PgServer {
             &["-h", "127.0.0.1", "-p", &port, "-U", "kb", name],
         );
         self.url(name)
+    }
+
+    /// `pg_dump --format=custom` of database `name`; returns the dump file's path.
+    pub fn dump(&self, name: &str) -> PathBuf {
+        let file = self._tmp.path().join(format!("{name}.dump"));
+        let port = self.port.to_string();
+        self.pg(
+            "pg_dump",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "kb",
+                "--format=custom",
+                "--file",
+                file.to_str().unwrap(),
+                name,
+            ],
+        );
+        file
+    }
+
+    /// `pg_restore` of `dump` into the new database `name`; returns its URL.
+    pub fn restore(&mut self, dump: &Path, name: &str) -> String {
+        let url = self.create_database(name);
+        let port = self.port.to_string();
+        self.pg(
+            "pg_restore",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "kb",
+                "--exit-on-error",
+                "-d",
+                name,
+                dump.to_str().unwrap(),
+            ],
+        );
+        url
     }
 
     /// The URL of database `name` over TCP on loopback.

@@ -227,8 +227,110 @@ mod sqlx_helper {
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
     }
 
+    pub async fn scalar_bool(url: &str, sql: &str) -> bool {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+    }
+
     pub async fn count(url: &str, sql: &str) -> i64 {
         let mut c = sqlx::PgConnection::connect(url).await.unwrap();
         sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
     }
+}
+
+/// Two brokers on one PostgreSQL that miss the KDS cache at the same moment ask AMD once: the
+/// lookup is locked across replicas, and the one that waited finds the certificate cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kds_lookups_are_single_flight_across_replicas() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let hits = hits.clone();
+        axum::Router::new().route(
+            "/vcek/v1/Genoa/{hwid}",
+            axum::routing::get(move || {
+                let hits = hits.clone();
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    b"vcek-der".to_vec()
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut pg = PgServer::start();
+    let url = pg.create_database("kds");
+    let settings = broker::config::KdsSettings {
+        base_url: base,
+        offline: false,
+    };
+    let tcb = attestation::sim::ReportFields::new(attestation::Product::Genoa).tcb;
+    let mut lookups = Vec::new();
+    for _replica in 0..2 {
+        let store = Arc::new(PgStore::open(&pg_settings(url.clone())).await.unwrap());
+        let kds = broker::kds::Kds::new(&settings).unwrap();
+        for _ in 0..3 {
+            let (store, kds) = (store.clone(), kds.clone());
+            lookups.push(tokio::spawn(async move {
+                kds.vcek(&*store, attestation::Product::Genoa, &[0xab; 64], &tcb)
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    for l in lookups {
+        assert_eq!(l.await.unwrap(), b"vcek-der");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "six lookups on two replicas, one request"
+    );
+}
+
+/// TLS to the database (rustls): `sslmode=verify-full` with the CA in `store.ca_file`
+/// connects; without the CA, or to a name the certificate does not carry, it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_verified_tls() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let mut pg = PgServer::start_tls(&cert.pem(), &key.serialize_pem());
+    pg.create_database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+
+    let url = |host: &str| format!("postgres://kb@{host}:{}/tls?sslmode=verify-full", pg.port);
+    let mut settings = pg_settings(url("localhost"));
+    settings.ca_file = Some(ca_file.clone());
+    let s = PgStore::open(&settings).await.unwrap();
+    s.ping().await.unwrap();
+    // The connection is TLS indeed.
+    let ssl: bool = sqlx_helper::scalar_bool(
+        &format!("{}&sslrootcert={}", url("localhost"), ca_file.display()),
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .await;
+    assert!(ssl);
+    // Not without the CA (the server's certificate is not from a public root) ...
+    let mut no_ca = pg_settings(url("localhost"));
+    no_ca.connect_timeout = Duration::from_secs(2);
+    assert!(PgStore::open(&no_ca).await.is_err());
+    // ... nor to a name its certificate does not carry.
+    let mut wrong_name = pg_settings(url("127.0.0.1"));
+    wrong_name.ca_file = Some(ca_file);
+    wrong_name.connect_timeout = Duration::from_secs(2);
+    assert!(PgStore::open(&wrong_name).await.is_err());
 }

@@ -155,6 +155,16 @@ pub trait Decision: Send {
 pub trait Store: Send + Sync + 'static {
     /// An open decision transaction.
     type Decision: Decision;
+    /// A lock on one AMD KDS lookup across every broker on this store; released on drop.
+    type FetchLock: Send;
+
+    /// Takes the cross-replica lock of the KDS lookup `key`, waiting while another broker
+    /// holds it (that broker is fetching the same thing: the caller then finds it cached).
+    /// On SQLite, with one broker, there is nothing to lock.
+    fn lock_fetch(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Self::FetchLock, StoreError>> + Send;
 
     /// Begins a release decision: spends the nonce (with its expiry, for purging) and, if it
     /// was unspent, reads the active policy (its document only if its version is not
@@ -296,8 +306,25 @@ macro_rules! dispatch {
     };
 }
 
+/// [`AnyStore`]'s KDS lookup lock.
+#[derive(Debug)]
+pub enum AnyFetchLock {
+    /// SQLite: none needed.
+    Sqlite(()),
+    /// PostgreSQL: a transaction holding an advisory lock.
+    Postgres(SqlDecision<sqlx::Postgres>),
+}
+
 impl Store for AnyStore {
     type Decision = AnyDecision;
+    type FetchLock = AnyFetchLock;
+
+    async fn lock_fetch(&self, key: &str) -> Result<AnyFetchLock, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => Ok(AnyFetchLock::Sqlite(s.lock_fetch(key).await?)),
+            AnyStore::Postgres(s) => Ok(AnyFetchLock::Postgres(s.lock_fetch(key).await?)),
+        }
+    }
 
     async fn begin_decision(
         &self,

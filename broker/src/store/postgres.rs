@@ -158,8 +158,18 @@ impl PgStore {
         Ok(())
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        Ok(self.pool.begin().await?)
+    /// A transaction; PostgreSQL serialises conflicting writers itself (no writer turn).
+    #[allow(clippy::type_complexity)]
+    async fn begin_write(
+        &self,
+    ) -> Result<
+        (
+            sqlx::Transaction<'static, sqlx::Postgres>,
+            Option<super::sql::Writer>,
+        ),
+        StoreError,
+    > {
+        Ok((self.pool.begin().await?, None))
     }
 
     /// Nothing to do: a deleted record's old row version stays in the table file until
@@ -167,4 +177,24 @@ impl PgStore {
     async fn after_delete(&self) {}
 }
 
-super::sql::sql_store!(PgStore, sqlx::Postgres);
+impl PgStore {
+    /// A transaction-scoped advisory lock on a hash of the key: held until the returned
+    /// transaction is dropped (rolled back), whatever happens to the fetch.
+    async fn fetch_lock(
+        &self,
+        key: &str,
+    ) -> Result<super::sql::SqlDecision<sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("snp-key-broker kds {key}"))
+            .execute(&mut *tx)
+            .await?;
+        Ok(super::sql::SqlDecision { tx, _writer: None })
+    }
+}
+
+super::sql::sql_store!(
+    PgStore,
+    sqlx::Postgres,
+    super::sql::SqlDecision<sqlx::Postgres>
+);

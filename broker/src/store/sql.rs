@@ -10,7 +10,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// recorded.
 pub struct SqlDecision<DB: sqlx::Database> {
     pub(crate) tx: sqlx::Transaction<'static, DB>,
+    /// The engine's writer turn, if it has one (SQLite: one writer at a time, queued here
+    /// rather than in SQLite's busy handler). Dropped after the transaction ends.
+    pub(crate) _writer: Option<Writer>,
 }
+
+/// A turn as the engine's single writer.
+pub(crate) type Writer = tokio::sync::OwnedMutexGuard<()>;
 
 impl<DB: sqlx::Database> std::fmt::Debug for SqlDecision<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,9 +41,10 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (with a `pool` field and the hooks
-/// `begin_write` and `after_delete`) over database `$db`.
+/// `begin_write`, `after_delete` and `fetch_lock`, which returns a `$lock`) over database
+/// `$db`.
 macro_rules! sql_store {
-    ($store:ty, $db:ty) => {
+    ($store:ty, $db:ty, $lock:ty) => {
         async fn insert_audit(
             conn: &mut <$db as sqlx::Database>::Connection,
             r: &AuditRecord,
@@ -78,7 +85,13 @@ macro_rules! sql_store {
         }
 
         impl $crate::store::Store for $store {
-                type Decision = $crate::store::sql::SqlDecision<$db>;
+            type Decision = $crate::store::sql::SqlDecision<$db>;
+            type FetchLock = $lock;
+
+            async fn lock_fetch(&self, key: &str) -> Result<$lock, StoreError> {
+                self.fetch_lock(key).await
+            }
+
             async fn ping(&self) -> Result<(), StoreError> {
                 // A committed write, not a read: a store that answers reads but cannot write (disk
                 // full, locked, read-only) is not ready.
@@ -107,7 +120,7 @@ macro_rules! sql_store {
                 created_by: &str,
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
-                let mut tx = self.begin_write().await?;
+                let (mut tx, _writer) = self.begin_write().await?;
                 sqlx::query(
                     "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -167,7 +180,7 @@ macro_rules! sql_store {
                 at: i64,
                 audit: &AuditRecord,
             ) -> Result<bool, StoreError> {
-                let mut tx = self.begin_write().await?;
+                let (mut tx, _writer) = self.begin_write().await?;
                 let done = sqlx::query(
                     "UPDATE secrets SET deleted_at = $1, sealed = NULL WHERE name = $2 AND deleted_at IS NULL",
                 )
@@ -191,7 +204,7 @@ macro_rules! sql_store {
                 by: &str,
                 audit: &AuditRecord,
             ) -> Result<u64, StoreError> {
-                let mut tx = self.begin_write().await?;
+                let (mut tx, _writer) = self.begin_write().await?;
                 // One statement: the next version is taken and written atomically.
                 let version: i64 = sqlx::query_scalar(
                     "INSERT INTO policies (version, document, created_at, created_by)
@@ -253,7 +266,7 @@ macro_rules! sql_store {
             }
 
             async fn prune_audit(&self, before: i64, record: &AuditRecord) -> Result<u64, StoreError> {
-                let mut tx = self.begin_write().await?;
+                let (mut tx, _writer) = self.begin_write().await?;
                 let done = sqlx::query("DELETE FROM audit WHERE at < $1")
                     .bind(before)
                     .execute(&mut *tx)
@@ -324,7 +337,7 @@ macro_rules! sql_store {
                 names: &[String],
                 cached_policy: Option<u64>,
             ) -> Result<(DecisionInputs, Self::Decision), StoreError> {
-                let mut tx = self.begin_write().await?;
+                let (mut tx, _writer) = self.begin_write().await?;
                 // The spend comes first: on PostgreSQL a concurrent spend of the same nonce waits here
                 // for this transaction and then finds the row (exactly one release per nonce).
                 let spent = sqlx::query(
@@ -374,7 +387,13 @@ macro_rules! sql_store {
                             .push(row.as_ref().map(secret_from_row).transpose()?);
                     }
                 }
-                Ok((inputs, $crate::store::sql::SqlDecision { tx }))
+                Ok((
+            inputs,
+            $crate::store::sql::SqlDecision {
+                tx,
+                _writer,
+            },
+        ))
             }
         }
 

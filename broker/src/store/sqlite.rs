@@ -65,6 +65,10 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One writer at a time: SQLite allows no more, and waiting here (in order, woken when
+    /// the previous writer is done) beats SQLite's busy handler, which sleeps in steps of up
+    /// to 100 ms.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -88,7 +92,10 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        let store = SqliteStore { pool };
+        let store = SqliteStore {
+            pool,
+            writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -192,8 +199,17 @@ fn prepare_files(_path: &Path) -> Result<(), StoreError> {
 impl SqliteStore {
     /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so
     /// that it never fails later on upgrading a read lock.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_write(
+        &self,
+    ) -> Result<
+        (
+            sqlx::Transaction<'static, sqlx::Sqlite>,
+            Option<super::sql::Writer>,
+        ),
+        StoreError,
+    > {
+        let turn = self.writer.clone().lock_owned().await;
+        Ok((self.pool.begin_with("BEGIN IMMEDIATE").await?, Some(turn)))
     }
 
     /// After a delete: secure_delete zeroed the old records in the pages written to the WAL;
@@ -223,7 +239,14 @@ impl SqliteStore {
     }
 }
 
-super::sql::sql_store!(SqliteStore, sqlx::Sqlite);
+impl SqliteStore {
+    /// One broker per SQLite file: the KDS client's own single flight is enough.
+    async fn fetch_lock(&self, _key: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+super::sql::sql_store!(SqliteStore, sqlx::Sqlite, ());
 
 #[cfg(test)]
 mod tests {
