@@ -70,9 +70,12 @@ enum Command {
         /// Only records at or after this time (RFC 3339).
         #[arg(long)]
         since: Option<String>,
-        /// At most this many records (default 100).
+        /// At most this many records (default 100, at most 1000).
         #[arg(long)]
         limit: Option<u32>,
+        /// Only records older than this id (the `next_before_id` of the previous page).
+        #[arg(long)]
+        before_id: Option<i64>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -452,6 +455,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             outcome,
             since,
             limit,
+            before_id,
             json,
         } => {
             let mut q = Vec::new();
@@ -466,6 +470,9 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             }
             if let Some(l) = limit {
                 q.push(("limit", l.to_string()));
+            }
+            if let Some(b) = before_id {
+                q.push(("before_id", b.to_string()));
             }
             let v = admin.client()?.audit(&q).await?;
             if json {

@@ -460,6 +460,22 @@ impl<S: Store> Broker<S> {
                 cached,
             )
             .await?;
+        if !inputs.fresh {
+            // A replay: nothing was spent or read. Anyone holding a captured request can send
+            // it again until the nonce expires, so its record is sampled like other refusals
+            // before a spend (on the budget of evidence that verified).
+            drop(decision);
+            let refusal = Refusal::NonceReplay;
+            let record = release_record(&checked, Err(&refusal), now);
+            self.audit_unauthenticated(
+                crate::audit::Class::Verified,
+                &checked.peer,
+                "attest/nonce_replay",
+                &record,
+            )
+            .await;
+            return Err(refusal);
+        }
         let outcome = self.decide_and_seal(&checked, inputs);
         let record = match &outcome {
             Ok((_, released)) => release_record(&checked, Ok(released), now),

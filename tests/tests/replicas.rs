@@ -73,7 +73,8 @@ async fn three_replicas_on_one_postgres() {
         .unwrap();
     assert_eq!(r.status(), 403);
 
-    // Every release and every replay is in the shared audit log, once.
+    // Every release is in the shared audit log, once; replays (two per round) are recorded
+    // within one source's budget at each replica, the rest counted for the minute's summary.
     let out = b.cli(&["audit", "--json", "--action", "attest", "--limit", "1000"]);
     assert!(out.status.success(), "{}", e2e::stderr(&out));
     let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -88,7 +89,11 @@ async fn three_replicas_on_one_postgres() {
             .count()
     };
     assert_eq!(count("released", None), released);
-    assert_eq!(count("refused", Some("nonce_replay")), 2 * released);
+    let replays = count("refused", Some("nonce_replay"));
+    assert!(
+        (1..=3 * broker::audit::SampleBudget::default().per_source as usize).contains(&replays),
+        "{replays} replay records"
+    );
     assert_eq!(count("refused", Some("policy")), 1);
 
     // The database goes away (as a crash): every replica answers 503 with Retry-After, never

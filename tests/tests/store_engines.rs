@@ -167,6 +167,33 @@ async fn conformance(s: impl Store + Clone) {
     assert_eq!(fresh.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(s.purge_nonces(101).await.unwrap(), 3);
 
+    // Paging, newest first: each page continues before the previous page's oldest id.
+    let all = s
+        .query_audit(&AuditQuery {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut paged = Vec::new();
+    let mut before_id = None;
+    loop {
+        let page = s
+            .query_audit(&AuditQuery {
+                limit: Some(3),
+                before_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before_id = page.last().map(|r| r.id);
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+
     // Pruning records itself.
     let n = s
         .prune_audit(i64::MAX, &audit("audit.prune"))

@@ -646,7 +646,14 @@ async fn audit_query<S: Store>(
         .query_audit(&q)
         .await
         .map_err(Error::from)?;
-    Ok(Json(json!({ "records": records })).into_response())
+    // A full page may have older records behind it: say where the next page starts.
+    let limit = usize::try_from(q.limit.unwrap_or(100).clamp(1, 1000)).unwrap_or(100);
+    let next = if records.len() == limit {
+        records.last().map(|r| r.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "records": records, "next_before_id": next })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -121,6 +121,9 @@ pub struct AuditQuery {
     pub since: Option<i64>,
     /// At most this many (default 100, at most 1000).
     pub limit: Option<u32>,
+    /// Only records older than this one (by id): the next page after a page whose oldest
+    /// record had this id.
+    pub before_id: Option<i64>,
 }
 
 /// The active policy's version, and its document unless the caller has that version already.

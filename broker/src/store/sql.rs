@@ -283,12 +283,14 @@ macro_rules! sql_store {
                 let rows = sqlx::query(
                     "SELECT id, at, actor, action, outcome, detail FROM audit
                      WHERE ($1 IS NULL OR action = $1) AND ($2 IS NULL OR outcome = $2) AND ($3 IS NULL OR at >= $3)
+                       AND ($5 IS NULL OR id < $5)
                      ORDER BY id DESC LIMIT $4",
                 )
                 .bind(q.action.as_deref())
                 .bind(q.outcome.as_deref())
                 .bind(q.since)
                 .bind(limit)
+                .bind(q.before_id)
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter()
