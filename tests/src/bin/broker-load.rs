@@ -1,0 +1,415 @@
+//! `broker-load`: a load generator for the broker's native protocol over real HTTPS.
+//!
+//! Each flow is what a booting guest does: `POST /v1/challenge`, fresh simulated evidence that
+//! binds that nonce and a fresh X25519 key, `POST /v1/attest`; a sample of the sealed secrets
+//! is opened to check they are real. It reports flows per second, the broker's CPU seconds
+//! (from `/proc/<pid>/stat`) and flows per broker CPU-second, latency percentiles, errors by
+//! status and the broker's RSS; `floor` measures the crypto floor of one attestation (one
+//! ECDSA P-384 verify and one HPKE seal) on the calling thread, to compare in the same run.
+//!
+//! ```sh
+//! broker-load run --url https://127.0.0.1:8443 --ca DEV/ca.pem --sim-dir DEV/sim \
+//!   --mode keepalive --concurrency 16 --duration 10 --broker-pid PID --json
+//! broker-load floor --duration 5 --json
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use attestation::protocol::{AttestResponse, ChallengeResponse, EphemeralKey, Kem};
+use clap::{Parser, Subcommand, ValueEnum};
+use e2e::Guest;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "broker-load",
+    about = "Load generator for the key broker (native /v1 flows)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// One connection per worker, kept alive across flows.
+    Keepalive,
+    /// A new TLS connection (full handshake) for every flow.
+    NewConn,
+    /// A new TCP connection for every flow, resuming the TLS session.
+    Resumed,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs flows against a broker.
+    Run {
+        /// The broker's base URL.
+        #[arg(long)]
+        url: String,
+        /// The broker's CA (PEM), pinned.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The simulated AMD hierarchy of the broker's `init --dev` setup (`DIR/sim`).
+        #[arg(long)]
+        sim_dir: PathBuf,
+        /// Connection handling.
+        #[arg(long, value_enum, default_value = "keepalive")]
+        mode: Mode,
+        /// Flows in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// The secret each flow asks for.
+        #[arg(long, default_value = "db-key")]
+        secret: String,
+        /// The broker's process id, for its CPU time and memory.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        /// Open every Nth released secret (0: none).
+        #[arg(long, default_value_t = 16)]
+        check_every: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measures the crypto floor of one attestation on this thread.
+    Floor {
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// CPU seconds (user + system) and RSS in bytes of a process.
+fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks as f64 / clock_ticks(), rss_kb * 1024))
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn tls_config(ca: &PathBuf, resume: bool) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).with_context(|| ca.display().to_string())?;
+    for c in attestation::certs::decode_pem_or_der(&pem, "ca")? {
+        roots.add(c.into())?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(config)
+}
+
+fn client(config: &rustls::ClientConfig) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(config.clone())
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    checked: u64,
+    errors: BTreeMap<u16, u64>,
+    latencies: Vec<Duration>,
+}
+
+/// One flow; `Ok(Some(response))` on a release.
+async fn flow(
+    http: &reqwest::Client,
+    url: &str,
+    guest: &Guest,
+    secret: &str,
+) -> Result<(AttestResponse, EphemeralKey), u16> {
+    let r = http
+        .post(format!("{url}/v1/challenge"))
+        .send()
+        .await
+        .map_err(|_| 0u16)?;
+    if !r.status().is_success() {
+        return Err(r.status().as_u16());
+    }
+    let nonce = r.json::<ChallengeResponse>().await.map_err(|_| 0u16)?.nonce;
+    let key = EphemeralKey::generate(Kem::X25519);
+    let request = guest.request(&nonce, &key, &[secret], None);
+    let r = http
+        .post(format!("{url}/v1/attest"))
+        .json(&request)
+        .send()
+        .await
+        .map_err(|_| 0u16)?;
+    if r.status() != 200 {
+        return Err(r.status().as_u16());
+    }
+    let body = r.json::<AttestResponse>().await.map_err(|_| 0u16)?;
+    Ok((body, key))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    url: String,
+    ca: PathBuf,
+    sim_dir: PathBuf,
+    mode: Mode,
+    concurrency: usize,
+    duration: Duration,
+    secret: String,
+    broker_pid: Option<u32>,
+    check_every: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let amd = guest_agent::evidence::load_simulated_amd(&sim_dir, attestation::Product::Genoa)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sim_dir.display()))?;
+    let guest = Arc::new(Guest::new(&amd, |_| {}));
+    let config = tls_config(&ca, mode != Mode::NewConn)?;
+    // A warm-up flow: the broker's chain cache and the policy are loaded before measuring.
+    flow(&client(&config)?, &url, &guest, &secret)
+        .await
+        .map_err(|s| anyhow::anyhow!("warm-up flow failed with status {s}"))?;
+    let before = broker_pid.map(process_usage).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (url, guest, secret, stop, config) = (
+            url.clone(),
+            guest.clone(),
+            secret.clone(),
+            stop.clone(),
+            config.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let kept = client(&config).ok();
+            while !stop.load(Ordering::Relaxed) {
+                let fresh;
+                let http = match (&mode, &kept) {
+                    (Mode::Keepalive, Some(k)) => k,
+                    _ => {
+                        let Ok(c) = client(&config) else { break };
+                        fresh = c;
+                        &fresh
+                    }
+                };
+                let t = Instant::now();
+                match flow(http, &url, &guest, &secret).await {
+                    Ok((body, key)) => {
+                        tally.latencies.push(t.elapsed());
+                        tally.ok += 1;
+                        if check_every > 0 && tally.ok % check_every == 0 {
+                            let opened = body.secrets.first().map(|s| key.open(s));
+                            if !matches!(opened, Some(Ok(_))) {
+                                *tally.errors.entry(1).or_default() += 1;
+                            }
+                            tally.checked += 1;
+                        }
+                    }
+                    Err(status) => *tally.errors.entry(status).or_default() += 1,
+                }
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Tally::default();
+    for w in workers {
+        let t = w.await?;
+        total.ok += t.ok;
+        total.checked += t.checked;
+        for (k, v) in t.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        total.latencies.extend(t.latencies);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = broker_pid.map(process_usage).transpose()?;
+    total.latencies.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        let n = total.latencies.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let i = ((n as f64 - 1.0) * q).round() as usize;
+        total.latencies[i.min(n - 1)].as_secs_f64() * 1000.0
+    };
+    let cpu = match (before, after) {
+        (Some((a, _)), Some((b, _))) => Some(b - a),
+        _ => None,
+    };
+    let errors: BTreeMap<String, u64> = total
+        .errors
+        .iter()
+        .map(|(k, v)| {
+            let label = match k {
+                0 => "transport".to_string(),
+                1 => "secret_did_not_open".to_string(),
+                s => s.to_string(),
+            };
+            (label, *v)
+        })
+        .collect();
+    Ok(json!({
+        "mode": format!("{mode:?}").to_lowercase(),
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "flows": total.ok,
+        "flows_per_second": total.ok as f64 / elapsed,
+        "broker_cpu_seconds": cpu,
+        "flows_per_broker_cpu_second": cpu.filter(|c| *c > 0.0).map(|c| total.ok as f64 / c),
+        "latency_ms": { "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0) },
+        "errors": errors,
+        "secrets_opened": total.checked,
+        "broker_rss_bytes": after.map(|(_, rss)| rss),
+    }))
+}
+
+/// One ECDSA P-384 verify (the report signature) and one HPKE seal (the release), as many
+/// times as fit in `duration` on this thread.
+fn floor(duration: Duration) -> anyhow::Result<serde_json::Value> {
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{
+        ECDSA_P384_SHA384_FIXED, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+        UnparsedPublicKey,
+    };
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("key generation"))?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("key"))?;
+    let message = [0x5au8; 0x2a0];
+    let signature = pair
+        .sign(&rng, &message)
+        .map_err(|_| anyhow::anyhow!("sign"))?;
+    let public = UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, pair.public_key().as_ref());
+    let guest_key = EphemeralKey::generate(Kem::X25519);
+    let public_key = guest_key.public_key();
+    let secret = [7u8; 32];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        public
+            .verify(&message, signature.as_ref())
+            .map_err(|_| anyhow::anyhow!("verify"))?;
+        attestation::protocol::seal(&public_key, "db-key", 1, "data-key", &secret)?;
+        n += 1;
+    }
+    let per_second = n as f64 / started.elapsed().as_secs_f64();
+    Ok(json!({ "floor_per_second": per_second, "iterations": n }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let out = match cli.command {
+        Command::Floor { duration, json } => {
+            let v = floor(Duration::from_secs(duration.max(1)))?;
+            if !json {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!(
+                        "crypto floor (ECDSA P-384 verify + HPKE seal): {:.0}/s on one core",
+                        v["floor_per_second"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+        Command::Run {
+            url,
+            ca,
+            sim_dir,
+            mode,
+            concurrency,
+            duration,
+            secret,
+            broker_pid,
+            check_every,
+            json,
+        } => {
+            if !url.starts_with("https://") {
+                bail!("--url: https://");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let v = rt.block_on(run(
+                url.trim_end_matches('/').to_string(),
+                ca,
+                sim_dir,
+                mode,
+                concurrency,
+                Duration::from_secs(duration.max(1)),
+                secret,
+                broker_pid,
+                check_every,
+            ))?;
+            if !json {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!(
+                        "{} flows in {:.1} s: {:.1} flows/s; broker CPU {} s ({} flows per broker CPU-second); \
+                         p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; errors {}; broker RSS {} MiB",
+                        v["flows"],
+                        v["seconds"].as_f64().unwrap_or(0.0),
+                        v["flows_per_second"].as_f64().unwrap_or(0.0),
+                        v["broker_cpu_seconds"],
+                        v["flows_per_broker_cpu_second"],
+                        v["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                        v["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
+                        v["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+                        v["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+                        v["errors"],
+                        v["broker_rss_bytes"].as_u64().unwrap_or(0) / (1024 * 1024),
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
