@@ -385,40 +385,32 @@ fn store_settings(raw: RawStore, base: &Path) -> Result<StoreSettings, String> {
 
 /// A PostgreSQL URL: TLS with the server's certificate and name verified
 /// (`sslmode=verify-full`), unless the server is on this machine (a loopback address or a
-/// unix socket directory).
+/// unix socket). Checked on what sqlx will use: the URL as sqlx parses it (the last of a
+/// repeated parameter, `host=` and `hostaddr=` parameters) over the `PG*` environment.
 fn check_postgres_url(url: &str) -> Result<(), String> {
+    use std::str::FromStr;
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("store.postgres: {e}"))?;
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err("store.postgres: a postgres:// URL".into());
     }
-    let param = |name: &str| {
-        parsed
-            .query_pairs()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    };
-    let socket = param("host").is_some_and(|h| h.starts_with('/'));
-    // postgres:// is not a special scheme: an IPv4 host arrives as a domain.
-    let local = socket
-        || match parsed.host() {
-            Some(url::Host::Domain(d)) => {
-                d == "localhost"
-                    || d.parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => true,
-        };
-    let mode = param("sslmode").unwrap_or_default();
-    if !local && mode != "verify-full" {
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| format!("store.postgres: {e}"))?;
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let verified = matches!(
+        options.get_ssl_mode(),
+        sqlx::postgres::PgSslMode::VerifyFull
+    );
+    if !local && !verified {
         return Err(format!(
-            "store.postgres: a database on another machine needs sslmode=verify-full (got {:?}); add it to the URL, with store.ca_file for a private CA",
-            if mode.is_empty() {
-                "none"
-            } else {
-                mode.as_str()
-            }
+            "store.postgres: a database on another machine ({host}) needs sslmode=verify-full; add it to the URL, with store.ca_file for a private CA"
         ));
     }
     Ok(())
@@ -503,6 +495,14 @@ file = "master.key"
             ("postgres = \"postgres://kb@10.0.0.5/kb\"", false),
             ("postgres = \"postgres://kb@127.0.0.1.example/kb\"", false),
             ("postgres = \"postgres://kb@[::1]:5432/kb\"", true),
+            (
+                "postgres = \"postgres://kb@localhost/kb?host=db.example\"",
+                false,
+            ),
+            (
+                "postgres = \"postgres://kb@db.example/kb?sslmode=verify-full&sslmode=disable\"",
+                false,
+            ),
             ("postgres = \"mysql://kb@127.0.0.1/kb\"", false),
             (
                 "postgres = \"postgres://kb@127.0.0.1/kb\"\npool_size = 0",

@@ -205,6 +205,12 @@ impl Kds {
         // Single flight: whoever holds the path's lock fetches; the others find its result.
         let flight = self.flight(path);
         let _turn = flight.lock.lock().await;
+        // One of the few lookup slots before anything else: a slot bounds the store
+        // connections lookups hold (the cross-replica lock holds one while the fetch runs).
+        let _slot = match tokio::time::timeout(Duration::from_secs(5), self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => return Err(KdsError::Busy),
+        };
         // And across replicas: one broker on the store fetches, the others wait for the
         // cache (AMD's KDS answers bursts with 429).
         let _shared = store.lock_fetch(&key).await?;
@@ -301,11 +307,8 @@ impl Kds {
     }
 
     async fn fetch(&self, path: &str) -> Result<Vec<u8>, KdsError> {
+        // The caller holds a lookup slot.
         let url = format!("{}{path}", self.base);
-        let _slot = match tokio::time::timeout(Duration::from_secs(5), self.slots.acquire()).await {
-            Ok(Ok(slot)) => slot,
-            _ => return Err(KdsError::Busy),
-        };
         let mut delay = self.backoff;
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {

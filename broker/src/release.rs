@@ -102,7 +102,9 @@ pub struct Broker<S: Store> {
     cipher: RecordCipher,
     nonce_ttl: Duration,
     chains: Mutex<HashMap<[u8; 32], VerifiedChain>>,
-    policy: RwLock<Option<(u64, Arc<Policy>)>>,
+    /// The newest parsed policy versions (at most two: a decision that read the previous
+    /// version in its transaction still finds it while a newer one is being cached).
+    policy: RwLock<Vec<(u64, Arc<Policy>)>>,
     kds: Option<Kds>,
     /// Until when a failed CRL fetch is not retried (per product and key kind).
     crl_backoff: Mutex<HashMap<String, SystemTime>>,
@@ -152,7 +154,7 @@ impl<S: Store> Broker<S> {
             cipher,
             nonce_ttl,
             chains: Mutex::new(HashMap::new()),
-            policy: RwLock::new(None),
+            policy: RwLock::new(Vec::new()),
             kds: None,
             crl_backoff: Mutex::new(HashMap::new()),
             sampler: crate::audit::Sampler::new(crate::audit::SampleBudget::default()),
@@ -450,7 +452,7 @@ impl<S: Store> Broker<S> {
             .policy
             .read()
             .ok()
-            .and_then(|g| g.as_ref().map(|(v, _)| *v));
+            .and_then(|g| g.first().map(|(v, _)| *v));
         let (inputs, decision) = self
             .store
             .begin_decision(
@@ -546,8 +548,7 @@ impl<S: Store> Broker<S> {
     /// parsed from the document the store sent (and cached).
     fn policy_for(&self, current: PolicyRef) -> Result<Arc<Policy>, String> {
         if let Ok(guard) = self.policy.read()
-            && let Some((version, policy)) = guard.as_ref()
-            && *version == current.version
+            && let Some((_, policy)) = guard.iter().find(|(v, _)| *v == current.version)
         {
             return Ok(policy.clone());
         }
@@ -558,8 +559,12 @@ impl<S: Store> Broker<S> {
             Policy::from_stored_json(&document)
                 .map_err(|e| format!("stored policy v{} does not load: {e}", current.version))?,
         );
-        if let Ok(mut guard) = self.policy.write() {
-            *guard = Some((current.version, policy.clone()));
+        if let Ok(mut guard) = self.policy.write()
+            && !guard.iter().any(|(v, _)| *v == current.version)
+        {
+            guard.push((current.version, policy.clone()));
+            guard.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
+            guard.truncate(2);
         }
         Ok(policy)
     }

@@ -291,7 +291,26 @@ impl Agent {
         let mut attempt = 1u32;
         loop {
             let base = &brokers[(attempt as usize - 1) % brokers.len()];
-            match self.attempt(base, names).await {
+            // No attempt outlives the deadline (a broker that accepts and then stalls).
+            let bounded = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(deadline),
+                self.attempt(base, names),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::Transient(
+                    format!("{base}: no answer before the deadline"),
+                    None,
+                ))
+            });
+            if Instant::now() >= deadline
+                && let Err(Failure::Transient(reason, _)) = &bounded
+            {
+                return Err(AgentError::Deadline(format!(
+                    "gave up after {attempt} attempts: {reason}"
+                )));
+            }
+            match bounded {
                 Ok(opened) => return Ok(opened),
                 Err(Failure::Final(reason)) => return Err(AgentError::Refused(reason)),
                 Err(Failure::Transient(reason, _))

@@ -211,13 +211,14 @@ pub async fn check_invariants(base: &str, operator: &reqwest::Client, observed: 
         .unwrap();
     for s in list["secrets"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
-        if let Some(newest) = puts.get(name) {
-            assert_eq!(
-                s["version"].as_u64(),
-                Some(*newest),
-                "{name}: current version without its audit record, or the reverse"
-            );
-        }
+        let newest = puts
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} exists without any secret.put record"));
+        assert_eq!(
+            s["version"].as_u64(),
+            Some(*newest),
+            "{name}: current version without its audit record, or the reverse"
+        );
     }
 }
 

@@ -96,10 +96,18 @@ impl PgStore {
         let mut options = PgConnectOptions::from_str(&settings.url)
             .map_err(|e| StoreError::Unavailable(format!("store.postgres: {e}")))?
             .application_name("snp-key-broker")
-            .options([(
-                "statement_timeout",
-                format!("{}ms", settings.statement_timeout.as_millis()),
-            )]);
+            .options([
+                (
+                    "statement_timeout",
+                    format!("{}ms", settings.statement_timeout.as_millis()),
+                ),
+                // A replica that dies mid-decision (or loses the network) must not hold its
+                // nonce row and locks until TCP gives up: the server ends the session.
+                (
+                    "idle_in_transaction_session_timeout",
+                    format!("{}ms", (settings.statement_timeout * 6).as_millis()),
+                ),
+            ]);
         if let Some(ca) = &settings.ca_file {
             options = options.ssl_root_cert(ca);
         }
@@ -131,9 +139,16 @@ impl PgStore {
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            .execute(&mut *tx)
+        // No DDL at all when the schema is current: a role without CREATE on the schema
+        // (docs/operations.md) still starts (PostgreSQL checks CREATE before IF NOT EXISTS).
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('schema_version') IS NOT NULL")
+            .fetch_one(&mut *tx)
             .await?;
+        if !exists {
+            sqlx::query("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+                .execute(&mut *tx)
+                .await?;
+        }
         let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
             .fetch_one(&mut *tx)
             .await?;
@@ -156,6 +171,11 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// PostgreSQL serialises conflicting writers itself: no writer turn.
+    async fn writer_turn(&self) -> Option<super::sql::Writer> {
+        None
     }
 
     /// A transaction; PostgreSQL serialises conflicting writers itself (no writer turn).
@@ -185,6 +205,10 @@ impl PgStore {
         key: &str,
     ) -> Result<super::sql::SqlDecision<sqlx::Postgres>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Another replica's fetch (with AMD's backoff) can outlast the statement timeout.
+        sqlx::query("SET LOCAL statement_timeout = '90s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
             .bind(format!("snp-key-broker kds {key}"))
             .execute(&mut *tx)

@@ -41,8 +41,8 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (with a `pool` field and the hooks
-/// `begin_write`, `after_delete` and `fetch_lock`, which returns a `$lock`) over database
-/// `$db`.
+/// `begin_write`, `writer_turn`, `after_delete` and `fetch_lock`, which returns a `$lock`)
+/// over database `$db`.
 macro_rules! sql_store {
     ($store:ty, $db:ty, $lock:ty) => {
         async fn insert_audit(
@@ -95,6 +95,7 @@ macro_rules! sql_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 // A committed write, not a read: a store that answers reads but cannot write (disk
                 // full, locked, read-only) is not ready.
+                let _writer = self.writer_turn().await;
                 sqlx::query(
                     "INSERT INTO heartbeat (id, at) VALUES (1, $1)
                      ON CONFLICT (id) DO UPDATE SET at = excluded.at",
@@ -193,6 +194,8 @@ macro_rules! sql_store {
                 }
                 insert_audit(&mut tx, audit).await?;
                 tx.commit().await?;
+                // Other writers go on while the WAL is checkpointed.
+                drop(_writer);
                 self.after_delete().await;
                 Ok(true)
             }
@@ -242,6 +245,7 @@ macro_rules! sql_store {
             }
 
             async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
+                let _writer = self.writer_turn().await;
                 let done = sqlx::query(
                     "INSERT INTO used_nonces (digest, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 )
@@ -253,6 +257,7 @@ macro_rules! sql_store {
             }
 
             async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
+                let _writer = self.writer_turn().await;
                 let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
                     .bind(now)
                     .execute(&self.pool)
@@ -261,6 +266,7 @@ macro_rules! sql_store {
             }
 
             async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
+                let _writer = self.writer_turn().await;
                 let mut conn = self.pool.acquire().await?;
                 insert_audit(&mut conn, r).await
             }
@@ -320,6 +326,7 @@ macro_rules! sql_store {
             }
 
             async fn cache_put(&self, key: &str, bytes: &[u8], at: i64) -> Result<(), StoreError> {
+                let _writer = self.writer_turn().await;
                 sqlx::query(
                     "INSERT INTO kds_cache (key, bytes, fetched_at) VALUES ($1, $2, $3)
                      ON CONFLICT (key) DO UPDATE SET bytes = excluded.bytes, fetched_at = excluded.fetched_at",

@@ -199,6 +199,12 @@ fn prepare_files(_path: &Path) -> Result<(), StoreError> {
 impl SqliteStore {
     /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so
     /// that it never fails later on upgrading a read lock.
+    /// The writer turn for a single write outside `begin_write` (it waits in line like the
+    /// others instead of in SQLite's busy handler).
+    async fn writer_turn(&self) -> Option<super::sql::Writer> {
+        Some(self.writer.clone().lock_owned().await)
+    }
+
     async fn begin_write(
         &self,
     ) -> Result<
