@@ -311,6 +311,40 @@ impl Broker {
             .unwrap()
     }
 
+    /// One guest flow at this broker (challenge, simulated evidence with the default
+    /// measurement, attestation) for `secret`: the opened value, or the status that refused
+    /// it (0: no answer).
+    pub async fn attest_once(&self, secret: &str) -> Result<Vec<u8>, u16> {
+        let client = self.guest_client(None);
+        let guest = Guest::new(&self.simulated_amd(), |_| {});
+        let key = EphemeralKey::generate(attestation::protocol::Kem::X25519);
+        let r = client
+            .post(self.url("/v1/challenge"))
+            .send()
+            .await
+            .map_err(|_| 0u16)?;
+        if !r.status().is_success() {
+            return Err(r.status().as_u16());
+        }
+        let nonce = r
+            .json::<attestation::protocol::ChallengeResponse>()
+            .await
+            .map_err(|_| 0u16)?
+            .nonce;
+        let r = client
+            .post(self.url("/v1/attest"))
+            .json(&guest.request(&nonce, &key, &[secret], None))
+            .send()
+            .await
+            .map_err(|_| 0u16)?;
+        if r.status() != 200 {
+            return Err(r.status().as_u16());
+        }
+        let response: attestation::protocol::AttestResponse = r.json().await.map_err(|_| 0u16)?;
+        let sealed = response.secrets.first().ok_or(0u16)?;
+        key.open(sealed).map(|v| v.to_vec()).map_err(|_| 0u16)
+    }
+
     /// Runs an operator command against this broker.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(binary("broker").unwrap())

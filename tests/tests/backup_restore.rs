@@ -3,33 +3,12 @@
 //! A broker started on the restored copy (with the same master key) releases the same secret.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use attestation::protocol::{AttestResponse, ChallengeResponse, EphemeralKey, Kem};
+use e2e::Broker;
 use e2e::postgres::PgServer;
-use e2e::{Broker, Guest};
 
 /// The value of `db-key` as a measured guest receives it.
 async fn released_db_key(b: &Broker) -> Vec<u8> {
-    let client = b.guest_client(None);
-    let guest = Guest::new(&b.simulated_amd(), |_| {});
-    let key = EphemeralKey::generate(Kem::X25519);
-    let nonce = client
-        .post(b.url("/v1/challenge"))
-        .send()
-        .await
-        .unwrap()
-        .json::<ChallengeResponse>()
-        .await
-        .unwrap()
-        .nonce;
-    let r = client
-        .post(b.url("/v1/attest"))
-        .json(&guest.request(&nonce, &key, &["db-key"], None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let response: AttestResponse = r.json().await.unwrap();
-    key.open(&response.secrets[0]).unwrap().to_vec()
+    b.attest_once("db-key").await.unwrap()
 }
 
 fn point_store_at(b: &Broker, line: &str) {
