@@ -295,60 +295,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn secrets_are_versioned_and_deleted_records_erased() {
-        let (_d, s) = store().await;
-        assert_eq!(s.last_secret_version("a").await.unwrap(), 0);
-        let put = audit("secret.put");
-        s.insert_secret(&secret("a", 1), 10, "op", &put)
-            .await
-            .unwrap();
-        s.insert_secret(&secret("a", 2), 11, "op", &put)
-            .await
-            .unwrap();
-        assert!(matches!(
-            s.insert_secret(&secret("a", 2), 12, "op", &put).await,
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(
-            actions(&s).await.len(),
-            2,
-            "the conflict wrote no audit record"
-        );
-        let cur = s.current_secret("a").await.unwrap().unwrap();
-        assert_eq!((cur.version, cur.sealed[0]), (2, 2));
-        assert_eq!(s.list_secrets().await.unwrap().len(), 1);
-        assert!(
-            s.delete_secret("a", 20, &audit("secret.delete"))
-                .await
-                .unwrap()
-        );
-        assert!(s.current_secret("a").await.unwrap().is_none());
-        assert!(s.list_secrets().await.unwrap().is_empty());
-        assert!(
-            !s.delete_secret("a", 21, &audit("secret.delete"))
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            actions(&s).await,
-            ["secret.delete", "secret.put", "secret.put"],
-            "one record per change, none for the refused delete"
-        );
-        assert_eq!(
-            s.last_secret_version("a").await.unwrap(),
-            2,
-            "versions are never reused"
-        );
-    }
-
-    #[tokio::test]
-    async fn nonces_are_single_use_and_purged() {
-        let (_d, s) = store().await;
-        assert!(s.use_nonce(&[1; 32], 100).await.unwrap());
-        assert!(!s.use_nonce(&[1; 32], 100).await.unwrap());
-        assert_eq!(s.purge_nonces(101).await.unwrap(), 1);
-    }
+    // Versions, deletes, nonces, decisions and paging are checked on both engines alike by
+    // tests/tests/store_engines.rs; here what is SQLite's own.
 
     #[tokio::test]
     async fn policy_history_and_audit_queries() {
