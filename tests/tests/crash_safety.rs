@@ -110,7 +110,9 @@ async fn postgres_crash_under_load_then_recovery() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pg = tokio::task::spawn_blocking(move || {
         pg.stop_immediate();
-        std::thread::sleep(Duration::from_secs(2));
+        // Longer than the store's connect timeout (5 s): requests that arrive meanwhile
+        // get their 503 rather than waiting the outage out.
+        std::thread::sleep(Duration::from_secs(7));
         pg.start_again();
         pg
     })
