@@ -281,6 +281,14 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A policy document's JSON, within the size limit.
+fn parse_document(text: &str) -> Result<Value, PolicyError> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(err("", "policy is larger than 1 MiB"));
+    }
+    serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))
+}
+
 /// Refuses a document in which an object names a key twice (JSON parsers disagree on which
 /// one wins; serde_json keeps the last): the error points at the second occurrence.
 fn reject_duplicate_keys(text: &str) -> Result<(), PolicyError> {
@@ -376,11 +384,7 @@ fn escape(key: &str) -> String {
 impl Policy {
     /// Parses and checks a policy document.
     pub fn from_json(text: &str) -> Result<Policy, PolicyError> {
-        if text.len() > MAX_POLICY_BYTES {
-            return Err(err("", "policy is larger than 1 MiB"));
-        }
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
+        let value = parse_document(text)?;
         reject_duplicate_keys(text)?;
         Policy::from_value(value)
     }
@@ -390,12 +394,7 @@ impl Policy {
     /// a policy that was accepted keeps deciding after an upgrade. New documents go through
     /// [`Policy::from_json`].
     pub fn from_stored_json(text: &str) -> Result<Policy, PolicyError> {
-        if text.len() > MAX_POLICY_BYTES {
-            return Err(err("", "policy is larger than 1 MiB"));
-        }
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
-        Policy::from_value(value)
+        Policy::from_value(parse_document(text)?)
     }
 
     /// Checks a parsed policy document.

@@ -3,12 +3,13 @@
 //! the cache.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use attestation::report::Tcb;
 use attestation::{Product, SigningKeyKind};
 
 use crate::config::KdsSettings;
+use crate::store::sql::now as now_i64;
 use crate::store::{Store, StoreError};
 
 /// How long a cached CRL is used before it is fetched again.
@@ -93,13 +94,6 @@ impl Kds {
     pub fn flights_in_progress(&self) -> usize {
         self.flights.lock().map(|f| f.len()).unwrap_or(0)
     }
-}
-
-fn now_i64() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn kind_path(kind: SigningKeyKind) -> &'static str {

@@ -345,10 +345,7 @@ impl<S: Store> Broker<S> {
         let evidence = evidence_kind(&request.evidence);
         let asked = request.secrets.clone();
         match self.check_inner(asked, request, peer, now).await {
-            Ok(mut checked) => {
-                checked.peer = peer.to_string();
-                Ok(checked)
-            }
+            Ok(checked) => Ok(checked),
             Err((refusal, asked, claims_digest)) => {
                 let record = AuditRecord {
                     id: 0,
@@ -425,7 +422,7 @@ impl<S: Store> Broker<S> {
             claims_json,
             claims_digest,
             crl,
-            peer: String::new(),
+            peer: peer.to_string(),
         })
     }
 

@@ -4,12 +4,14 @@
 //! admin API's input handling: names, bodies, shape errors, transactions with the audit.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use broker::server::{AppState, Peer, router};
 use broker::store::{AnyStore, AuditQuery, Store};
 use rcgen::{
@@ -17,7 +19,6 @@ use rcgen::{
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use tower::ServiceExt;
 
 /// A dev setup whose operator CA the test holds the key of.
 struct Setup {
@@ -72,24 +73,11 @@ async fn call(
     chain: &[CertificateDer<'static>],
     body: impl Into<Body>,
 ) -> (StatusCode, serde_json::Value) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(body.into())
-        .unwrap();
-    req.extensions_mut().insert(Peer {
+    let peer = Peer {
         addr: SocketAddr::from(([127, 0, 0, 9], 40000)),
         client_chain: chain.to_vec(),
-    });
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22)
-        .await
-        .unwrap();
-    let json = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, json)
+    };
+    common::send(app.clone(), method, uri, Some(peer), body).await
 }
 
 #[tokio::test]

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use broker::server::{AppState, router};
 use broker::store::{AnyStore, AuditQuery, Store};
-use tower::ServiceExt;
 
 async fn state(dir: &std::path::Path, inflight: usize) -> Arc<AppState<AnyStore>> {
     let setup = broker::init::dev(&dir.join("dev"), "127.0.0.1:0").unwrap();
@@ -23,24 +24,7 @@ async fn call(
     uri: &str,
     body: impl Into<Body>,
 ) -> (StatusCode, serde_json::Value) {
-    let resp = app
-        .oneshot(
-            Request::builder()
-                .method(method)
-                .uri(uri)
-                .header("content-type", "application/json")
-                .body(body.into())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    let json = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, json)
+    common::send(app, method, uri, None, body).await
 }
 
 #[tokio::test]

@@ -201,14 +201,7 @@ pub async fn check_invariants(base: &str, operator: &reqwest::Client, observed: 
             "acknowledged write {w:?} has no audit record"
         );
     }
-    let list: serde_json::Value = operator
-        .get(format!("{base}/v1/admin/secrets"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(operator, &format!("{base}/v1/admin/secrets")).await;
     for s in list["secrets"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let newest = puts
@@ -222,19 +215,28 @@ pub async fn check_invariants(base: &str, operator: &reqwest::Client, observed: 
     }
 }
 
+/// A GET through the admin API, as JSON.
+async fn get_json(operator: &reqwest::Client, url: &str) -> serde_json::Value {
+    operator
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Every audit record, page by page through the admin API (newest first, 1000 a page).
 async fn all_records(base: &str, operator: &reqwest::Client) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let mut before = String::new();
     loop {
-        let page: serde_json::Value = operator
-            .get(format!("{base}/v1/admin/audit?limit=1000{before}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = get_json(
+            operator,
+            &format!("{base}/v1/admin/audit?limit=1000{before}"),
+        )
+        .await;
         out.extend(page["records"].as_array().cloned().unwrap_or_default());
         match page["next_before_id"].as_i64() {
             Some(id) => before = format!("&before_id={id}"),

@@ -31,6 +31,7 @@ use crate::keys::MasterKey;
 use crate::nonce::NonceAuthority;
 use crate::release::{Broker, Refusal};
 use crate::secrets::SecretKind;
+use crate::store::sql::now as now_i64;
 use crate::store::{AnyStore, AuditQuery, AuditRecord, PgStore, SqliteStore, Store};
 
 pub mod conn;
@@ -211,13 +212,6 @@ impl<S: Store> FromRequestParts<Arc<AppState<S>>> for Operator {
             )
         })
     }
-}
-
-fn now_i64() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl From<Error> for Problem {

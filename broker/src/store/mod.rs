@@ -232,12 +232,6 @@ pub trait Store: Send + Sync + 'static {
     fn policy_history(&self)
     -> impl Future<Output = Result<Vec<PolicyVersion>, StoreError>> + Send;
 
-    /// Records a nonce as used. False if it was used before.
-    fn use_nonce(
-        &self,
-        digest: &[u8; 32],
-        expires_at: i64,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Forgets used nonces that expired before `now`.
     fn purge_nonces(&self, now: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
@@ -394,9 +388,6 @@ impl Store for AnyStore {
     }
     async fn policy_history(&self) -> Result<Vec<PolicyVersion>, StoreError> {
         dispatch!(self, s => s.policy_history().await)
-    }
-    async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.use_nonce(digest, expires_at).await)
     }
     async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
         dispatch!(self, s => s.purge_nonces(now).await)

@@ -244,18 +244,6 @@ macro_rules! sql_store {
                 rows.iter().map(policy_from_row).collect()
             }
 
-            async fn use_nonce(&self, digest: &[u8; 32], expires_at: i64) -> Result<bool, StoreError> {
-                let _writer = self.writer_turn().await;
-                let done = sqlx::query(
-                    "INSERT INTO used_nonces (digest, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                )
-                .bind(&digest[..])
-                .bind(expires_at)
-                .execute(&self.pool)
-                .await?;
-                Ok(done.rows_affected() == 1)
-            }
-
             async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
                 let _writer = self.writer_turn().await;
                 let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
