@@ -2,7 +2,8 @@
 # Runs every fuzz target of the attestation crate for SECONDS each (default 20).
 # Uses cargo-fuzz (libFuzzer) on the machine's stable toolchain: the sanitizer is off
 # (`-s none`, which needs no nightly flag) and RUSTC_BOOTSTRAP lets cargo-fuzz pass the
-# coverage options it needs. Seeds come from the real evidence in tests/data.
+# coverage options it needs. Seeds come from the real evidence in tests/data (and a small
+# policy document for the policy loader).
 set -euo pipefail
 SECONDS_EACH=${1:-20}
 cd "$(dirname "$0")/../attestation/fuzz"
@@ -14,20 +15,23 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote; do
+for target in report hcl cert_table chain tpm_quote policy; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
     cert_table) seed cert_table ;;
     chain) seed chain $data/*/vek.der $data/*/ask_ark.pem ;;
     tpm_quote) seed tpm_quote $data/swtpm-quote/quote.msg ;;
+    policy) seed policy
+      printf '%s' '{"rules":{"r":{"allOf":[{"claim":"vmpl","equals":0},{"claim":"measurement","in":["'"$(printf '00%.0s' $(seq 48))"'"]}]}},"secrets":{"s":["r"]}}' \
+        > corpus/policy/seed.json ;;
   esac
 done
 
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote; do
+for target in report hcl cert_table chain tpm_quote policy; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then
