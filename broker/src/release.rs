@@ -20,7 +20,7 @@ use crate::keys::RecordCipher;
 use crate::nonce::{NonceAuthority, NonceError};
 use crate::secrets::{self, SecretKind};
 use crate::store::{
-    AuditRecord, Decision, DecisionInputs, PolicyRef, Store, StoreError, StoredSecret,
+    AuditRecord, Committed, DecisionInputs, PolicyRef, Spend, Store, StoreError, StoredSecret,
 };
 
 /// Most secrets one attestation may ask for.
@@ -28,6 +28,8 @@ pub const MAX_SECRETS_PER_REQUEST: usize = 32;
 /// Most certificates one request may carry.
 pub const MAX_CERTIFICATES: usize = 8;
 const CHAIN_CACHE_ENTRIES: usize = 4096;
+/// Times a release is decided again when secrets or policies changed under it.
+const STALE_RETRIES: usize = 4;
 
 /// Why an attestation released nothing. Each maps to one HTTP status and problem type.
 #[derive(Debug, thiserror::Error)]
@@ -426,10 +428,11 @@ impl<S: Store> Broker<S> {
         })
     }
 
-    /// Spends the nonce, decides and seals, and audits the outcome, in one store transaction:
-    /// the answer exists only once the spend and its audit record are committed together; a
-    /// crash before that leaves the nonce unspent and nothing released. Once started this
-    /// must run to completion (spawn it).
+    /// Decides and seals on the store's current inputs, then spends the nonce and audits the
+    /// outcome in one store transaction (shared with concurrent decisions: group commit):
+    /// the answer exists only once the spend and its audit record are durable; a crash
+    /// before that leaves the nonce unspent and nothing released. Once started this must run
+    /// to completion (spawn it).
     pub async fn release(
         &self,
         checked: Checked,
@@ -445,47 +448,58 @@ impl<S: Store> Broker<S> {
             return Err(refusal);
         }
         let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
-        let cached = self
-            .policy
-            .read()
-            .ok()
-            .and_then(|g| g.first().map(|(v, _)| *v));
-        let (inputs, decision) = self
-            .store
-            .begin_decision(
-                &checked.nonce_digest,
-                expires,
-                &checked.request.secrets,
-                cached,
-            )
-            .await?;
-        if !inputs.fresh {
-            // A replay: nothing was spent or read. Anyone holding a captured request can send
-            // it again until the nonce expires, so its record is sampled like other refusals
-            // before a spend (on the budget of evidence that verified).
-            drop(decision);
-            let refusal = Refusal::NonceReplay;
-            let record = release_record(&checked, Err(&refusal), now);
-            self.audit_unauthenticated(
-                crate::audit::Class::Verified,
-                &checked.peer,
-                "attest/nonce_replay",
-                &record,
-            )
-            .await;
-            return Err(refusal);
+        // A write to secrets or policies between reading the inputs and the commit makes
+        // the decision stale: decided again on the new inputs, a few times at most.
+        for _ in 0..STALE_RETRIES {
+            let cached = self
+                .policy
+                .read()
+                .ok()
+                .and_then(|g| g.first().map(|(v, _)| *v));
+            let inputs = self
+                .store
+                .decision_inputs(&checked.request.secrets, cached)
+                .await?;
+            let spend = Spend {
+                nonce: checked.nonce_digest,
+                expires_at: expires,
+                generation: inputs.generation,
+            };
+            let outcome = self.decide_and_seal(&checked, inputs);
+            let record = match &outcome {
+                Ok((_, released)) => release_record(&checked, Ok(released), now),
+                Err(refusal) => release_record(&checked, Err(refusal), now),
+            };
+            match self.store.commit_decision(spend, record).await {
+                Ok(Committed::Done) => return outcome.map(|(response, _)| response),
+                Ok(Committed::Stale) => continue,
+                Ok(Committed::Replay) => return Err(self.replayed(&checked, now).await),
+                Err(e) => {
+                    // Nothing is released that is not audited (and nothing was spent).
+                    tracing::error!(error = %e, "decision commit failed; refusing the release");
+                    return Err(Refusal::Store(e));
+                }
+            }
         }
-        let outcome = self.decide_and_seal(&checked, inputs);
-        let record = match &outcome {
-            Ok((_, released)) => release_record(&checked, Ok(released), now),
-            Err(refusal) => release_record(&checked, Err(refusal), now),
-        };
-        if let Err(e) = decision.commit(&record).await {
-            // Nothing is released that is not audited (and nothing was spent).
-            tracing::error!(error = %e, "decision commit failed; refusing the release");
-            return Err(Refusal::Store(e));
-        }
-        outcome.map(|(response, _)| response)
+        Err(Refusal::Store(StoreError::Conflict(
+            "secrets or policies kept changing while deciding; try again".into(),
+        )))
+    }
+
+    /// A replayed nonce: nothing was spent or written. Anyone holding a captured request can
+    /// send it again until the nonce expires, so its record is sampled like other refusals
+    /// before a spend (on the budget of evidence that verified).
+    async fn replayed(&self, checked: &Checked, now: SystemTime) -> Refusal {
+        let refusal = Refusal::NonceReplay;
+        let record = release_record(checked, Err(&refusal), now);
+        self.audit_unauthenticated(
+            crate::audit::Class::Verified,
+            &checked.peer,
+            "attest/nonce_replay",
+            &record,
+        )
+        .await;
+        refusal
     }
 
     /// The decision on what the store said, and the sealed secrets: no I/O.
@@ -494,9 +508,6 @@ impl<S: Store> Broker<S> {
         checked: &Checked,
         inputs: DecisionInputs,
     ) -> Result<(AttestResponse, Vec<serde_json::Value>), Refusal> {
-        if !inputs.fresh {
-            return Err(Refusal::NonceReplay);
-        }
         let policy = self
             .policy_for(inputs.policy.ok_or(Refusal::NoPolicy)?)
             .map_err(Refusal::Internal)?;

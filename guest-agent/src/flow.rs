@@ -153,6 +153,8 @@ impl Agent {
             .tls_backend_preconfigured(tls_config(&settings)?)
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
+            // Requests are small writes after the handshake: never held back by Nagle.
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| AgentError::Config(format!("HTTP client: {e}")))?;
         Ok(Agent {

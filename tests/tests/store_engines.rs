@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::store::{
-    AuditQuery, AuditRecord, Decision, PgSettings, PgStore, SqliteStore, Store, StoreError,
+    AuditQuery, AuditRecord, Committed, PgSettings, PgStore, Spend, SqliteStore, Store, StoreError,
     StoredSecret,
 };
 use e2e::postgres::PgServer;
@@ -102,13 +102,13 @@ async fn conformance(s: impl Store + Clone) {
     assert_eq!(s.cache_get("k").await.unwrap(), Some((b"v2".to_vec(), 2)));
     s.ping().await.unwrap();
 
-    // A decision: the nonce spent, its inputs read, all committed with the audit record.
+    // A decision: its inputs read as of a generation, then its nonce spent and its audit
+    // record appended together.
     s.insert_secret(&secret("db-key", 1), 30, "op", &put)
         .await
         .unwrap();
     let names = vec!["db-key".to_string(), "nope".to_string()];
-    let (inputs, d) = s.begin_decision(&[7; 32], 100, &names, None).await.unwrap();
-    assert!(inputs.fresh);
+    let inputs = s.decision_inputs(&names, None).await.unwrap();
     assert_eq!(inputs.policy.as_ref().unwrap().version, 2);
     assert_eq!(
         inputs.policy.as_ref().unwrap().document.as_deref(),
@@ -116,55 +116,107 @@ async fn conformance(s: impl Store + Clone) {
     );
     assert_eq!(inputs.secrets[0].as_ref().unwrap().version, 1);
     assert!(inputs.secrets[1].is_none());
-    d.commit(&audit("attest")).await.unwrap();
-    let (inputs, d) = s
-        .begin_decision(&[7; 32], 100, &names, Some(2))
-        .await
-        .unwrap();
-    assert!(!inputs.fresh, "spent");
-    drop(d);
-    // A decision rolled back (a crash before the commit) spends nothing and records nothing.
+    let g = inputs.generation;
+    let spend = |n: u8, generation: i64| Spend {
+        nonce: [n; 32],
+        expires_at: 100,
+        generation,
+    };
     let before = actions(&s).await.len();
-    let (inputs, d) = s
-        .begin_decision(&[8; 32], 100, &names, Some(2))
-        .await
-        .unwrap();
-    assert!(inputs.fresh);
-    assert!(
-        inputs.policy.unwrap().document.is_none(),
-        "cached version: no document"
+    assert_eq!(
+        s.commit_decision(spend(7, g), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Done
     );
-    drop(d);
-    assert_eq!(actions(&s).await.len(), before);
-    let (inputs, d) = s
-        .begin_decision(&[8; 32], 100, &names, Some(2))
+    assert_eq!(actions(&s).await.len(), before + 1);
+    // Spent: a replay writes nothing.
+    assert_eq!(
+        s.commit_decision(spend(7, g), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Replay
+    );
+    assert_eq!(actions(&s).await.len(), before + 1);
+    // From the cache: the same generation, no document for the version the caller has.
+    let cached = s.decision_inputs(&names, Some(2)).await.unwrap();
+    assert_eq!(cached.generation, g);
+    assert!(cached.policy.unwrap().document.is_none());
+
+    // A write to secrets makes a decision on older inputs stale: nothing spent or recorded,
+    // and fresh inputs see the write.
+    s.insert_secret(&secret("db-key", 2), 31, "op", &put)
         .await
         .unwrap();
-    assert!(inputs.fresh, "the rolled-back spend did not happen");
-    d.commit(&audit("attest")).await.unwrap();
+    let before = actions(&s).await.len();
+    assert_eq!(
+        s.commit_decision(spend(8, g), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Stale
+    );
+    assert_eq!(actions(&s).await.len(), before);
+    let fresh = s.decision_inputs(&names, Some(2)).await.unwrap();
+    assert_ne!(fresh.generation, g);
+    assert_eq!(fresh.secrets[0].as_ref().unwrap().version, 2);
+    assert_eq!(
+        s.commit_decision(spend(8, fresh.generation), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Done,
+        "the stale decision spent nothing"
+    );
+    // So does a policy write, and a delete.
+    s.insert_policy("{3}", 3, "b", &audit("policy.set"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.commit_decision(spend(10, fresh.generation), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Stale
+    );
+    let inputs = s.decision_inputs(&names, Some(2)).await.unwrap();
+    assert_eq!(inputs.policy.unwrap().document.as_deref(), Some("{3}"));
+    s.insert_secret(&secret("gone", 1), 32, "op", &put)
+        .await
+        .unwrap();
+    let gone = vec!["gone".to_string()];
+    let inputs = s.decision_inputs(&gone, Some(3)).await.unwrap();
+    assert!(inputs.secrets[0].is_some());
+    assert!(
+        s.delete_secret("gone", 33, &audit("secret.delete"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.commit_decision(spend(10, inputs.generation), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Stale
+    );
+    assert!(
+        s.decision_inputs(&gone, Some(3)).await.unwrap().secrets[0].is_none(),
+        "a deleted secret is gone from the cache too"
+    );
 
     // The same nonce from many tasks at once: exactly one spends it.
-    let fresh = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..16)
+    let g = s.decision_inputs(&names, Some(3)).await.unwrap().generation;
+    let outcomes: Vec<_> = (0..16)
         .map(|_| {
             let s = s.clone();
-            let fresh = fresh.clone();
-            tokio::spawn(async move {
-                let (inputs, d) = s
-                    .begin_decision(&[9; 32], 100, &["db-key".to_string()], Some(2))
-                    .await
-                    .unwrap();
-                if inputs.fresh {
-                    fresh.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                d.commit(&audit("attest")).await.unwrap();
-            })
+            tokio::spawn(async move { s.commit_decision(spend(9, g), audit("attest")).await })
         })
         .collect();
-    for t in tasks {
-        t.await.unwrap();
+    let mut done = 0;
+    for t in outcomes {
+        match t.await.unwrap().unwrap() {
+            Committed::Done => done += 1,
+            Committed::Replay => {}
+            other => panic!("{other:?}"),
+        }
     }
-    assert_eq!(fresh.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(done, 1);
     assert_eq!(s.purge_nonces(101).await.unwrap(), 3);
 
     // Paging, newest first: each page continues before the previous page's oldest id.
@@ -210,6 +262,117 @@ async fn sqlite_engine() {
     conformance(s).await;
 }
 
+/// (groups committed, decisions in them) from the store's group-commit histogram.
+fn groups(s: &impl Store) -> (u64, u64) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("g", "group sizes", s.commit_metrics().group_size.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+            .unwrap_or_else(|| panic!("{key} in {text}"))
+    };
+    (value("g_count "), value("g_sum "))
+}
+
+/// Group commit: decisions that queue while the database is busy commit together, each
+/// answered; a purge of many expired nonces goes in small transactions and forgets them all.
+/// `hold` blocks the store's next write transaction until the returned guard is dropped.
+async fn group_commit<S, H, F>(s: S, hold: H)
+where
+    S: Store + Clone,
+    H: FnOnce() -> F,
+    F: std::future::Future<Output = Box<dyn std::any::Any + Send>>,
+{
+    let g = s.decision_inputs(&[], None).await.unwrap().generation;
+    let spend = move |n: u16| Spend {
+        nonce: {
+            let mut d = [0xee; 32];
+            d[..2].copy_from_slice(&n.to_be_bytes());
+            d
+        },
+        expires_at: 50,
+        generation: g,
+    };
+    let (groups_before, sum_before) = groups(&s);
+    let guard = hold().await;
+    let tasks: Vec<_> = (0..20)
+        .map(|n| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit_decision(spend(n), audit("attest")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(guard);
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Committed::Done);
+    }
+    let (groups_after, sum_after) = groups(&s);
+    assert_eq!(sum_after - sum_before, 20);
+    assert!(
+        groups_after - groups_before <= 2,
+        "20 decisions queued behind one blocked group commit in {} groups",
+        groups_after - groups_before
+    );
+
+    // Many expired nonces: purged in several small transactions, every one of them.
+    let tasks: Vec<_> = (20..1220)
+        .map(|n| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit_decision(spend(n), audit("attest")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Committed::Done);
+    }
+    let (groups_now, _) = groups(&s);
+    assert!(
+        groups_now - groups_after < 1200,
+        "1200 decisions, one group each"
+    );
+    assert_eq!(s.purge_nonces(51).await.unwrap(), 1220);
+    assert_eq!(s.purge_nonces(51).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_group_commit() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    let url = format!("sqlite://{}", path.display());
+    group_commit(s, || async move {
+        // Another connection holds SQLite's write lock.
+        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Box::new(c) as Box<dyn std::any::Any + Send>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_commit() {
+    use sqlx::Connection;
+    let mut pg = PgServer::start();
+    let url = pg.create_database("group");
+    let s = PgStore::open(&pg_settings(url.clone())).await.unwrap();
+    group_commit(s, || async move {
+        // Another session holds the generation row, as a write to secrets would.
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql("BEGIN; SELECT value FROM generation WHERE id = 1 FOR UPDATE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Box::new(c) as Box<dyn std::any::Any + Send>
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_engine() {
     let mut pg = PgServer::start();
@@ -236,8 +399,8 @@ async fn postgres_engine() {
         exec(&url, "INSERT INTO schema_version (version) VALUES (99)").await;
         let versions = sqlx_helper::count(&url, "SELECT COUNT(*) FROM schema_version").await;
         assert_eq!(
-            versions, 3,
-            "two migrations, each applied once, and the planted 99"
+            versions, 4,
+            "three migrations, each applied once, and the planted 99"
         );
     }
     let e = PgStore::open(&pg_settings(url)).await.unwrap_err();

@@ -89,6 +89,25 @@ impl Metrics {
         }
     }
 
+    /// Registers the store's group-commit metrics.
+    pub fn register_store(&mut self, commits: &crate::store::CommitMetrics) {
+        self.registry.register(
+            "store_commit_group_size",
+            "Release decisions committed together in one store transaction (group commit)",
+            commits.group_size.clone(),
+        );
+        self.registry.register(
+            "store_commit_duration_seconds",
+            "Time to commit one group of release decisions, the fsync included",
+            commits.commit_seconds.clone(),
+        );
+        self.registry.register(
+            "store_stale_decisions",
+            "Release decisions decided again because secrets or policies changed before their commit",
+            commits.stale.clone(),
+        );
+    }
+
     /// Counts a request.
     pub fn request(&self, route: &str, status: u16) {
         self.requests

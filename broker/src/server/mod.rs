@@ -713,7 +713,8 @@ pub async fn build(
     )
     .with_kds(crate::kds::Kds::new(&settings.kds)?)
     .with_audit_budget(settings.audit.budget);
-    let metrics = metrics::Metrics::new();
+    let mut metrics = metrics::Metrics::new();
+    metrics.register_store(broker.store().commit_metrics());
     metrics.set_simulated_root(settings.dangerous_trust_simulated_root.is_some());
     // No released certificate may be an admin credential (docs/threat-model.md).
     for (name, chain) in broker.tls_key_chains().await? {

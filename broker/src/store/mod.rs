@@ -6,16 +6,18 @@ use std::future::Future;
 
 use serde::Serialize;
 
+pub(crate) mod group;
 mod postgres;
 pub(crate) mod sql;
 mod sqlite;
 
+pub use group::{CommitMetrics, Committed, DecisionInputs, Spend};
 pub use postgres::{PgSettings, PgStore};
-pub use sql::SqlDecision;
+pub use sql::HeldTx;
 pub use sqlite::SqliteStore;
 
 /// Why the store failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database cannot be reached or answered with an error.
@@ -135,29 +137,8 @@ pub struct PolicyRef {
     pub document: Option<String>,
 }
 
-/// What a release decision reads from the store, in the transaction that spends its nonce.
-#[derive(Debug)]
-pub struct DecisionInputs {
-    /// The nonce was unspent and this transaction spends it. When false (a replay) nothing
-    /// else was read.
-    pub fresh: bool,
-    /// The active policy, if one is set.
-    pub policy: Option<PolicyRef>,
-    /// The current version of each secret asked for, in order (`None`: no such secret).
-    pub secrets: Vec<Option<StoredSecret>>,
-}
-
-/// A release decision's open transaction. Committing writes the audit record and makes the
-/// nonce spend durable together; dropping it rolls both back.
-pub trait Decision: Send {
-    /// Appends `audit` and commits.
-    fn commit(self, audit: &AuditRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
-}
-
 /// The operations the broker needs from its store.
 pub trait Store: Send + Sync + 'static {
-    /// An open decision transaction.
-    type Decision: Decision;
     /// A lock on one AMD KDS lookup across every broker on this store; released on drop.
     type FetchLock: Send;
 
@@ -169,17 +150,28 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Self::FetchLock, StoreError>> + Send;
 
-    /// Begins a release decision: spends the nonce (with its expiry, for purging) and, if it
-    /// was unspent, reads the active policy (its document only if its version is not
-    /// `cached_policy`) and the current version of each secret in `names`, all in one
-    /// transaction that [`Decision::commit`] ends with the audit record.
-    fn begin_decision(
+    /// What a release decision on the secrets `names` reads: the active policy (its
+    /// document only if its version is not `cached_policy`) and the current version of each
+    /// secret, as of a store generation; from the store's cache when it has them.
+    fn decision_inputs(
         &self,
-        nonce: &[u8; 32],
-        expires_at: i64,
         names: &[String],
         cached_policy: Option<u64>,
-    ) -> impl Future<Output = Result<(DecisionInputs, Self::Decision), StoreError>> + Send;
+    ) -> impl Future<Output = Result<DecisionInputs, StoreError>> + Send;
+
+    /// Makes a decision durable: spends its nonce and appends `audit`, in the next group of
+    /// decisions that commits together (one transaction), unless the nonce was spent
+    /// already ([`Committed::Replay`]) or secrets or policies changed since the inputs'
+    /// generation ([`Committed::Stale`]); then nothing is written. Returns once the group
+    /// is durable.
+    fn commit_decision(
+        &self,
+        spend: Spend,
+        audit: AuditRecord,
+    ) -> impl Future<Output = Result<Committed, StoreError>> + Send;
+
+    /// The group commit's metrics.
+    fn commit_metrics(&self) -> &CommitMetrics;
 
     /// Checks the store answers and can commit a write.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -276,24 +268,6 @@ pub enum AnyStore {
     Postgres(PgStore),
 }
 
-/// [`AnyStore`]'s open decision.
-#[derive(Debug)]
-pub enum AnyDecision {
-    /// On SQLite.
-    Sqlite(SqlDecision<sqlx::Sqlite>),
-    /// On PostgreSQL.
-    Postgres(SqlDecision<sqlx::Postgres>),
-}
-
-impl Decision for AnyDecision {
-    async fn commit(self, audit: &AuditRecord) -> Result<(), StoreError> {
-        match self {
-            AnyDecision::Sqlite(d) => d.commit(audit).await,
-            AnyDecision::Postgres(d) => d.commit(audit).await,
-        }
-    }
-}
-
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
@@ -309,11 +283,10 @@ pub enum AnyFetchLock {
     /// SQLite: none needed.
     Sqlite(()),
     /// PostgreSQL: a transaction holding an advisory lock.
-    Postgres(SqlDecision<sqlx::Postgres>),
+    Postgres(HeldTx<sqlx::Postgres>),
 }
 
 impl Store for AnyStore {
-    type Decision = AnyDecision;
     type FetchLock = AnyFetchLock;
 
     async fn lock_fetch(&self, key: &str) -> Result<AnyFetchLock, StoreError> {
@@ -323,27 +296,22 @@ impl Store for AnyStore {
         }
     }
 
-    async fn begin_decision(
+    async fn decision_inputs(
         &self,
-        nonce: &[u8; 32],
-        expires_at: i64,
         names: &[String],
         cached_policy: Option<u64>,
-    ) -> Result<(DecisionInputs, AnyDecision), StoreError> {
-        match self {
-            AnyStore::Sqlite(s) => {
-                let (i, d) = s
-                    .begin_decision(nonce, expires_at, names, cached_policy)
-                    .await?;
-                Ok((i, AnyDecision::Sqlite(d)))
-            }
-            AnyStore::Postgres(s) => {
-                let (i, d) = s
-                    .begin_decision(nonce, expires_at, names, cached_policy)
-                    .await?;
-                Ok((i, AnyDecision::Postgres(d)))
-            }
-        }
+    ) -> Result<DecisionInputs, StoreError> {
+        dispatch!(self, s => s.decision_inputs(names, cached_policy).await)
+    }
+    async fn commit_decision(
+        &self,
+        spend: Spend,
+        audit: AuditRecord,
+    ) -> Result<Committed, StoreError> {
+        dispatch!(self, s => s.commit_decision(spend, audit).await)
+    }
+    fn commit_metrics(&self) -> &CommitMetrics {
+        dispatch!(self, s => s.commit_metrics())
     }
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)

@@ -10,10 +10,7 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::sql::{to_i64, to_u64};
-use super::{
-    AuditQuery, AuditRecord, DecisionInputs, PolicyRef, PolicyVersion, SecretInfo, StoreError,
-    StoredSecret,
-};
+use super::{AuditQuery, AuditRecord, PolicyVersion, SecretInfo, StoreError, StoredSecret};
 
 /// Schema migrations, applied in order; the index + 1 is the schema version. The same
 /// versions as the SQLite engine's, in PostgreSQL's types.
@@ -60,6 +57,13 @@ const MIGRATIONS: &[&str] = &[
         id BIGINT PRIMARY KEY,
         at BIGINT NOT NULL
     );",
+    // 3: the generation of secrets and policies (random, replaced by every write to
+    // either), which release decisions' cached inputs are checked against at commit.
+    "CREATE TABLE generation (
+        id BIGINT PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+    INSERT INTO generation (id, value) VALUES (1, 0);",
 ];
 
 /// The advisory lock key that serialises migrations across replicas ("snpkbmig").
@@ -87,6 +91,8 @@ pub struct PgSettings {
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Release decisions: the input cache and the group-commit writer.
+    decisions: super::group::Decisions,
 }
 
 impl PgStore {
@@ -125,8 +131,18 @@ impl PgStore {
             .acquire_timeout(settings.connect_timeout)
             .connect_with(options)
             .await?;
-        let store = PgStore { pool };
+        let mut store = PgStore {
+            pool,
+            decisions: super::group::Decisions::detached(),
+        };
         store.migrate().await?;
+        // The writer task holds a copy without a queue of its own, so it ends when the
+        // last handle is dropped.
+        let engine = store.clone();
+        store.decisions = store.decisions.clone().start(move |work| {
+            let engine = engine.clone();
+            async move { engine.commit_group(work).await }
+        });
         Ok(store)
     }
 
@@ -198,12 +214,17 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// The generation, read in the group's transaction under a share lock: a write to
+    /// secrets or policies (which replaces the generation) waits for the group to commit,
+    /// and a group waits for such a write in progress and then reads its new generation.
+    const GENERATION_FOR_COMMIT: &str = "SELECT value FROM generation WHERE id = 1 FOR SHARE";
+
     /// A transaction-scoped advisory lock on a hash of the key: held until the returned
     /// transaction is dropped (rolled back), whatever happens to the fetch.
     async fn fetch_lock(
         &self,
         key: &str,
-    ) -> Result<super::sql::SqlDecision<sqlx::Postgres>, StoreError> {
+    ) -> Result<super::sql::HeldTx<sqlx::Postgres>, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Another replica's fetch (with AMD's backoff) can outlast the statement timeout.
         sqlx::query("SET LOCAL statement_timeout = '90s'")
@@ -213,12 +234,8 @@ impl PgStore {
             .bind(format!("snp-key-broker kds {key}"))
             .execute(&mut *tx)
             .await?;
-        Ok(super::sql::SqlDecision { tx, _writer: None })
+        Ok(super::sql::HeldTx { _tx: tx })
     }
 }
 
-super::sql::sql_store!(
-    PgStore,
-    sqlx::Postgres,
-    super::sql::SqlDecision<sqlx::Postgres>
-);
+super::sql::sql_store!(PgStore, sqlx::Postgres, super::sql::HeldTx<sqlx::Postgres>);

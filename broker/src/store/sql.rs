@@ -5,24 +5,34 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A decision's open transaction: the nonce spent, its inputs read. Dropped without
-/// [`Decision::commit`](super::Decision::commit), it rolls back: nothing spent, nothing
-/// recorded.
-pub struct SqlDecision<DB: sqlx::Database> {
-    pub(crate) tx: sqlx::Transaction<'static, DB>,
-    /// The engine's writer turn, if it has one (SQLite: one writer at a time, queued here
-    /// rather than in SQLite's busy handler). Dropped after the transaction ends.
-    pub(crate) _writer: Option<Writer>,
+/// A transaction held open for its locks (PostgreSQL's KDS lookup lock); dropping it rolls
+/// back and releases them.
+pub struct HeldTx<DB: sqlx::Database> {
+    pub(crate) _tx: sqlx::Transaction<'static, DB>,
 }
 
 /// A turn as the engine's single writer.
 pub(crate) type Writer = tokio::sync::OwnedMutexGuard<()>;
 
-impl<DB: sqlx::Database> std::fmt::Debug for SqlDecision<DB> {
+impl<DB: sqlx::Database> std::fmt::Debug for HeldTx<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SqlDecision(..)")
+        f.write_str("HeldTx(..)")
     }
 }
+
+/// A new store generation: random, so that no two states of the secrets and policies (a
+/// database restored from a backup included) share one.
+pub(crate) fn new_generation() -> Result<i64, super::StoreError> {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| super::StoreError::Unavailable("no randomness for a generation".into()))?;
+    Ok(i64::from_le_bytes(bytes))
+}
+
+/// Used nonces deleted per purge transaction: small, so writers never wait long.
+pub(crate) const PURGE_BATCH: i64 = 500;
 
 /// Seconds since the epoch.
 pub(crate) fn now() -> i64 {
@@ -40,9 +50,9 @@ pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Implements [`Store`](super::Store) for `$store` (with a `pool` field and the hooks
-/// `begin_write`, `writer_turn`, `after_delete` and `fetch_lock`, which returns a `$lock`)
-/// over database `$db`.
+/// Implements [`Store`](super::Store) for `$store` (with `pool` and `decisions` fields, the
+/// hooks `begin_write`, `writer_turn`, `after_delete` and `fetch_lock`, which returns a
+/// `$lock`, and the statement `GENERATION_FOR_COMMIT`) over database `$db`.
 macro_rules! sql_store {
     ($store:ty, $db:ty, $lock:ty) => {
         async fn insert_audit(
@@ -85,7 +95,6 @@ macro_rules! sql_store {
         }
 
         impl $crate::store::Store for $store {
-            type Decision = $crate::store::sql::SqlDecision<$db>;
             type FetchLock = $lock;
 
             async fn lock_fetch(&self, key: &str) -> Result<$lock, StoreError> {
@@ -122,6 +131,7 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
                 sqlx::query(
                     "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -137,6 +147,7 @@ macro_rules! sql_store {
                 .await?;
                 insert_audit(&mut tx, audit).await?;
                 tx.commit().await?;
+                self.decisions.cache.invalidate();
                 Ok(())
             }
 
@@ -192,8 +203,10 @@ macro_rules! sql_store {
                 if done.rows_affected() == 0 {
                     return Ok(false);
                 }
+                bump_generation(&mut tx).await?;
                 insert_audit(&mut tx, audit).await?;
                 tx.commit().await?;
+                self.decisions.cache.invalidate();
                 // Other writers go on while the WAL is checkpointed.
                 drop(_writer);
                 self.after_delete().await;
@@ -208,6 +221,7 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<u64, StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
                 // One statement: the next version is taken and written atomically.
                 let version: i64 = sqlx::query_scalar(
                     "INSERT INTO policies (version, document, created_at, created_by)
@@ -223,6 +237,7 @@ macro_rules! sql_store {
                 audit.detail["version"] = version.into();
                 insert_audit(&mut tx, &audit).await?;
                 tx.commit().await?;
+                self.decisions.cache.invalidate();
                 Ok(to_u64(version))
             }
 
@@ -245,12 +260,25 @@ macro_rules! sql_store {
             }
 
             async fn purge_nonces(&self, now: i64) -> Result<u64, StoreError> {
-                let _writer = self.writer_turn().await;
-                let done = sqlx::query("DELETE FROM used_nonces WHERE expires_at < $1")
+                // In small transactions, each its own writer turn: decisions go on in between.
+                let mut total = 0;
+                loop {
+                    let writer = self.writer_turn().await;
+                    let done = sqlx::query(
+                        "DELETE FROM used_nonces WHERE digest IN
+                           (SELECT digest FROM used_nonces WHERE expires_at < $1 LIMIT $2)",
+                    )
                     .bind(now)
+                    .bind($crate::store::sql::PURGE_BATCH)
                     .execute(&self.pool)
                     .await?;
-                Ok(done.rows_affected())
+                    drop(writer);
+                    total += done.rows_affected();
+                    if done.rows_affected() < to_u64($crate::store::sql::PURGE_BATCH) {
+                        return Ok(total);
+                    }
+                    tokio::task::yield_now().await;
+                }
             }
 
             async fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
@@ -327,78 +355,164 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn begin_decision(
+            async fn decision_inputs(
                 &self,
-                nonce: &[u8; 32],
-                expires_at: i64,
                 names: &[String],
                 cached_policy: Option<u64>,
-            ) -> Result<(DecisionInputs, Self::Decision), StoreError> {
-                let (mut tx, _writer) = self.begin_write().await?;
-                // The spend comes first: on PostgreSQL a concurrent spend of the same nonce waits here
-                // for this transaction and then finds the row (exactly one release per nonce).
-                let spent = sqlx::query(
-                    "INSERT INTO used_nonces (digest, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                )
-                .bind(&nonce[..])
-                .bind(expires_at)
-                .execute(&mut *tx)
-                .await?;
-                let mut inputs = DecisionInputs {
-                    fresh: spent.rows_affected() == 1,
-                    policy: None,
-                    secrets: Vec::new(),
-                };
-                if inputs.fresh {
-                    let version: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM policies")
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    if let Some(v) = version {
-                        let document = if cached_policy == Some(to_u64(v)) {
-                            None
-                        } else {
-                            Some(
-                                sqlx::query_scalar::<_, String>(
-                                    "SELECT document FROM policies WHERE version = $1",
-                                )
-                                .bind(v)
-                                .fetch_one(&mut *tx)
-                                .await?,
-                            )
-                        };
-                        inputs.policy = Some(PolicyRef {
-                            version: to_u64(v),
-                            document,
-                        });
-                    }
-                    for name in names {
-                        let row = sqlx::query(
-                            "SELECT name, version, kind, sealed, meta FROM secrets
-                             WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
-                        )
-                        .bind(name)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        inputs
-                            .secrets
-                            .push(row.as_ref().map(secret_from_row).transpose()?);
-                    }
+            ) -> Result<$crate::store::DecisionInputs, StoreError> {
+                let misses = self.decisions.cache.misses(names);
+                if let Some(inputs) = self.load_inputs(misses, names, cached_policy).await? {
+                    return Ok(inputs);
                 }
-                Ok((
-            inputs,
-            $crate::store::sql::SqlDecision {
-                tx,
-                _writer,
-            },
-        ))
+                // The cache moved on meanwhile: read everything.
+                let all = $crate::store::group::Misses {
+                    generation: None,
+                    policy: true,
+                    names: names.to_vec(),
+                };
+                self.load_inputs(all, names, cached_policy)
+                    .await?
+                    .ok_or_else(|| StoreError::Unavailable("decision inputs incomplete".into()))
+            }
+
+            async fn commit_decision(
+                &self,
+                spend: $crate::store::Spend,
+                audit: AuditRecord,
+            ) -> Result<$crate::store::Committed, StoreError> {
+                self.decisions.commit(spend, audit).await
+            }
+
+            fn commit_metrics(&self) -> &$crate::store::CommitMetrics {
+                &self.decisions.metrics
             }
         }
 
-        impl $crate::store::Decision for $crate::store::sql::SqlDecision<$db> {
-            async fn commit(mut self, audit: &AuditRecord) -> Result<(), StoreError> {
-                insert_audit(&mut self.tx, audit).await?;
-                self.tx.commit().await?;
-                Ok(())
+        async fn bump_generation(
+            conn: &mut <$db as sqlx::Database>::Connection,
+        ) -> Result<(), StoreError> {
+            sqlx::query("UPDATE generation SET value = $1 WHERE id = 1")
+                .bind($crate::store::sql::new_generation()?)
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        impl $store {
+            /// Reads what `misses` lacks (the generation first: whatever is read after it is
+            /// at least as new) and answers from the cache.
+            async fn load_inputs(
+                &self,
+                misses: $crate::store::group::Misses,
+                names: &[String],
+                cached_policy: Option<u64>,
+            ) -> Result<Option<$crate::store::DecisionInputs>, StoreError> {
+                let mut loaded = $crate::store::group::Loaded {
+                    generation: misses.generation.unwrap_or(0),
+                    policy: None,
+                    secrets: Vec::with_capacity(misses.names.len()),
+                };
+                if misses.generation.is_some() && !misses.policy && misses.names.is_empty() {
+                    return Ok(self.decisions.cache.fill(loaded, names, cached_policy));
+                }
+                let mut conn = self.pool.acquire().await?;
+                if misses.generation.is_none() {
+                    loaded.generation = sqlx::query_scalar("SELECT value FROM generation WHERE id = 1")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                }
+                if misses.policy {
+                    let row = sqlx::query(
+                        "SELECT version, document FROM policies ORDER BY version DESC LIMIT 1",
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    loaded.policy = Some(match row {
+                        Some(r) => Some((to_u64(r.try_get("version")?), r.try_get("document")?)),
+                        None => None,
+                    });
+                }
+                for name in misses.names {
+                    let row = sqlx::query(
+                        "SELECT name, version, kind, sealed, meta FROM secrets
+                         WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
+                    )
+                    .bind(&name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let secret = row.as_ref().map(secret_from_row).transpose()?;
+                    loaded.secrets.push((name, secret));
+                }
+                Ok(self.decisions.cache.fill(loaded, names, cached_policy))
+            }
+
+            /// Commits a group of decisions in one transaction: each on the current
+            /// generation spends its nonce (the first of a nonce in the group; a spent one
+            /// is a replay) and appends its audit record.
+            async fn commit_group(
+                &self,
+                work: Vec<($crate::store::Spend, AuditRecord)>,
+            ) -> Result<Vec<$crate::store::Committed>, StoreError> {
+                use $crate::store::Committed;
+                let (mut tx, _writer) = self.begin_write().await?;
+                let current: i64 = sqlx::query_scalar(Self::GENERATION_FOR_COMMIT)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let mut outcomes = vec![Committed::Stale; work.len()];
+                let mut seen = std::collections::HashSet::new();
+                let mut candidates = Vec::with_capacity(work.len());
+                for (i, (spend, _)) in work.iter().enumerate() {
+                    if spend.generation != current {
+                        continue;
+                    }
+                    if seen.insert(spend.nonce) {
+                        candidates.push(i);
+                    } else {
+                        outcomes[i] = Committed::Replay;
+                    }
+                }
+                if !candidates.is_empty() {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO used_nonces (digest, expires_at) ",
+                    );
+                    insert.push_values(&candidates, |mut b, &i| {
+                        b.push_bind(work[i].0.nonce.to_vec())
+                            .push_bind(work[i].0.expires_at);
+                    });
+                    insert.push(" ON CONFLICT DO NOTHING RETURNING digest");
+                    let spent: std::collections::HashSet<Vec<u8>> = insert
+                        .build()
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|row| row.try_get::<Vec<u8>, _>(0))
+                        .collect::<Result<_, _>>()?;
+                    let mut done = Vec::with_capacity(candidates.len());
+                    for &i in &candidates {
+                        if spent.contains(&work[i].0.nonce[..]) {
+                            outcomes[i] = Committed::Done;
+                            done.push(i);
+                        } else {
+                            outcomes[i] = Committed::Replay;
+                        }
+                    }
+                    if !done.is_empty() {
+                        let mut audit = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO audit (at, actor, action, outcome, detail) ",
+                        );
+                        audit.push_values(&done, |mut b, &i| {
+                            let r = &work[i].1;
+                            b.push_bind(r.at)
+                                .push_bind(r.actor.clone())
+                                .push_bind(r.action.clone())
+                                .push_bind(r.outcome.clone())
+                                .push_bind(r.detail.to_string());
+                        });
+                        audit.build().execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(outcomes)
             }
         }
     };

@@ -10,10 +10,7 @@ use sqlx::sqlite::{
 };
 
 use super::sql::{to_i64, to_u64};
-use super::{
-    AuditQuery, AuditRecord, DecisionInputs, PolicyRef, PolicyVersion, SecretInfo, StoreError,
-    StoredSecret,
-};
+use super::{AuditQuery, AuditRecord, PolicyVersion, SecretInfo, StoreError, StoredSecret};
 
 /// Schema migrations, applied in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -59,6 +56,13 @@ const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY,
         at BIGINT NOT NULL
     );",
+    // 3: the generation of secrets and policies (random, replaced by every write to
+    // either), which release decisions' cached inputs are checked against at commit.
+    "CREATE TABLE generation (
+        id INTEGER PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+    INSERT INTO generation (id, value) VALUES (1, 0);",
 ];
 
 /// The SQLite store.
@@ -69,6 +73,8 @@ pub struct SqliteStore {
     /// the previous writer is done) beats SQLite's busy handler, which sleeps in steps of up
     /// to 100 ms.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Release decisions: the input cache and the group-commit writer.
+    decisions: super::group::Decisions,
 }
 
 impl SqliteStore {
@@ -92,11 +98,19 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        let store = SqliteStore {
+        let mut store = SqliteStore {
             pool,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            decisions: super::group::Decisions::detached(),
         };
         store.migrate().await?;
+        // The writer task holds a copy without a queue of its own, so it ends when the
+        // last handle is dropped.
+        let engine = store.clone();
+        store.decisions = store.decisions.clone().start(move |work| {
+            let engine = engine.clone();
+            async move { engine.commit_group(work).await }
+        });
         Ok(store)
     }
 
@@ -246,6 +260,10 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// The generation, read in the group's write transaction (SQLite has one writer: no
+    /// write to secrets or policies can come between this read and the commit).
+    const GENERATION_FOR_COMMIT: &str = "SELECT value FROM generation WHERE id = 1";
+
     /// One broker per SQLite file: the KDS client's own single flight is enough.
     async fn fetch_lock(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
