@@ -18,7 +18,7 @@ CARGO ?= cargo
 DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev postgresql
 FUZZ_SECONDS ?= 20
 
-.PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench demo clean
+.PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench bench-report demo clean
 
 all: build
 
@@ -70,6 +70,10 @@ fuzz: deps
 
 bench: deps
 	scripts/bench.sh
+
+# Tables (stdout) and SVG plots (docs/bench/) from the results of the last `make bench`.
+bench-report:
+	$(CARGO) run --release --locked --bin bench-report -- target/bench/load.jsonl docs/bench
 
 demo: build
 	scripts/demo.sh

@@ -64,38 +64,119 @@ fi
 # End to end over real HTTPS on loopback: a release broker on the embedded store and the
 # simulated platform, driven by broker-load (tests/src/bin/broker-load.rs). With two or more
 # CPUs the broker is pinned to CPU 0 and the load generator to CPU 1; the crypto floor is
-# measured on CPU 0 in the same run, before the broker starts.
+# measured on CPU 0 in the same run, before the broker starts. Every result goes into
+# target/bench/load.jsonl, which `make bench-report` turns into tables and plots.
 echo "== broker-load: challenge + attest flows over HTTPS (release build)"
 cargo build --release --locked --bins
 B=target/release/broker
 L=target/release/broker-load
+out_dir=target/bench
+mkdir -p "$out_dir"
+results="$out_dir/load.jsonl"
+: > "$results"
 work=$(mktemp -d)
 pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
+stop_broker() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=; fi; }
+cleanup() { stop_broker; rm -rf "$work"; }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$B" init --dev "$work/dev" --listen "127.0.0.1:$port" > /dev/null
-pin_broker=() pin_load=()
+pin_broker=() pin_load=() pin_both=()
 if [ "$(nproc)" -ge 2 ] && command -v taskset > /dev/null; then
-  pin_broker=(taskset -c 0) pin_load=(taskset -c 1)
+  pin_broker=(taskset -c 0) pin_load=(taskset -c 1) pin_both=(taskset -c 0,1)
 fi
-floor=$("${pin_broker[@]}" "$L" floor --duration 5 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["floor_per_second"])')
-echo "crypto floor (one P-384 verify + one HPKE seal) on the broker's core: $floor/s"
-RUST_LOG=warn "${pin_broker[@]}" "$B" serve --config "$work/dev/broker.toml" 2> "$work/broker.log" &
-pid=$!
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-export BROKER_ADMIN_CONFIG="$work/dev/admin.toml"
-"$B" secret generate db-key > /dev/null
-"$B" policy set "$work/dev/policy.json" > /dev/null
-for mode in keepalive resumed new-conn; do
-  out=$("${pin_load[@]}" "$L" run --url "https://127.0.0.1:$port" --ca "$work/dev/ca.pem" \
-    --sim-dir "$work/dev/sim" --mode "$mode" --concurrency 16 --duration 10 --broker-pid "$pid" --json)
-  python3 - "$mode" "$floor" "$out" <<'PY'
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+url="https://127.0.0.1:$port"
+dev="$work/dev"
+"$B" init --dev "$dev" --listen "127.0.0.1:$port" > /dev/null
+# start_broker CONFIG [PIN...]: serves CONFIG in the background, under the given pinning.
+start_broker() {
+  local config=$1; shift
+  RUST_LOG=warn "$@" "$B" serve --config "$config" 2>> "$work/broker.log" &
+  pid=$!
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.1; done
+  echo "broker did not start: $(cat "$work/broker.log")" >&2
+  return 1
+}
+# record KIND JSON [EXTRA-JSON]: appends one result line.
+record() {
+  python3 -c 'import json,sys; v=json.loads(sys.argv[2]); v.update(json.loads(sys.argv[3])); v["kind"]=sys.argv[1]; print(json.dumps(v))' \
+    "$1" "$2" "${3:-"{}"}" >> "$results"
+}
+load() { "${pin_load[@]}" "$L" run --url "$url" --ca "$dev/ca.pem" --sim-dir "$dev/sim" --broker-pid "$pid" --json "$@"; }
+show() {
+  python3 - "$1" "$floor" "$2" <<'PY'
 import json, sys
-mode, floor, v = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
+label, floor, v = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
 per_cpu = v["flows_per_broker_cpu_second"] or 0.0
 l = v["latency_ms"]
-print(f"{mode:10} {v['flows_per_second']:8.0f} flows/s  {per_cpu:8.0f} per broker CPU-s = {per_cpu/floor:.2f}x the floor  "
+print(f"{label:16} {v['flows_per_second']:7.0f} flows/s {per_cpu:7.0f} per broker CPU-s = {per_cpu/floor:.2f}x the floor  "
       f"p50 {l['p50']:.1f} ms p99 {l['p99']:.1f} ms  errors {v['errors']}  RSS {v['broker_rss_bytes']/2**20:.0f} MiB")
 PY
+}
+
+floor=$("${pin_broker[@]}" "$L" floor --duration 5 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["floor_per_second"])')
+echo "crypto floor (one P-384 verify + one HPKE seal) on the broker's core: $floor/s"
+record floor "{\"floor_per_second\": $floor}"
+start_broker "$dev/broker.toml" "${pin_broker[@]}"
+export BROKER_ADMIN_CONFIG="$dev/admin.toml"
+"$B" secret generate db-key > /dev/null
+"$B" policy set "$dev/policy.json" > /dev/null
+for mode in keepalive resumed new-conn; do
+  v=$(load --mode "$mode" --concurrency 16 --duration 10)
+  record flows "$v"
+  show "$mode c=16" "$v"
 done
+echo "== concurrency sweep (4 s each)"
+for mode in keepalive resumed new-conn; do
+  for c in 1 2 4 8 16 32 64; do
+    v=$(load --mode "$mode" --concurrency "$c" --duration 4)
+    record sweep "$v"
+    show "$mode c=$c" "$v"
+  done
+done
+if [ ${#pin_both[@]} -gt 0 ]; then
+  echo "== one broker core vs two (with two, the load generator shares them)"
+  v=$(load --mode keepalive --concurrency 32 --duration 8)
+  record cores "$v" '{"broker_cores": 1}'
+  show "1 core c=32" "$v"
+  stop_broker
+  start_broker "$dev/broker.toml" "${pin_both[@]}"
+  v=$("${pin_both[@]}" "$L" run --url "$url" --ca "$dev/ca.pem" --sim-dir "$dev/sim" --broker-pid "$pid" --json \
+        --mode keepalive --concurrency 32 --duration 8)
+  record cores "$v" '{"broker_cores": 2}'
+  show "2 cores c=32" "$v"
+fi
+
+# What a TLS setup costs the broker: new connections (handshake + one GET /healthz), with the
+# ECDSA P-256 certificate of init --dev and with an RSA-2048 one.
+echo "== TLS connection setup (3 s each)"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$dev/rsa-ca.key" -out "$dev/rsa-ca.pem" -days 2 \
+  -subj "/CN=bench RSA CA" 2> /dev/null
+openssl req -newkey rsa:2048 -nodes -keyout "$dev/rsa.key" -out "$dev/rsa.csr" -subj "/CN=localhost" 2> /dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$dev/rsa.ext"
+openssl x509 -req -in "$dev/rsa.csr" -CA "$dev/rsa-ca.pem" -CAkey "$dev/rsa-ca.key" -CAcreateserial \
+  -out "$dev/rsa.pem" -days 2 -extfile "$dev/rsa.ext" 2> /dev/null
+chmod 600 "$dev/rsa.key"
+sed -e 's/^cert = .*/cert = "rsa.pem"/' -e 's/^key = .*/key = "rsa.key"/' "$dev/broker.toml" > "$dev/broker-rsa.toml"
+setups="tls1.3-x25519 --kx x25519
+tls1.3-x25519mlkem768 --kx x25519mlkem768
+tls1.2-x25519 --tls12 --kx x25519
+tls1.3-resumed --kx x25519 --resume
+tls1.2-resumed --tls12 --kx x25519 --resume
+tls1.3-mutual --kx x25519 --client-cert $dev/operator.pem --client-key $dev/operator.key"
+for cert in ecdsa-p256 rsa-2048; do
+  stop_broker
+  if [ "$cert" = rsa-2048 ]; then config="$dev/broker-rsa.toml" ca="$dev/rsa-ca.pem"; else config="$dev/broker.toml" ca="$dev/ca.pem"; fi
+  start_broker "$config" "${pin_broker[@]}"
+  while read -r label args; do
+    # shellcheck disable=SC2086 # args is a list of options
+    v=$("${pin_load[@]}" "$L" handshake --url "$url" --ca "$ca" --broker-pid "$pid" --duration 3 --json $args)
+    record handshake "$v" "{\"certificate\": \"$cert\", \"label\": \"$label\"}"
+    python3 - "$cert" "$label" "$v" <<'PY'
+import json, sys
+cert, label, v = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+print(f"{cert:10} {label:22} {v['connections_per_second']:6.0f}/s {v['connections_per_broker_cpu_second'] or 0:6.0f} per broker CPU-s  "
+      f"first answer p50 {v['first_answer_ms']['p50']:.2f} ms p99 {v['first_answer_ms']['p99']:.2f} ms  errors {v['errors']}")
+PY
+  done <<< "$setups"
+done
+echo "results: $results (make bench-report: tables and plots)"

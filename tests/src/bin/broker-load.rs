@@ -6,11 +6,16 @@
 //! (from `/proc/<pid>/stat`) and flows per broker CPU-second, latency percentiles, errors by
 //! status and the broker's RSS; `floor` measures the crypto floor of one attestation (one
 //! ECDSA P-384 verify and one HPKE seal) on the calling thread, to compare in the same run.
+//! `handshake` measures what a TLS setup costs the broker: connections per second and per
+//! broker CPU-second, and the time to the first answer on a new connection, for a choice of
+//! protocol version, key exchange, resumption and client certificate.
 //!
 //! ```sh
 //! broker-load run --url https://127.0.0.1:8443 --ca DEV/ca.pem --sim-dir DEV/sim \
 //!   --mode keepalive --concurrency 16 --duration 10 --broker-pid PID --json
 //! broker-load floor --duration 5 --json
+//! broker-load handshake --url https://127.0.0.1:8443 --ca DEV/ca.pem --kx x25519 \
+//!   --client-cert DEV/operator.pem --client-key DEV/operator.key --broker-pid PID --json
 //! ```
 
 use std::collections::BTreeMap;
@@ -45,6 +50,14 @@ enum Mode {
     Resumed,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kx {
+    /// Classical X25519.
+    X25519,
+    /// The hybrid post-quantum group X25519MLKEM768 (TLS 1.3 only).
+    X25519mlkem768,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Runs flows against a broker.
@@ -76,6 +89,52 @@ enum Command {
         /// Open every Nth released secret (0: none).
         #[arg(long, default_value_t = 16)]
         check_every: u64,
+        /// Loopback source addresses to spread the workers over (127.0.0.1 … 127.0.0.N).
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measures TLS connection setup against a broker: one new connection (handshake and
+    /// one `GET` of `--path`) after another, from each of `--concurrency` workers.
+    Handshake {
+        /// The broker's base URL.
+        #[arg(long)]
+        url: String,
+        /// The broker's CA (PEM), pinned.
+        #[arg(long)]
+        ca: PathBuf,
+        /// TLS 1.2 instead of TLS 1.3.
+        #[arg(long)]
+        tls12: bool,
+        /// The one key exchange group the client offers.
+        #[arg(long, value_enum, default_value = "x25519")]
+        kx: Kx,
+        /// Resume sessions (TLS 1.3 tickets, TLS 1.2 tickets) after each worker's first.
+        #[arg(long)]
+        resume: bool,
+        /// A client certificate (PEM) to present: mutual TLS, as the admin API uses.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
+        /// The path fetched on each connection.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+        /// Connections in progress at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// The broker's process id, for its CPU time.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        /// Loopback source addresses to spread the workers over (127.0.0.1 … 127.0.0.N).
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -139,11 +198,28 @@ fn tls_config(ca: &PathBuf, resume: bool) -> anyhow::Result<rustls::ClientConfig
     Ok(config)
 }
 
-fn client(config: &rustls::ClientConfig) -> anyhow::Result<reqwest::Client> {
+fn client(
+    config: &rustls::ClientConfig,
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .tls_backend_preconfigured(config.clone())
+        .local_address(source)
         .timeout(Duration::from_secs(30))
         .build()?)
+}
+
+/// The source address of worker `i`: like guests, the load comes from several addresses
+/// (127.0.0.1 … 127.0.0.N when the broker is on IPv4 loopback), so that the broker's
+/// per-source connection share is not what is measured.
+fn source_for(url: &str, sources: u8, i: usize) -> Option<std::net::IpAddr> {
+    let host = url::Url::parse(url).ok()?.host_str()?.to_string();
+    let ip: std::net::Ipv4Addr = host.parse().ok()?;
+    if !ip.is_loopback() || sources <= 1 {
+        return None;
+    }
+    let last = 1 + u8::try_from(i % usize::from(sources)).ok()?;
+    Some(std::net::Ipv4Addr::new(127, 0, 0, last).into())
 }
 
 #[derive(Default)]
@@ -196,20 +272,22 @@ async fn run(
     secret: String,
     broker_pid: Option<u32>,
     check_every: u64,
+    sources: u8,
 ) -> anyhow::Result<serde_json::Value> {
     let amd = guest_agent::evidence::load_simulated_amd(&sim_dir, attestation::Product::Genoa)
         .map_err(|e| anyhow::anyhow!("{}: {e}", sim_dir.display()))?;
     let guest = Arc::new(Guest::new(&amd, |_| {}));
     let config = tls_config(&ca, mode != Mode::NewConn)?;
     // A warm-up flow: the broker's chain cache and the policy are loaded before measuring.
-    flow(&client(&config)?, &url, &guest, &secret)
+    flow(&client(&config, None)?, &url, &guest, &secret)
         .await
         .map_err(|s| anyhow::anyhow!("warm-up flow failed with status {s}"))?;
     let before = broker_pid.map(process_usage).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
+    for i in 0..concurrency.max(1) {
+        let source = source_for(&url, sources, i);
         let (url, guest, secret, stop, config) = (
             url.clone(),
             guest.clone(),
@@ -219,13 +297,15 @@ async fn run(
         );
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            let kept = client(&config).ok();
+            let kept = client(&config, source).ok();
             while !stop.load(Ordering::Relaxed) {
                 let fresh;
                 let http = match (&mode, &kept) {
                     (Mode::Keepalive, Some(k)) => k,
                     _ => {
-                        let Ok(c) = client(&config) else { break };
+                        let Ok(c) = client(&config, source) else {
+                            break;
+                        };
                         fresh = c;
                         &fresh
                     }
@@ -303,6 +383,178 @@ async fn run(
     }))
 }
 
+/// The TLS client of `handshake`: exactly the version, group, resumption and client
+/// certificate asked for.
+fn handshake_config(
+    ca: &PathBuf,
+    tls12: bool,
+    kx: Kx,
+    resume: bool,
+    client: Option<(&PathBuf, &PathBuf)>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if tls12 && kx == Kx::X25519mlkem768 {
+        bail!("X25519MLKEM768 is a TLS 1.3 group");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).with_context(|| ca.display().to_string())?;
+    for c in attestation::certs::decode_pem_or_der(&pem, "ca")? {
+        roots.add(c.into())?;
+    }
+    let mut provider = default_provider();
+    provider.kx_groups = vec![match kx {
+        Kx::X25519 => kx_group::X25519,
+        Kx::X25519mlkem768 => kx_group::X25519MLKEM768,
+    }];
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| cert.display().to_string())?
+                .collect::<Result<Vec<_>, _>>()?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).with_context(|| key.display().to_string())?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(config)
+}
+
+/// New connections, one after another per worker, for `duration`: the handshake, then one
+/// request and the first byte of its answer.
+async fn handshakes(
+    url: &str,
+    config: rustls::ClientConfig,
+    path: &str,
+    concurrency: usize,
+    duration: Duration,
+    broker_pid: Option<u32>,
+    sources: u8,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let parsed = url::Url::parse(url)?;
+    let host = parsed.host_str().context("--url: a host")?.to_string();
+    let port = parsed.port_or_known_default().context("--url: a port")?;
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    // One connection: (handshake time, time to the first byte of the answer, resumed).
+    let connect = {
+        let (host, connector, server_name, request) = (
+            host.clone(),
+            connector.clone(),
+            server_name.clone(),
+            request.clone(),
+        );
+        move |source: Option<std::net::IpAddr>| {
+            let (host, connector, server_name, request) = (
+                host.clone(),
+                connector.clone(),
+                server_name.clone(),
+                request.clone(),
+            );
+            async move {
+                let started = Instant::now();
+                let tcp = match source {
+                    Some(ip) => {
+                        let socket = tokio::net::TcpSocket::new_v4()?;
+                        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                        let addr = tokio::net::lookup_host((host.as_str(), port))
+                            .await?
+                            .next()
+                            .context("no address")?;
+                        socket.connect(addr).await?
+                    }
+                    None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+                };
+                tcp.set_nodelay(true)?;
+                let mut tls = connector.connect(server_name, tcp).await?;
+                let handshake = started.elapsed();
+                let resumed =
+                    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                tls.write_all(request.as_bytes()).await?;
+                let mut buf = [0u8; 512];
+                let n = tls.read(&mut buf).await?;
+                if !buf[..n].starts_with(b"HTTP/1.1 2") {
+                    anyhow::bail!("answer: {}", String::from_utf8_lossy(&buf[..n.min(40)]));
+                }
+                Ok::<_, anyhow::Error>((handshake, started.elapsed(), resumed))
+            }
+        }
+    };
+    // Warm-up: the first connection of each worker's session cache, and the broker's.
+    connect(None).await.context("first connection")?;
+    let before = broker_pid.map(process_usage).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for i in 0..concurrency.max(1) {
+        let source = source_for(url, sources, i);
+        let (connect, stop) = (connect.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut errors = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match connect(source).await {
+                    Ok(sample) => samples.push(sample),
+                    Err(_) => errors += 1,
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut samples, mut errors) = (Vec::new(), 0);
+    for w in workers {
+        let (s, e) = w.await?;
+        samples.extend(s);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = broker_pid.map(process_usage).transpose()?;
+    let cpu = match (before, after) {
+        (Some((a, _)), Some((b, _))) => Some(b - a),
+        _ => None,
+    };
+    let resumed = samples.iter().filter(|s| s.2).count();
+    let n = samples.len();
+    let percentile = |mut v: Vec<Duration>, q: f64| -> f64 {
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i.min(v.len() - 1)].as_secs_f64() * 1000.0
+    };
+    let first: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    let shake: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+    Ok(json!({
+        "connections": n,
+        "resumed": resumed,
+        "errors": errors,
+        "seconds": elapsed,
+        "connections_per_second": n as f64 / elapsed,
+        "broker_cpu_seconds": cpu,
+        "connections_per_broker_cpu_second": cpu.filter(|c| *c > 0.0).map(|c| n as f64 / c),
+        "handshake_ms": { "p50": percentile(shake.clone(), 0.5), "p99": percentile(shake, 0.99) },
+        "first_answer_ms": { "p50": percentile(first.clone(), 0.5), "p99": percentile(first, 0.99) },
+    }))
+}
+
 /// One ECDSA P-384 verify (the report signature) and one HPKE seal (the release), as many
 /// times as fit in `duration` on this thread.
 fn floor(duration: Duration) -> anyhow::Result<serde_json::Value> {
@@ -354,6 +606,64 @@ fn main() -> anyhow::Result<()> {
             }
             v
         }
+        Command::Handshake {
+            url,
+            ca,
+            tls12,
+            kx,
+            resume,
+            client_cert,
+            client_key,
+            path,
+            concurrency,
+            duration,
+            broker_pid,
+            sources,
+            json,
+        } => {
+            if !url.starts_with("https://") {
+                bail!("--url: https://");
+            }
+            let client = client_cert.as_ref().zip(client_key.as_ref());
+            let config = handshake_config(&ca, tls12, kx, resume, client)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let mut v = rt.block_on(handshakes(
+                &url,
+                config,
+                &path,
+                concurrency,
+                Duration::from_secs(duration.max(1)),
+                broker_pid,
+                sources,
+            ))?;
+            v["setup"] = json!({
+                "version": if tls12 { "1.2" } else { "1.3" },
+                "kx": format!("{kx:?}").to_lowercase(),
+                "resume": resume,
+                "client_certificate": client.is_some(),
+            });
+            if !json {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!(
+                        "{} connections ({} resumed, {} errors): {:.0}/s, {} per broker CPU-second; \
+                         handshake p50 {:.2} ms, first answer p50 {:.2} ms p99 {:.2} ms",
+                        v["connections"],
+                        v["resumed"],
+                        v["errors"],
+                        v["connections_per_second"].as_f64().unwrap_or(0.0),
+                        v["connections_per_broker_cpu_second"],
+                        v["handshake_ms"]["p50"].as_f64().unwrap_or(0.0),
+                        v["first_answer_ms"]["p50"].as_f64().unwrap_or(0.0),
+                        v["first_answer_ms"]["p99"].as_f64().unwrap_or(0.0),
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
         Command::Run {
             url,
             ca,
@@ -364,6 +674,7 @@ fn main() -> anyhow::Result<()> {
             secret,
             broker_pid,
             check_every,
+            sources,
             json,
         } => {
             if !url.starts_with("https://") {
@@ -382,6 +693,7 @@ fn main() -> anyhow::Result<()> {
                 secret,
                 broker_pid,
                 check_every,
+                sources,
             ))?;
             if !json {
                 #[allow(clippy::print_stdout)]
