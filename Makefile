@@ -18,7 +18,7 @@ CARGO ?= cargo
 DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev postgresql
 FUZZ_SECONDS ?= 20
 
-.PHONY: all deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench bench-report demo clean
+.PHONY: all deps measure-deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench bench-report demo clean
 
 all: build
 
@@ -49,8 +49,21 @@ clippy: deps
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
 	$(CARGO) clippy --manifest-path attestation/fuzz/Cargo.toml --all-targets --locked -- -D warnings
 
+# The independent reference for `broker measure` (sev-snp-measure from PyPI, in a virtual
+# environment) and real firmware to measure (Debian's ovmf package, unpacked, not installed).
+MEASURE_VENV := target/measure-venv
+measure-deps:
+	@$(MEASURE_VENV)/bin/python -c 'import sevsnpmeasure' 2>/dev/null || { \
+	  echo "installing sev-snp-measure into $(MEASURE_VENV)"; \
+	  python3 -m venv $(MEASURE_VENV) && \
+	  $(MEASURE_VENV)/bin/pip install --quiet --disable-pip-version-check "sev-snp-measure==0.0.13"; }
+	@[ -f target/ovmf/usr/share/ovmf/OVMF.fd ] || { \
+	  mkdir -p target/ovmf && cd target/ovmf && \
+	  { apt-get download ovmf 2>/dev/null || { apt-get update -q >/dev/null && apt-get download ovmf; }; } && \
+	  dpkg -x ovmf_*.deb . ; }
+
 # Binaries first: the end-to-end tests run them as real processes.
-unit: build
+unit: build measure-deps
 	$(CARGO) test --workspace --all-features --locked
 
 # Each fuzz target for a short time (cargo-fuzz, libFuzzer, stable toolchain).

@@ -16,6 +16,7 @@ pub mod init;
 pub mod kds;
 pub mod keys;
 pub mod limit;
+pub mod measure;
 pub mod nonce;
 pub mod policy_cmd;
 pub mod release;

@@ -35,6 +35,40 @@ enum Command {
     /// Release policies: set, get, history, schema, explanation of a decision, drafting.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Compute a guest's expected SEV-SNP launch measurement from its firmware, kernel and
+    /// platform, before it ever boots (docs/measurement.md).
+    Measure {
+        /// The OVMF firmware image the guest boots (read for its SEV metadata).
+        #[arg(long)]
+        ovmf: PathBuf,
+        /// The firmware pages' launch digest, when already known (96 hex digits).
+        #[arg(long)]
+        ovmf_hash: Option<String>,
+        /// Direct-boot kernel (needs firmware with a kernel-hashes section).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initrd of the direct-boot kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// Number of vCPUs.
+        #[arg(long)]
+        vcpus: u32,
+        /// vCPU model (EPYC-Milan, EPYC-Genoa-v1, EPYC-Turin, …) or CPUID signature (0x…).
+        #[arg(long)]
+        vcpu_type: String,
+        /// The VMM: qemu (ec2 and gce are refused for now: docs/measurement.md).
+        #[arg(long, default_value = "qemu")]
+        vmm_type: String,
+        /// The guest's SEV features (VMSA SEV_FEATURES), hex or decimal.
+        #[arg(long, default_value = "0x1", value_parser = parse_u64)]
+        guest_features: u64,
+        /// Print JSON: the measurement and every input's digest.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the broker service.
     Serve {
         /// The broker configuration (TOML).
@@ -508,6 +542,36 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
             Err(e) => Err(e.into()),
         },
+        Command::Measure {
+            ovmf,
+            ovmf_hash,
+            kernel,
+            initrd,
+            append,
+            vcpus,
+            vcpu_type,
+            vmm_type,
+            guest_features,
+            json,
+        } => {
+            let m = broker::measure::measure(&broker::measure::MeasureInputs {
+                ovmf,
+                ovmf_hash,
+                kernel,
+                initrd,
+                append,
+                vcpus,
+                vcpu_type,
+                vmm: vmm_type,
+                guest_features,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!("{}", m.measurement);
+            }
+            Ok(Outcome::Done)
+        }
         Command::Policy(PolicyCommand::Schema) => {
             println!(
                 "{}",
@@ -561,6 +625,15 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             }
         }
     }
+}
+
+/// A number in hex (`0x…`) or decimal.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[tokio::main]
