@@ -1,10 +1,11 @@
 //! `broker measure` against an independent implementation: `sev-snp-measure` (PyPI, in the
 //! virtual environment `make test` builds at target/measure-venv) must agree byte for byte
 //! on Debian's real OVMF builds (the `ovmf` package, unpacked by `make test` into
-//! target/ovmf: the 2 MiB builds, which carry SEV metadata) for every vCPU type × vCPU counts {1, 2, 3, 4, 8, 16, 64} × guest features
-//! {0x1, 0x21, seeded random} for the QEMU VMM, the full grid on two builds and a seeded
-//! sample on the third; a disagreement fails and prints the inputs. Broken inputs
-//! get their exact error.
+//! target/ovmf; the 2 MiB builds, which carry SEV metadata) for every vCPU type × vCPU
+//! counts {1, 2, 3, 4, 8, 16, 64} × guest features {0x1, 0x21, seeded random} on the QEMU
+//! VMM (the full grid on two builds, a seeded sample on the third), and on measured direct
+//! boot with synthetic firmware and random kernels, initrds and command lines. A
+//! disagreement fails and prints the inputs. Broken inputs get their exact error.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
@@ -312,4 +313,158 @@ fn ec2_and_gce_are_refused() {
         "ovmf": ovmf, "vcpus": 4, "vcpu_type": "EPYC-Milan", "vmm": "ec2", "guest_features": 1,
     })]);
     assert_ne!(crate_ec2, reference_ec2[0]);
+}
+
+/// An OVMF-shaped image built here, independently of the broker's parser: an OVMF table
+/// (footer, SEV metadata, SEV-ES reset block, SEV hash table) and SEV metadata with secure
+/// memory, secrets, CPUID and kernel-hashes sections, like OvmfPkg/AmdSev's; `seed` fills
+/// the rest.
+fn synthetic_firmware(seed: u64) -> Vec<u8> {
+    fn guid(s: &str) -> [u8; 16] {
+        // "aabbccdd-eeff-gghh-iijj-kkllmmnnoopp" in the on-disk mixed-endian order.
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        let b = hex::decode(hex).unwrap();
+        let mut g = [0u8; 16];
+        g[..4].copy_from_slice(&[b[3], b[2], b[1], b[0]]);
+        g[4..6].copy_from_slice(&[b[5], b[4]]);
+        g[6..8].copy_from_slice(&[b[7], b[6]]);
+        g[8..].copy_from_slice(&b[8..]);
+        g
+    }
+    let len = 256 * 1024;
+    let mut rng = Rng(seed | 1);
+    let mut img: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    let meta_at = 0x2000;
+    let sections: [(u32, u32, u32); 4] = [
+        (0x80_0000, 0x9000, 1),
+        (0x80_9000, 0x1000, 2),
+        (0x80_a000, 0x1000, 3),
+        (0x80_b000, 0x1000, 0x10),
+    ];
+    img[meta_at..meta_at + 4].copy_from_slice(b"ASEV");
+    let size = 16 + 12 * sections.len() as u32;
+    img[meta_at + 4..meta_at + 8].copy_from_slice(&size.to_le_bytes());
+    img[meta_at + 8..meta_at + 12].copy_from_slice(&1u32.to_le_bytes());
+    img[meta_at + 12..meta_at + 16].copy_from_slice(&(sections.len() as u32).to_le_bytes());
+    for (i, (gpa, sz, kind)) in sections.iter().enumerate() {
+        let at = meta_at + 16 + 12 * i;
+        img[at..at + 4].copy_from_slice(&gpa.to_le_bytes());
+        img[at + 4..at + 8].copy_from_slice(&sz.to_le_bytes());
+        img[at + 8..at + 12].copy_from_slice(&kind.to_le_bytes());
+    }
+    let mut hash_table = 0x80_bc00u32.to_le_bytes().to_vec();
+    hash_table.extend_from_slice(&0x400u32.to_le_bytes());
+    let entries: Vec<(Vec<u8>, [u8; 16])> = vec![
+        (
+            ((len - meta_at) as u32).to_le_bytes().to_vec(),
+            guid("dc886566-984a-4798-a75e-5585a7bf67cc"),
+        ),
+        (
+            0xffff_f000u32.to_le_bytes().to_vec(),
+            guid("00f771de-1a7e-4fcb-890e-68c77e2fb44e"),
+        ),
+        (hash_table, guid("7255371f-3a3b-4b04-927b-1da6efa8d454")),
+    ];
+    let mut table = Vec::new();
+    for (data, g) in entries {
+        table.extend_from_slice(&data);
+        table.extend_from_slice(&((data.len() + 18) as u16).to_le_bytes());
+        table.extend_from_slice(&g);
+    }
+    let total = table.len() + 18;
+    table.extend_from_slice(&(total as u16).to_le_bytes());
+    table.extend_from_slice(&guid("96b582de-1fb2-45f7-baea-a366c55a082d"));
+    let end = len - 32;
+    img[end - table.len()..end].copy_from_slice(&table);
+    img
+}
+
+#[test]
+fn agrees_on_measured_direct_boot_with_synthetic_firmware() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0xd1ec_7b00_7000_0001);
+    let appends: [Option<&str>; 5] = [
+        None,
+        Some(""),
+        Some("console=ttyS0 root=/dev/vda1 ro"),
+        Some("dm-verity.root=6f1e… émoji=🔒 quiet"),
+        Some("a"),
+    ];
+    let mut cases = Vec::new();
+    let mut ours = Vec::new();
+    for n in 0..40u64 {
+        let fw = dir.path().join(format!("fw{n}.fd"));
+        std::fs::write(&fw, synthetic_firmware(rng.next())).unwrap();
+        let kernel = dir.path().join(format!("vmlinuz{n}"));
+        let klen = 1 + (rng.next() % 70_000) as usize;
+        std::fs::write(
+            &kernel,
+            (0..klen).map(|_| rng.next() as u8).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let initrd = (n % 3 != 0).then(|| {
+            let p = dir.path().join(format!("initrd{n}"));
+            let ilen = (rng.next() % 50_000) as usize;
+            std::fs::write(&p, (0..ilen).map(|_| rng.next() as u8).collect::<Vec<_>>()).unwrap();
+            p
+        });
+        let append = appends[(n % 5) as usize].map(str::to_string);
+        let cpu = CPU_TYPES[(rng.next() % CPU_TYPES.len() as u64) as usize];
+        let vcpus = VCPUS[(rng.next() % VCPUS.len() as u64) as usize];
+        let features = [0x1, 0x21, rng.next()][(n % 3) as usize];
+        let m = measure(&MeasureInputs {
+            ovmf: fw.clone(),
+            ovmf_hash: None,
+            kernel: Some(kernel.clone()),
+            initrd: initrd.clone(),
+            append: append.clone(),
+            vcpus,
+            vcpu_type: cpu.to_string(),
+            vmm: "qemu".into(),
+            guest_features: features,
+        })
+        .unwrap_or_else(|e| panic!("case {n}: {e}"));
+        ours.push((
+            format!("case {n}: vcpus={vcpus} type={cpu} features={features:#x} append={append:?} initrd={}", initrd.is_some()),
+            m.measurement,
+        ));
+        cases.push(serde_json::json!({
+            "ovmf": fw, "vcpus": vcpus, "vcpu_type": cpu, "vmm": "qemu",
+            "guest_features": features, "kernel": kernel, "initrd": initrd, "append": append,
+        }));
+    }
+    // The kernel, initrd and command line are measured: change one byte, change the result.
+    let first = &cases[0];
+    let kernel = PathBuf::from(first["kernel"].as_str().unwrap());
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    bytes[0] ^= 1;
+    let other = dir.path().join("vmlinuz-other");
+    std::fs::write(&other, bytes).unwrap();
+    let changed = measure(&MeasureInputs {
+        ovmf: PathBuf::from(first["ovmf"].as_str().unwrap()),
+        ovmf_hash: None,
+        kernel: Some(other),
+        initrd: first["initrd"].as_str().map(PathBuf::from),
+        append: first["append"].as_str().map(str::to_string),
+        vcpus: u32::try_from(first["vcpus"].as_u64().unwrap()).unwrap(),
+        vcpu_type: first["vcpu_type"].as_str().unwrap().to_string(),
+        vmm: "qemu".into(),
+        guest_features: first["guest_features"].as_u64().unwrap(),
+    })
+    .unwrap();
+    assert_ne!(changed.measurement, ours[0].1);
+    let theirs = reference(&cases);
+    let disagreements: Vec<String> = ours
+        .iter()
+        .zip(&theirs)
+        .filter(|((_, o), t)| o != *t)
+        .map(|((label, o), t)| format!("{label}: broker {o} sev-snp-measure {t}"))
+        .collect();
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} direct-boot cases disagree:\n{}",
+        disagreements.len(),
+        ours.len(),
+        disagreements.join("\n")
+    );
 }
