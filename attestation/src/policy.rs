@@ -887,6 +887,30 @@ pub fn suggest_unverified(
     )
 }
 
+/// Drafts a policy from a launch measurement computed from the guest's image (`broker
+/// measure`) rather than read from a guest: the same conditions as [`suggest`] (debug and
+/// migration agents off, the VMPL, the product, AMD's root), with the TCB minimums given,
+/// since no report says what the platform runs.
+pub fn suggest_from_measurement(
+    measurement: &[u8; 48],
+    product: crate::Product,
+    min_tcb: &crate::report::Tcb,
+    vmpl: u32,
+    rule_name: &str,
+    secrets: &[String],
+) -> Value {
+    draft(
+        &hex::encode(measurement),
+        vmpl,
+        Some(product),
+        min_tcb,
+        rule_name,
+        secrets,
+        " The measurement was computed from the image (broker measure), not read from a guest; \
+         the TCB minimums are the ones given.",
+    )
+}
+
 fn draft(
     measurement: &str,
     vmpl: u32,
@@ -1259,6 +1283,31 @@ mod tests {
         let d = p.decide("web-tls", &other);
         assert!(!d.released);
         assert!(d.reason.contains("measurement =="), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_policy_from_a_computed_measurement_accepts_exactly_that_guest_on_that_tcb() {
+        let c = claims("trustee-milan-v2");
+        let measurement: [u8; 48] = hex::decode(&c.measurement).unwrap().try_into().unwrap();
+        let secrets = ["web-tls".to_string()];
+        let draft = |tcb: &crate::report::Tcb| {
+            suggest_from_measurement(&measurement, c.product, tcb, c.vmpl, "measured", &secrets)
+        };
+        let p = load(draft(&c.tcb.reported)).unwrap();
+        assert!(p.decide("web-tls", &c).released);
+        // Another guest's measurement: refused on it.
+        let d = p.decide("web-tls", &claims("virtee-sev-milan-v2"));
+        assert!(!d.released);
+        assert!(d.reason.contains("measurement =="), "{}", d.reason);
+        // A platform below the minimum given: refused on the TCB.
+        let mut higher = c.tcb.reported;
+        higher.snp += 1;
+        let d = load(draft(&higher)).unwrap().decide("web-tls", &c);
+        assert!(!d.released);
+        assert!(d.reason.contains("tcb.reported.snp"), "{}", d.reason);
+        // The draft says where its measurement came from.
+        let text = draft(&c.tcb.reported)["description"].to_string();
+        assert!(text.contains("computed from the image"), "{text}");
     }
 
     #[test]

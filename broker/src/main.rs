@@ -240,6 +240,26 @@ enum PolicyCommand {
         #[arg(long)]
         secret: Vec<String>,
     },
+    /// Draft a policy from a measurement computed with `broker measure`, before any guest
+    /// boots (docs/measurement.md).
+    SuggestMeasured {
+        /// The expected launch measurement (96 hex digits).
+        #[arg(long)]
+        measurement: String,
+        /// The EPYC generation of the hosts: Milan, Genoa or Turin.
+        #[arg(long)]
+        product: String,
+        /// The lowest platform TCB to accept: bootloader=N,tee=N,snp=N,microcode=N (and fmc=N
+        /// on Turin), e.g. from AMD's security bulletins.
+        #[arg(long)]
+        min_tcb: String,
+        /// The VMPL the guest requests its reports at (0 without an SVSM).
+        #[arg(long, default_value_t = 0)]
+        vmpl: u32,
+        /// Secret the drafted rule may receive (repeatable).
+        #[arg(long)]
+        secret: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -608,6 +628,18 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Policy(PolicyCommand::SuggestMeasured {
+            measurement,
+            product,
+            min_tcb,
+            vmpl,
+            secret,
+        }) => {
+            let draft =
+                policy_cmd::suggest_measured(&measurement, &product, &min_tcb, vmpl, &secret)?;
+            println!("{}", serde_json::to_string_pretty(&draft)?);
+            Ok(Outcome::Done)
         }
         Command::Policy(PolicyCommand::Suggest { evidence, secret }) => {
             match policy_cmd::suggest(&evidence.request()?, &secret) {

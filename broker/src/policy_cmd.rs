@@ -101,3 +101,83 @@ pub fn suggest(request: &VerifyRequest, secrets: &[String]) -> Result<serde_json
     Policy::from_value(draft.clone()).map_err(|e| Error::Input(format!("drafted policy: {e}")))?;
     Ok(draft)
 }
+
+/// Drafts a policy from a computed launch measurement (`broker measure`): 96 hex digits, the
+/// product the guests run on, and the TCB minimums as `bootloader=N,tee=N,snp=N,microcode=N`
+/// (plus `fmc=N` on Turin), since no report says what the platform runs.
+pub fn suggest_measured(
+    measurement: &str,
+    product: &str,
+    min_tcb: &str,
+    vmpl: u32,
+    secrets: &[String],
+) -> Result<serde_json::Value, Error> {
+    let input = |m: String| Error::Input(m);
+    let measurement: [u8; 48] = hex::decode(measurement.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| input("--measurement: 96 hex digits (broker measure prints it)".into()))?;
+    let product = attestation::Product::from_name(product).ok_or_else(|| {
+        input(format!(
+            "--product {product:?}: one of Milan, Genoa, Turin (the hosts' EPYC generation)"
+        ))
+    })?;
+    if vmpl > 3 {
+        return Err(input(format!("--vmpl {vmpl}: 0 to 3")));
+    }
+    let tcb = parse_tcb(min_tcb, product)?;
+    let draft =
+        policy::suggest_from_measurement(&measurement, product, &tcb, vmpl, "measured", secrets);
+    Policy::from_value(draft.clone()).map_err(|e| Error::Input(format!("drafted policy: {e}")))?;
+    Ok(draft)
+}
+
+/// `bootloader=N,tee=N,snp=N,microcode=N[,fmc=N]`: every component, each once; `fmc` on
+/// Turin (required there) only.
+fn parse_tcb(text: &str, product: attestation::Product) -> Result<attestation::report::Tcb, Error> {
+    let bad = |m: String| Error::Input(format!("--min-tcb: {m}"));
+    let mut values: std::collections::BTreeMap<&str, u8> = std::collections::BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not NAME=N")))?;
+        let key = key.trim();
+        if !matches!(key, "bootloader" | "tee" | "snp" | "microcode" | "fmc") {
+            return Err(bad(format!(
+                "unknown component {key:?} (bootloader, tee, snp, microcode, fmc)"
+            )));
+        }
+        let value: u8 = value
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("{key}: 0 to 255")))?;
+        if values.insert(key, value).is_some() {
+            return Err(bad(format!("{key} given twice")));
+        }
+    }
+    let get = |key: &str| {
+        values.get(key).copied().ok_or_else(|| {
+            bad(format!(
+                "{key} missing (give bootloader, tee, snp and microcode)"
+            ))
+        })
+    };
+    let turin = product == attestation::Product::Turin;
+    let fmc = match (values.get("fmc").copied(), turin) {
+        (Some(v), true) => Some(v),
+        (None, true) => {
+            return Err(bad(
+                "fmc missing: Turin's TCB has a firmware (FMC) SPL".into()
+            ));
+        }
+        (Some(_), false) => return Err(bad("fmc is a Turin component".into())),
+        (None, false) => None,
+    };
+    Ok(attestation::report::Tcb {
+        fmc,
+        bootloader: get("bootloader")?,
+        tee: get("tee")?,
+        snp: get("snp")?,
+        microcode: get("microcode")?,
+    })
+}

@@ -165,3 +165,132 @@ fn suggest_without_a_vek_drafts_from_the_unverified_report() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A policy drafted from a computed measurement (`policy suggest-measured`, what
+/// `broker measure` prints) releases to the guest that has it, on a platform at the given
+/// TCB, and refuses a TCB below the minimum; bad input is a one-line error.
+#[test]
+fn a_policy_from_a_computed_measurement_releases_to_its_guest() {
+    // The measurement and TCB the guest will have; here read from the vector's report, as
+    // `broker measure` would compute them for its image.
+    let mut args = vec!["verify".to_string(), "--json".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(args, &[]);
+    assert!(out.status.success());
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let measurement = claims["measurement"].as_str().unwrap().to_string();
+    let t = &claims["tcb"]["reported"];
+    let tcb = |snp: u64| {
+        format!(
+            "bootloader={},tee={},snp={snp},microcode={}",
+            t["bootloader"], t["tee"], t["microcode"]
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let draft = |min_tcb: &str| {
+        let out = broker(&[
+            "policy",
+            "suggest-measured",
+            "--measurement",
+            &measurement,
+            "--product",
+            "Milan",
+            "--min-tcb",
+            min_tcb,
+            "--secret",
+            "web-tls",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.path().join(format!("p{}.json", min_tcb.len()));
+        std::fs::write(&path, &out.stdout).unwrap();
+        path.display().to_string()
+    };
+    let snp = t["snp"].as_u64().unwrap();
+    let check = |policy: &str| {
+        let mut args = vec!["policy".to_string(), "check".to_string()];
+        args.extend(evidence("trustee-milan-v2"));
+        run(args, &["--policy", policy])
+    };
+    let out = check(&draft(&tcb(snp)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("RELEASE web-tls: rule \"measured\" holds"),
+        "{text}"
+    );
+    let out = check(&draft(&tcb(snp + 10)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("tcb.reported.snp"), "{text}");
+
+    // Broken input: one line, exit status 2, naming the option.
+    for (args, expect) in [
+        (
+            vec![
+                "--measurement",
+                "abcd",
+                "--product",
+                "Milan",
+                "--min-tcb",
+                "bootloader=1,tee=0,snp=1,microcode=1",
+            ],
+            "--measurement",
+        ),
+        (
+            vec![
+                "--measurement",
+                &measurement,
+                "--product",
+                "Naples",
+                "--min-tcb",
+                "bootloader=1,tee=0,snp=1,microcode=1",
+            ],
+            "--product",
+        ),
+        (
+            vec![
+                "--measurement",
+                &measurement,
+                "--product",
+                "Milan",
+                "--min-tcb",
+                "bootloader=1,tee=0,snp=1",
+            ],
+            "microcode missing",
+        ),
+        (
+            vec![
+                "--measurement",
+                &measurement,
+                "--product",
+                "Turin",
+                "--min-tcb",
+                "bootloader=1,tee=0,snp=1,microcode=1",
+            ],
+            "fmc missing",
+        ),
+        (
+            vec![
+                "--measurement",
+                &measurement,
+                "--product",
+                "Milan",
+                "--min-tcb",
+                "bootloader=1,tee=0,snp=1,microcode=1,snp=2",
+            ],
+            "twice",
+        ),
+    ] {
+        let mut all = vec!["policy", "suggest-measured"];
+        all.extend(args);
+        let out = broker(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(expect), "{expect}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+}
