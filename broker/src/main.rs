@@ -54,11 +54,19 @@ enum Command {
         #[arg(long)]
         append: Option<String>,
         /// Number of vCPUs.
-        #[arg(long)]
-        vcpus: u32,
+        #[arg(long, required_unless_present = "find")]
+        vcpus: Option<u32>,
         /// vCPU model (EPYC-Milan, EPYC-Genoa-v1, EPYC-Turin, …) or CPUID signature (0x…).
-        #[arg(long)]
-        vcpu_type: String,
+        #[arg(long, required_unless_present = "find")]
+        vcpu_type: Option<String>,
+        /// Instead of computing one measurement, find which vCPU counts (1 to --max-vcpus),
+        /// CPU families and common guest features give this one (a refused report's) with
+        /// these firmware and kernel inputs. Exit status 1 if none does.
+        #[arg(long = "match", id = "find", value_name = "MEASUREMENT")]
+        find: Option<String>,
+        /// The largest vCPU count --match tries.
+        #[arg(long, default_value_t = 64)]
+        max_vcpus: u32,
         /// The VMM: qemu (ec2 and gce are refused for now: docs/measurement.md).
         #[arg(long, default_value = "qemu")]
         vmm_type: String,
@@ -570,21 +578,52 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             append,
             vcpus,
             vcpu_type,
+            find,
+            max_vcpus,
             vmm_type,
             guest_features,
             json,
         } => {
-            let m = broker::measure::measure(&broker::measure::MeasureInputs {
+            let inputs = broker::measure::MeasureInputs {
                 ovmf,
                 ovmf_hash,
                 kernel,
                 initrd,
                 append,
-                vcpus,
-                vcpu_type,
+                vcpus: vcpus.unwrap_or(1),
+                vcpu_type: vcpu_type.unwrap_or_else(|| "EPYC".into()),
                 vmm: vmm_type,
                 guest_features,
-            })?;
+            };
+            if let Some(target) = find {
+                let found = broker::measure::find_platform(&inputs, &target, max_vcpus)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&found)?);
+                } else if found.is_empty() {
+                    println!(
+                        "no match: no vCPU count from 1 to {max_vcpus}, CPU family or common guest \
+                         features gives this measurement with this firmware and kernel; the \
+                         firmware, kernel, initrd or command line differ (or the VMM)"
+                    );
+                }
+                for m in &found {
+                    if !json {
+                        println!(
+                            "match: {} vCPUs, {} (signature {}), guest features {}",
+                            m.vcpus,
+                            m.vcpu_types.join(" / "),
+                            m.vcpu_signature,
+                            m.guest_features
+                        );
+                    }
+                }
+                return Ok(if found.is_empty() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Done
+                });
+            }
+            let m = broker::measure::measure(&inputs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {

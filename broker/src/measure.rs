@@ -152,6 +152,9 @@ pub enum MeasureError {
     /// A precomputed firmware digest that is not 48 bytes of hex.
     #[error("--ovmf-hash: 96 hex digits (a SHA-384 launch digest of the firmware pages)")]
     BadOvmfHash,
+    /// A sought measurement that is not 48 bytes of hex.
+    #[error("--match: 96 hex digits (the measurement of the report to explain)")]
+    BadMeasurement,
     /// The `sev` crate refused the inputs after our checks passed.
     #[error("measurement: {0}")]
     Computation(String),
@@ -381,10 +384,108 @@ fn sha256_file(path: &Path) -> Result<String, MeasureError> {
     )))
 }
 
+fn computation(e: sev::error::MeasurementError) -> MeasureError {
+    MeasureError::Computation(e.to_string())
+}
+
+/// The launch digest (hex) of `inputs`' firmware and kernel on one platform.
+fn launch_digest(
+    inputs: &MeasureInputs,
+    ovmf_hash: &str,
+    vmm: sev::measurement::vmsa::VMMType,
+    vcpu_type: sev::measurement::vcpu_types::CpuType,
+    vcpus: u32,
+    guest_features: u64,
+) -> Result<String, MeasureError> {
+    use sev::measurement::snp::{SnpMeasurementArgs, snp_calc_launch_digest};
+    use sev::measurement::vmsa::GuestFeatures;
+    Ok(snp_calc_launch_digest(SnpMeasurementArgs {
+        vcpus,
+        vcpu_type,
+        ovmf_file: inputs.ovmf.clone(),
+        guest_features: GuestFeatures(guest_features),
+        kernel_file: inputs.kernel.clone(),
+        initrd_file: inputs.initrd.clone(),
+        append: inputs.append.as_deref(),
+        ovmf_hash_str: Some(ovmf_hash),
+        vmm_type: Some(vmm),
+    })
+    .map_err(computation)?
+    .get_hex_ld())
+}
+
+/// A platform that gives a sought measurement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlatformMatch {
+    /// vCPU count.
+    pub vcpus: u32,
+    /// The CPU models with this signature (they measure alike).
+    pub vcpu_types: Vec<String>,
+    /// The CPUID signature.
+    pub vcpu_signature: String,
+    /// The guest features.
+    pub guest_features: String,
+}
+
+/// The CPU models, one list per CPUID signature (models of one family measure alike).
+const FAMILIES: [&[&str]; 5] = [
+    &[
+        "EPYC",
+        "EPYC-v1",
+        "EPYC-v2",
+        "EPYC-IBPB",
+        "EPYC-v3",
+        "EPYC-v4",
+    ],
+    &["EPYC-Rome", "EPYC-Rome-v1", "EPYC-Rome-v2", "EPYC-Rome-v3"],
+    &["EPYC-Milan", "EPYC-Milan-v1", "EPYC-Milan-v2"],
+    &["EPYC-Genoa", "EPYC-Genoa-v1"],
+    &["EPYC-Turin", "EPYC-Turin-v1", "EPYC-Turin-v2"],
+];
+
+/// Which platforms give `target` (a report's measurement) for `inputs`' firmware, kernel,
+/// initrd and command line: every CPU family, 1 to `max_vcpus` vCPUs, and the guest
+/// features given plus the common ones (0x1, 0x21). Empty: none does, so the firmware,
+/// kernel, initrd or command line differ (or the VMM, or uncommon features).
+pub fn find_platform(
+    inputs: &MeasureInputs,
+    target: &str,
+    max_vcpus: u32,
+) -> Result<Vec<PlatformMatch>, MeasureError> {
+    let target = target.trim().to_ascii_lowercase();
+    if target.len() != 96 || hex::decode(&target).is_err() {
+        return Err(MeasureError::BadMeasurement);
+    }
+    // Validates every input and yields the firmware digest once.
+    let base = measure(inputs)?;
+    let vmm = sev::measurement::vmsa::VMMType::QEMU;
+    let mut features = vec![inputs.guest_features, 0x1, 0x21];
+    features.dedup();
+    features.sort_unstable();
+    features.dedup();
+    let mut found = Vec::new();
+    for family in FAMILIES {
+        let cpu = cpu_type(family[0])?;
+        for vcpus in 1..=max_vcpus.clamp(1, MAX_VCPUS) {
+            for &f in &features {
+                if launch_digest(inputs, &base.ovmf_hash, vmm, cpu, vcpus, f)? == target {
+                    found.push(PlatformMatch {
+                        vcpus,
+                        vcpu_types: family.iter().map(|s| s.to_string()).collect(),
+                        vcpu_signature: format!("{:#x}", cpu.sig()),
+                        guest_features: format!("{f:#x}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Computes the launch measurement of `inputs`.
 pub fn measure(inputs: &MeasureInputs) -> Result<Measurement, MeasureError> {
-    use sev::measurement::snp::{SnpMeasurementArgs, calc_snp_ovmf_hash, snp_calc_launch_digest};
-    use sev::measurement::vmsa::{GuestFeatures, VMMType};
+    use sev::measurement::snp::calc_snp_ovmf_hash;
+    use sev::measurement::vmsa::VMMType;
 
     if inputs.vcpus == 0 || inputs.vcpus > MAX_VCPUS {
         return Err(MeasureError::VcpuCount(inputs.vcpus));
@@ -444,27 +545,22 @@ pub fn measure(inputs: &MeasureInputs) -> Result<Measurement, MeasureError> {
             .into(),
         );
     }
-    let computation = |e: sev::error::MeasurementError| MeasureError::Computation(e.to_string());
     let ovmf_hash = match &inputs.ovmf_hash {
         Some(h) => h.to_ascii_lowercase(),
         None => calc_snp_ovmf_hash(inputs.ovmf.clone())
             .map_err(computation)?
             .get_hex_ld(),
     };
-    let digest = snp_calc_launch_digest(SnpMeasurementArgs {
-        vcpus: inputs.vcpus,
+    let digest = launch_digest(
+        inputs,
+        &ovmf_hash,
+        vmm,
         vcpu_type,
-        ovmf_file: inputs.ovmf.clone(),
-        guest_features: GuestFeatures(inputs.guest_features),
-        kernel_file: inputs.kernel.clone(),
-        initrd_file: inputs.initrd.clone(),
-        append: inputs.append.as_deref(),
-        ovmf_hash_str: Some(&ovmf_hash),
-        vmm_type: Some(vmm),
-    })
-    .map_err(computation)?;
+        inputs.vcpus,
+        inputs.guest_features,
+    )?;
     Ok(Measurement {
-        measurement: digest.get_hex_ld(),
+        measurement: digest,
         ovmf_hash,
         inputs: files.into(),
         platform: serde_json::json!({

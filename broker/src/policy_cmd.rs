@@ -19,6 +19,8 @@ pub fn load(path: &Path) -> Result<Policy, Error> {
 /// The outcome of `broker policy check`: verification succeeded and each secret's decision.
 #[derive(Debug, serde::Serialize)]
 pub struct CheckReport {
+    /// The verified report's launch measurement (hex).
+    pub measurement: String,
     /// Decisions, one per secret checked.
     pub decisions: Vec<Decision>,
 }
@@ -43,6 +45,7 @@ pub fn check(
         ));
     }
     Ok(CheckReport {
+        measurement: claims.measurement.clone(),
         decisions: names.iter().map(|s| policy.decide(s, &claims)).collect(),
     })
 }
@@ -59,9 +62,19 @@ fn render_outcome(o: &Outcome, depth: usize, out: &mut String) {
     }
 }
 
+/// Whether a measurement condition failed somewhere under `o`.
+fn measurement_failed(o: &Outcome) -> bool {
+    (!o.passed && o.children.is_empty() && o.description.starts_with("measurement"))
+        || o.children.iter().any(measurement_failed)
+}
+
 /// Renders a check report for people.
 pub fn render(report: &CheckReport) -> String {
     let mut out = String::new();
+    let refused_on_measurement = report
+        .decisions
+        .iter()
+        .any(|d| !d.released && d.rules.iter().any(|r| measurement_failed(&r.conditions)));
     for d in &report.decisions {
         let verdict = if d.released { "RELEASE" } else { "REFUSE" };
         out.push_str(&format!("{verdict} {}: {}\n", d.secret, d.reason));
@@ -73,6 +86,14 @@ pub fn render(report: &CheckReport) -> String {
             ));
             render_outcome(&r.conditions, 0, &mut out);
         }
+    }
+    if refused_on_measurement {
+        out.push_str(&format!(
+            "hint: to see whether the image you expect gives this measurement on another vCPU \
+             count, CPU family or guest features: broker measure --ovmf FILE [--kernel …] \
+             --match {}\n",
+            report.measurement
+        ));
     }
     out
 }

@@ -468,3 +468,54 @@ fn agrees_on_measured_direct_boot_with_synthetic_firmware() {
         disagreements.join("\n")
     );
 }
+
+/// `--match`: which platform gives a report's measurement, for `policy check`'s "refused on
+/// measurement" (docs/measurement.md): the one that does, and none for other firmware.
+#[test]
+fn a_measurement_is_traced_back_to_its_platform() {
+    let builds = ovmf_builds();
+    let mut sought = inputs(&builds[0], "", 3, "EPYC-Genoa-v1", "qemu", 0x21);
+    sought.ovmf_hash = None;
+    let target = measure(&sought).unwrap().measurement;
+    let mut guess = sought.clone();
+    guess.vcpus = 1;
+    guess.vcpu_type = "EPYC".into();
+    guess.guest_features = 0x1;
+    let found = broker::measure::find_platform(&guess, &target, 8).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].vcpus, 3);
+    assert!(found[0].vcpu_types.contains(&"EPYC-Genoa-v1".to_string()));
+    assert_eq!(found[0].guest_features, "0x21");
+    // Other firmware: nothing gives it.
+    let mut other = guess.clone();
+    other.ovmf = builds[1].clone();
+    assert!(
+        broker::measure::find_platform(&other, &target, 4)
+            .unwrap()
+            .is_empty()
+    );
+    // The command: a match line, exit 0; none, exit 1.
+    let broker = e2e::binary("broker").unwrap();
+    let run = |ovmf: &Path| {
+        Command::new(&broker)
+            .args(["measure", "--ovmf"])
+            .arg(ovmf)
+            .args(["--match", &target, "--max-vcpus", "4"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&builds[0]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("match: 3 vCPUs, EPYC-Genoa / EPYC-Genoa-v1"),
+        "{text}"
+    );
+    let out = run(&builds[1]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no match"));
+    assert!(matches!(
+        broker::measure::find_platform(&guess, "abc", 4),
+        Err(MeasureError::BadMeasurement)
+    ));
+}

@@ -80,6 +80,13 @@ fn suggested_policy_releases_to_its_guest_only() {
         "{text}"
     );
     assert!(text.contains("FAIL  measurement"), "{text}");
+    // ...with a hint to trace the measurement back to a platform (broker measure --match).
+    let hint = text.lines().last().unwrap();
+    assert!(
+        hint.starts_with("hint: ") && hint.contains("--match "),
+        "{text}"
+    );
+    assert_eq!(hint.split("--match ").nth(1).unwrap().len(), 96, "{hint}");
 
     let out = run(args, &["--policy", &p, "--json"]);
     assert_eq!(out.status.code(), Some(1));
@@ -226,6 +233,10 @@ fn a_policy_from_a_computed_measurement_releases_to_its_guest() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("tcb.reported.snp"), "{text}");
+    assert!(
+        !text.contains("hint:"),
+        "refused on the TCB, not the measurement: {text}"
+    );
 
     // Broken input: one line, exit status 2, naming the option.
     for (args, expect) in [
