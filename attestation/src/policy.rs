@@ -214,6 +214,8 @@ pub enum Operator {
     NotEquals(Operand),
     /// The claim equals one of the values.
     In(Vec<Operand>),
+    /// The claim is present and equals none of the values (a deny-list).
+    NotIn(Vec<Operand>),
     /// The (integer) claim is at least the value.
     GreaterOrEquals(u64),
     /// The (integer) claim is at most the value.
@@ -228,6 +230,7 @@ impl Operator {
             Operator::Equals(_) => "equals",
             Operator::NotEquals(_) => "notEquals",
             Operator::In(_) => "in",
+            Operator::NotIn(_) => "notIn",
             Operator::GreaterOrEquals(_) => "greaterOrEquals",
             Operator::LessOrEquals(_) => "lessOrEquals",
             Operator::Exists(_) => "exists",
@@ -259,10 +262,11 @@ pub struct Policy {
     source: Value,
 }
 
-const OPERATORS: [&str; 6] = [
+const OPERATORS: [&str; 7] = [
     "equals",
     "notEquals",
     "in",
+    "notIn",
     "greaterOrEquals",
     "lessOrEquals",
     "exists",
@@ -612,7 +616,7 @@ fn parse_leaf(obj: &Map<String, Value>, path: &str) -> Result<Condition, PolicyE
     let operator = match key {
         "equals" => Operator::Equals(operand(value, ty, &vpath)?),
         "notEquals" => Operator::NotEquals(operand(value, ty, &vpath)?),
-        "in" => {
+        "in" | "notIn" => {
             let list = value
                 .as_array()
                 .ok_or_else(|| err(&vpath, "must be an array"))?;
@@ -623,7 +627,11 @@ fn parse_leaf(obj: &Map<String, Value>, path: &str) -> Result<Condition, PolicyE
             for (i, v) in list.iter().enumerate() {
                 out.push(operand(v, ty, &format!("{vpath}/{i}"))?);
             }
-            Operator::In(out)
+            if key == "in" {
+                Operator::In(out)
+            } else {
+                Operator::NotIn(out)
+            }
         }
         "greaterOrEquals" | "lessOrEquals" => {
             if ty != ClaimType::Int {
@@ -786,6 +794,16 @@ fn evaluate(cond: &Condition, claims: &Value) -> Outcome {
                     xs.contains(v),
                     format!(
                         "in [{}]",
+                        xs.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+                (Operator::NotIn(xs), Some(v)) => (
+                    !xs.contains(v),
+                    format!(
+                        "not in [{}]",
                         xs.iter()
                             .map(ToString::to_string)
                             .collect::<Vec<_>>()
@@ -995,6 +1013,10 @@ pub fn json_schema() -> Value {
             ops.insert("notEquals".into(), value.clone());
             ops.insert(
                 "in".into(),
+                json!({ "type": "array", "items": value, "minItems": 1 }),
+            );
+            ops.insert(
+                "notIn".into(),
                 json!({ "type": "array", "items": value, "minItems": 1 }),
             );
             ops.insert("exists".into(), json!({ "type": "boolean" }));
@@ -1228,6 +1250,70 @@ mod tests {
         assert_eq!(ok.rule.as_deref(), Some("no-debug"));
         let unknown = policy.decide("other", &claims("trustee-milan-v2"));
         assert!(!unknown.released);
+    }
+
+    /// The knobs current advisories call for, as docs/policy.md shows them, on real
+    /// Milan and Genoa evidence: a product line refused, a chip deny-list, a TCB floor per
+    /// product.
+    #[test]
+    fn advisory_knobs_on_real_claims() {
+        let milan = claims("trustee-milan-v2");
+        let genoa = claims("trustee-e2e-genoa-v3");
+        assert_eq!(
+            (milan.product, genoa.product),
+            (crate::Product::Milan, crate::Product::Genoa)
+        );
+        let decide = |cond: Value, c: &Claims| {
+            let p = load(json!({"rules": {"r": cond}, "secrets": {"s": ["r"]}})).unwrap();
+            p.decide("s", c)
+        };
+        // No Milan at all (e.g. after the 2026 seed-extraction research).
+        let no_milan = json!({"claim": "product", "notEquals": "Milan"});
+        assert!(!decide(no_milan.clone(), &milan).released);
+        assert!(decide(no_milan, &genoa).released);
+        // A deny-list of chips: refused by ID, others pass; the reason names the list.
+        let deny = json!({"claim": "chip_id", "notIn": [milan.chip_id.clone(), "ab".repeat(64)]});
+        let d = decide(deny.clone(), &milan);
+        assert!(!d.released);
+        assert!(d.reason.contains("chip_id not in ["), "{}", d.reason);
+        assert!(decide(deny, &genoa).released);
+        // A claim the evidence does not carry fails notIn too (fail closed).
+        assert!(!decide(json!({"claim": "azure.vm_id", "notIn": ["x"]}), &genoa).released);
+        // A TCB floor per product: each guest is held to its own product's floor.
+        let floor = |milan_snp: u64, genoa_snp: u64| {
+            json!({"anyOf": [
+                {"allOf": [{"claim": "product", "equals": "Milan"},
+                           {"claim": "tcb.reported.snp", "greaterOrEquals": milan_snp}]},
+                {"allOf": [{"claim": "product", "equals": "Genoa"},
+                           {"claim": "tcb.reported.snp", "greaterOrEquals": genoa_snp}]}
+            ]})
+        };
+        let (m, g) = (
+            u64::from(milan.tcb.reported.snp),
+            u64::from(genoa.tcb.reported.snp),
+        );
+        assert!(decide(floor(m, g), &milan).released);
+        assert!(decide(floor(m, g), &genoa).released);
+        assert!(!decide(floor(m + 1, g), &milan).released);
+        assert!(decide(floor(m + 1, g), &genoa).released);
+        assert!(!decide(floor(m, g + 1), &genoa).released);
+        // The JSON Schema knows notIn.
+        let schema = json_schema();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let doc = json!({"rules": {"r": {"claim": "chip_id", "notIn": ["ab".repeat(64)]}},
+                         "secrets": {"s": ["r"]}});
+        assert!(validator.is_valid(&doc), "{:?}", validator.validate(&doc));
+        let doc = json!({"rules": {"r": {"claim": "chip_id", "notIn": "ab"}}, "secrets": {}});
+        assert!(!validator.is_valid(&doc));
+        // notIn is checked like in: a non-empty list of the claim's type.
+        assert!(
+            load(json!({"rules": {"r": {"claim": "chip_id", "notIn": []}}, "secrets": {}}))
+                .is_err()
+        );
+        assert!(
+            load(json!({"rules": {"r": {"claim": "chip_id", "notIn": ["ab"]}}, "secrets": {}}))
+                .is_err()
+        );
     }
 
     #[test]
