@@ -655,6 +655,14 @@ fn parse_leaf(obj: &Map<String, Value>, path: &str) -> Result<Condition, PolicyE
     Ok(Condition::Claim { claim, operator })
 }
 
+/// Operands as `a, b, c`, for explanations.
+fn list(xs: &[Operand]) -> String {
+    xs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn operand(v: &Value, ty: ClaimType, path: &str) -> Result<Operand, PolicyError> {
     match ty {
         ClaimType::Bool => v
@@ -790,26 +798,10 @@ fn evaluate(cond: &Condition, claims: &Value) -> Outcome {
                 (Operator::Exists(want), v) => (v.is_some() == *want, format!("exists {want}")),
                 (Operator::Equals(x), Some(v)) => (v == x, format!("== {x}")),
                 (Operator::NotEquals(x), Some(v)) => (v != x, format!("!= {x}")),
-                (Operator::In(xs), Some(v)) => (
-                    xs.contains(v),
-                    format!(
-                        "in [{}]",
-                        xs.iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ),
-                (Operator::NotIn(xs), Some(v)) => (
-                    !xs.contains(v),
-                    format!(
-                        "not in [{}]",
-                        xs.iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ),
+                (Operator::In(xs), Some(v)) => (xs.contains(v), format!("in [{}]", list(xs))),
+                (Operator::NotIn(xs), Some(v)) => {
+                    (!xs.contains(v), format!("not in [{}]", list(xs)))
+                }
                 (Operator::GreaterOrEquals(n), Some(Operand::Int(v))) => {
                     (v >= n, format!(">= {n}"))
                 }
