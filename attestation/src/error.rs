@@ -309,6 +309,43 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// A firmware image is not an OVMF image with an OVMF table.
+    #[error("not an OVMF image with an SEV table ({detail})")]
+    FirmwareNotOvmf {
+        /// What is missing or wrong.
+        detail: String,
+    },
+    /// The firmware has no SEV metadata (built without SEV-SNP support).
+    #[error("the firmware has no SEV metadata table (build OVMF with SEV-SNP support)")]
+    FirmwareNoSevMetadata,
+    /// The firmware's SEV metadata is malformed.
+    #[error("malformed SEV metadata: {detail}")]
+    FirmwareSevMetadata {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A metadata section lies outside guest memory below the firmware, or is malformed.
+    #[error("SEV metadata section {index} (type {kind:#x}, {gpa:#x}+{size:#x}) {reason}")]
+    FirmwareSectionOutOfRange {
+        /// The section's position in the metadata.
+        index: usize,
+        /// Its type.
+        kind: u32,
+        /// Its guest physical address.
+        gpa: u32,
+        /// Its size.
+        size: u32,
+        /// Why it is out of range.
+        reason: &'static str,
+    },
+    /// Two metadata sections overlap.
+    #[error("SEV metadata sections {first} and {second} overlap")]
+    FirmwareSectionsOverlap {
+        /// One section's position.
+        first: usize,
+        /// The other's.
+        second: usize,
+    },
 }
 
 /// Formats seconds since the Unix epoch as an RFC 3339 UTC time.
@@ -366,6 +403,11 @@ impl Error {
             Error::UserDataMismatch => "hcl_user_data",
             Error::QuoteMissing => "tpm_quote_missing",
             Error::InvalidInput { .. } => "invalid_input",
+            Error::FirmwareNotOvmf { .. } => "firmware_not_ovmf",
+            Error::FirmwareNoSevMetadata => "firmware_no_sev_metadata",
+            Error::FirmwareSevMetadata { .. } => "firmware_sev_metadata",
+            Error::FirmwareSectionOutOfRange { .. } => "firmware_section_range",
+            Error::FirmwareSectionsOverlap { .. } => "firmware_sections_overlap",
         }
     }
 }

@@ -218,7 +218,13 @@ fn broken_inputs_get_their_exact_error() {
         let mut i = base();
         i.ovmf = ovmf.parent().unwrap().join("../OVMF").join(build);
         assert!(
-            matches!(measure(&i), Err(MeasureError::NoSevMetadata { .. })),
+            matches!(
+                measure(&i),
+                Err(MeasureError::Firmware {
+                    error: attestation::Error::FirmwareNoSevMetadata,
+                    ..
+                })
+            ),
             "{build}: {:?}",
             measure(&i)
         );
@@ -227,7 +233,13 @@ fn broken_inputs_get_their_exact_error() {
     let mut i = base();
     i.ovmf = ovmf.parent().unwrap().join("../OVMF/OVMF_VARS.fd");
     assert!(
-        matches!(measure(&i), Err(MeasureError::NotOvmf { .. })),
+        matches!(
+            measure(&i),
+            Err(MeasureError::Firmware {
+                error: attestation::Error::FirmwareNotOvmf { .. },
+                ..
+            })
+        ),
         "{:?}",
         measure(&i)
     );
