@@ -115,7 +115,14 @@ pub struct Broker<S: Store> {
     /// KDS-driven attestations in flight per source: reports without certificates make the
     /// broker ask AMD's KDS for attacker-chosen chip IDs, so one source gets few at once.
     kds_sources: Arc<crate::limit::KeyLimiter<String>>,
+    /// Nonces this broker saw spent (digest → expiry): a replay to the same replica is
+    /// refused before it is decided and sealed. Only a shortcut: the store's spend is what
+    /// makes a nonce single-use, across replicas too.
+    spent: Mutex<HashMap<[u8; 32], u64>>,
 }
+
+/// Spent nonces remembered per broker (about 40 bytes each).
+const SPENT_REMEMBERED: usize = 100_000;
 
 /// KDS-driven attestations one source may have in flight.
 pub const KDS_LOOKUPS_PER_SOURCE: usize = 2;
@@ -161,7 +168,29 @@ impl<S: Store> Broker<S> {
             crl_backoff: Mutex::new(HashMap::new()),
             sampler: crate::audit::Sampler::new(crate::audit::SampleBudget::default()),
             kds_sources: crate::limit::KeyLimiter::new(KDS_LOOKUPS_PER_SOURCE),
+            spent: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers a spent nonce until it expires (forgetting expired ones, or all of them,
+    /// when the table is full: it is only a shortcut).
+    fn remember_spent(&self, checked: &Checked, now: u64) {
+        if let Ok(mut spent) = self.spent.lock() {
+            if spent.len() >= SPENT_REMEMBERED {
+                spent.retain(|_, expires| *expires >= now);
+                if spent.len() >= SPENT_REMEMBERED {
+                    spent.clear();
+                }
+            }
+            spent.insert(checked.nonce_digest, checked.nonce_expires_at);
+        }
+    }
+
+    fn seen_spent(&self, checked: &Checked) -> bool {
+        self.spent
+            .lock()
+            .map(|s| s.contains_key(&checked.nonce_digest))
+            .unwrap_or(false)
     }
 
     /// Sets the audit budget for unauthenticated refusals.
@@ -447,6 +476,9 @@ impl<S: Store> Broker<S> {
                 .await?;
             return Err(refusal);
         }
+        if self.seen_spent(&checked) {
+            return Err(self.replayed(&checked, now).await);
+        }
         let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
         // A write to secrets or policies between reading the inputs and the commit makes
         // the decision stale: decided again on the new inputs, a few times at most.
@@ -471,9 +503,15 @@ impl<S: Store> Broker<S> {
                 Err(refusal) => release_record(&checked, Err(refusal), now),
             };
             match self.store.commit_decision(spend, record).await {
-                Ok(Committed::Done) => return outcome.map(|(response, _)| response),
+                Ok(Committed::Done) => {
+                    self.remember_spent(&checked, unix(SystemTime::now()));
+                    return outcome.map(|(response, _)| response);
+                }
                 Ok(Committed::Stale) => continue,
-                Ok(Committed::Replay) => return Err(self.replayed(&checked, now).await),
+                Ok(Committed::Replay) => {
+                    self.remember_spent(&checked, unix(SystemTime::now()));
+                    return Err(self.replayed(&checked, now).await);
+                }
                 Err(e) => {
                     // Nothing is released that is not audited (and nothing was spent).
                     tracing::error!(error = %e, "decision commit failed; refusing the release");

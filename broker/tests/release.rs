@@ -31,6 +31,7 @@ enum Change {
 struct Racing {
     inner: SqliteStore,
     armed: Mutex<Option<Change>>,
+    commits: std::sync::atomic::AtomicUsize,
 }
 
 fn admin(action: &str) -> AuditRecord {
@@ -62,6 +63,8 @@ impl Store for Racing {
         spend: Spend,
         audit: AuditRecord,
     ) -> Result<Committed, StoreError> {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let change = self.armed.lock().unwrap().take();
         match change {
             Some(Change::DeleteSecret(name)) => {
@@ -184,6 +187,7 @@ async fn setup() -> Setup {
     let store = Racing {
         inner: SqliteStore::open(&dir.path().join("r.db")).await.unwrap(),
         armed: Mutex::new(None),
+        commits: std::sync::atomic::AtomicUsize::new(0),
     };
     let anchors = TrustAnchors::amd()
         .unwrap()
@@ -308,4 +312,32 @@ async fn an_unrelated_change_costs_one_more_decision_and_releases() {
     s.arm(Change::DeleteSecret("other".into()));
     s.attest(&["db-key"]).await.unwrap();
     assert_eq!(s.outcomes().await, ["released", "released"]);
+}
+
+/// A replay to the broker that released is refused before it is decided, sealed or sent to
+/// the store (the store's spend still decides across replicas).
+#[tokio::test]
+async fn a_replay_is_refused_before_it_is_decided() {
+    let s = setup().await;
+    let request = s.request(&["db-key"]);
+    s.broker
+        .attest(request.clone(), "127.0.0.1", SystemTime::now())
+        .await
+        .unwrap();
+    let commits = || {
+        s.broker
+            .store()
+            .commits
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert_eq!(commits(), 1);
+    let refusal = s
+        .broker
+        .attest(request, "127.0.0.1", SystemTime::now())
+        .await
+        .unwrap_err();
+    assert!(matches!(refusal, Refusal::NonceReplay), "{refusal:?}");
+    assert_eq!(commits(), 1, "the replay reached the store");
+    // Audited like every replay (sampled, within the verified-evidence budget).
+    assert_eq!(s.outcomes().await, ["refused", "released"]);
 }
