@@ -216,7 +216,6 @@ pub fn find_platform(
     let base = measure(inputs)?;
     let vmm = sev::measurement::vmsa::VMMType::QEMU;
     let mut features = vec![inputs.guest_features, 0x1, 0x21];
-    features.dedup();
     features.sort_unstable();
     features.dedup();
     let mut found = Vec::new();

@@ -237,6 +237,30 @@ impl InputCache {
         }
     }
 
+    /// The inputs of a decision on `names` when the cache has them all: the hot path, under
+    /// a read lock only.
+    pub(crate) fn cached(
+        &self,
+        names: &[String],
+        cached_policy: Option<u64>,
+    ) -> Option<DecisionInputs> {
+        let s = self.state.read().ok()?;
+        let generation = s.generation?;
+        let policy = s.policy.clone()?.map(|(version, document)| PolicyRef {
+            version,
+            document: (cached_policy != Some(version)).then(|| document.to_string()),
+        });
+        let secrets = names
+            .iter()
+            .map(|n| s.secrets.get(n).cloned())
+            .collect::<Option<Vec<_>>>()?;
+        Some(DecisionInputs {
+            generation,
+            policy,
+            secrets,
+        })
+    }
+
     /// What is missing for a decision on `names`.
     pub(crate) fn misses(&self, names: &[String]) -> Misses {
         let Ok(s) = self.state.read() else {

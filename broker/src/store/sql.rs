@@ -360,6 +360,9 @@ macro_rules! sql_store {
                 names: &[String],
                 cached_policy: Option<u64>,
             ) -> Result<$crate::store::DecisionInputs, StoreError> {
+                if let Some(inputs) = self.decisions.cache.cached(names, cached_policy) {
+                    return Ok(inputs);
+                }
                 let misses = self.decisions.cache.misses(names);
                 if let Some(inputs) = self.load_inputs(misses, names, cached_policy).await? {
                     return Ok(inputs);
