@@ -15,7 +15,7 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote policy ovmf; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
@@ -30,13 +30,36 @@ for target in report hcl cert_table chain tpm_quote policy ovmf; do
       fw=../../target/ovmf/usr/share/ovmf/OVMF.fd
       [ -f "$fw" ] && python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); f=len(d)-50; n=int.from_bytes(d[f:f+2],"little"); sys.stdout.buffer.write(d[f+18-n:f])' "$fw" \
         > corpus/ovmf/debian-table.bin || true ;;
+    kbs_evidence) seed kbs_evidence
+      # A genuine Genoa report in the JSON form KBS clients send (the `sev` crate's serde).
+      python3 - "$data/trustee-e2e-genoa-v3/report.bin" > corpus/kbs_evidence/genoa.json <<'PY'
+import json, struct, sys
+b = open(sys.argv[1], "rb").read()
+u32 = lambda o: struct.unpack_from("<I", b, o)[0]
+u64 = lambda o: struct.unpack_from("<Q", b, o)[0]
+arr = lambda o, n: list(b[o:o + n])
+tcb = lambda o: {"fmc": None, "bootloader": b[o], "tee": b[o + 1], "snp": b[o + 6], "microcode": b[o + 7]}
+ver = lambda o: {"major": b[o + 2], "minor": b[o + 1], "build": b[o]}
+r = {"version": u32(0), "guest_svn": u32(4), "policy": u64(8), "family_id": arr(0x10, 16),
+     "image_id": arr(0x20, 16), "vmpl": u32(0x30), "sig_algo": u32(0x34), "current_tcb": tcb(0x38),
+     "plat_info": u64(0x40), "key_info": u32(0x48), "report_data": arr(0x50, 64),
+     "measurement": arr(0x90, 48), "host_data": arr(0xC0, 32), "id_key_digest": arr(0xE0, 48),
+     "author_key_digest": arr(0x110, 48), "report_id": arr(0x140, 32), "report_id_ma": arr(0x160, 32),
+     "reported_tcb": tcb(0x180), "cpuid_fam_id": b[0x188], "cpuid_mod_id": b[0x189],
+     "cpuid_step": b[0x18A], "chip_id": arr(0x1A0, 64), "committed_tcb": tcb(0x1E0),
+     "current": ver(0x1E8), "committed": ver(0x1EC), "launch_tcb": tcb(0x1F0),
+     "launch_mit_vector": None, "current_mit_vector": None,
+     "signature": {"r": arr(0x2A0, 72), "s": arr(0x2E8, 72)}}
+json.dump({"attestation_report": r, "cert_chain": [{"cert_type": "VCEK", "data": [48, 3, 2, 1, 0]}]}, sys.stdout)
+PY
+      ;;
   esac
 done
 
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote policy ovmf; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then

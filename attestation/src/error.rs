@@ -303,6 +303,12 @@ pub enum Error {
     /// An HCL report without a TPM quote carries no freshness: it cannot be bound.
     #[error("an HCL report needs a TPM quote to be bound to a challenge")]
     QuoteMissing,
+    /// KBS evidence JSON does not map onto a report (or a vTPM bundle) one way only.
+    #[error("KBS evidence: {detail}")]
+    KbsEvidence {
+        /// What is wrong.
+        detail: String,
+    },
     /// An input (PEM, time, trust anchor) given by the caller is not usable.
     #[error("invalid input: {detail}")]
     InvalidInput {
@@ -403,6 +409,7 @@ impl Error {
             Error::UserDataMismatch => "hcl_user_data",
             Error::QuoteMissing => "tpm_quote_missing",
             Error::InvalidInput { .. } => "invalid_input",
+            Error::KbsEvidence { .. } => "kbs_evidence",
             Error::FirmwareNotOvmf { .. } => "firmware_not_ovmf",
             Error::FirmwareNoSevMetadata => "firmware_no_sev_metadata",
             Error::FirmwareSevMetadata { .. } => "firmware_sev_metadata",

@@ -27,6 +27,7 @@ pub mod chain;
 pub mod claims;
 pub mod error;
 pub mod hcl;
+pub mod kbs;
 pub mod ovmf;
 pub mod policy;
 pub mod protocol;

@@ -486,7 +486,13 @@ impl Policy {
     /// Decides whether `secret` may be released to a guest with these claims: it may when at
     /// least one of the rules listed for it holds. The result explains every condition.
     pub fn decide(&self, secret: &str, claims: &Claims) -> Decision {
-        let json = claims.to_json();
+        self.decide_json(secret, &claims.to_json())
+    }
+
+    /// [`Self::decide`] on the JSON form of verified claims ([`Claims::to_json`]), for a
+    /// caller that carried them in its own authenticated session (the KBS front end, between
+    /// its attestation and resource requests).
+    pub fn decide_json(&self, secret: &str, json: &Value) -> Decision {
         let Some(rule_names) = self.secrets.get(secret) else {
             return Decision {
                 secret: secret.to_string(),
@@ -502,7 +508,7 @@ impl Policy {
             let Some(cond) = self.rules.get(name) else {
                 continue;
             };
-            let outcome = evaluate(cond, &json);
+            let outcome = evaluate(cond, json);
             if outcome.passed && granted.is_none() {
                 granted = Some(name.clone());
             }
@@ -527,6 +533,18 @@ impl Policy {
             rules: outcomes,
             reason,
         }
+    }
+}
+
+impl Policy {
+    /// The rules (in order) whose conditions hold for these claims (their JSON form): what an
+    /// attestation result reports as the appraisal.
+    pub fn holding_rules(&self, json: &Value) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|(_, cond)| evaluate(cond, json).passed)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }
 

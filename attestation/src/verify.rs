@@ -298,19 +298,36 @@ impl VerifiedReport {
     /// hashes into REPORT_DATA), so the quote and the SNP report are both fresh. An HCL
     /// report without a quote cannot be bound.
     pub fn check_binding(&self, nonce: &[u8], public_key: &[u8]) -> Result<(), Error> {
+        let expected = crate::binding::report_data(nonce, public_key);
+        self.check_report_data(&expected, &expected)
+    }
+
+    /// Checks, in constant time, that the evidence carries exactly these binding values:
+    /// `report_data` in a bare report's REPORT_DATA, or `qualifying` as both the TPM quote's
+    /// qualifying data and the HCL report's `user-data` for Azure vTPM evidence (whose
+    /// REPORT_DATA binds the HCL variable data instead). Front ends with their own binding
+    /// (the KBS protocol's) compute the values; [`Self::check_binding`] is the native one.
+    pub fn check_report_data(
+        &self,
+        report_data: &[u8; 64],
+        qualifying: &[u8],
+    ) -> Result<(), Error> {
         let Some(azure) = &self.azure else {
-            return crate::binding::check(&self.report.report_data(), nonce, public_key);
+            return aws_lc_rs::constant_time::verify_slices_are_equal(
+                &self.report.report_data(),
+                report_data,
+            )
+            .map_err(|_| Error::BindingMismatch);
         };
         let quote = self.tpm.as_ref().ok_or(Error::QuoteMissing)?;
-        let expected = crate::binding::report_data(nonce, public_key);
-        aws_lc_rs::constant_time::verify_slices_are_equal(&quote.info.extra_data, &expected)
+        aws_lc_rs::constant_time::verify_slices_are_equal(&quote.info.extra_data, qualifying)
             .map_err(|_| Error::QuoteBindingMismatch)?;
         let user_data = azure
             .user_data
             .as_deref()
             .and_then(|h| hex::decode(h).ok())
             .ok_or(Error::UserDataMismatch)?;
-        aws_lc_rs::constant_time::verify_slices_are_equal(&user_data, &expected)
+        aws_lc_rs::constant_time::verify_slices_are_equal(&user_data, qualifying)
             .map_err(|_| Error::UserDataMismatch)
     }
 }

@@ -178,6 +178,10 @@ impl AdminClient {
         )
         .await
     }
+    /// Makes a new version of the attestation-token signing key.
+    pub async fn rotate_token_key(&self) -> Result<Value, Error> {
+        self.call(Method::POST, "/tokens/rotate-key", None).await
+    }
     /// Lists secrets (metadata only).
     pub async fn list_secrets(&self) -> Result<Value, Error> {
         self.call(Method::GET, "/secrets", None).await

@@ -25,6 +25,18 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    kbs: RawKbs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKbs {
+    enabled: Option<bool>,
+    token_ttl_secs: Option<u64>,
+    issuer: Option<String>,
+    #[serde(default)]
+    resources: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +190,19 @@ pub struct AuditSettings {
     pub budget: crate::audit::SampleBudget,
 }
 
+/// The Confidential Containers KBS front end (`/kbs/v0`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KbsSettings {
+    /// Whether `/kbs/v0` is served.
+    pub enabled: bool,
+    /// Lifetime of an attestation token (and of the attested session cookie).
+    pub token_ttl: Duration,
+    /// The tokens' `iss`.
+    pub issuer: String,
+    /// Resource paths (`repo/type/tag`) served from a differently named secret.
+    pub resources: std::collections::BTreeMap<String, String>,
+}
+
 /// Checked broker settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -199,6 +224,37 @@ pub struct Settings {
     pub limits: Limits,
     /// Audit log.
     pub audit: AuditSettings,
+    /// The KBS front end.
+    pub kbs: KbsSettings,
+}
+
+fn kbs_settings(raw: RawKbs) -> Result<KbsSettings, String> {
+    let ttl = raw.token_ttl_secs.unwrap_or(300);
+    if !(30..=86_400).contains(&ttl) {
+        return Err("kbs.token_ttl_secs: must be between 30 and 86400".into());
+    }
+    let issuer = raw.issuer.unwrap_or_else(|| "snp-key-broker".into());
+    if issuer.is_empty() || issuer.len() > 256 || issuer.chars().any(char::is_control) {
+        return Err("kbs.issuer: 1 to 256 printable characters".into());
+    }
+    for (path, secret) in &raw.resources {
+        if crate::kbs::resource_path(path).is_none() {
+            return Err(format!(
+                "kbs.resources: {path:?} is not a resource path (repo/type/tag)"
+            ));
+        }
+        if !attestation::policy::valid_name(secret) {
+            return Err(format!(
+                "kbs.resources.{path:?}: {secret:?} is not a valid secret name"
+            ));
+        }
+    }
+    Ok(KbsSettings {
+        enabled: raw.enabled.unwrap_or(false),
+        token_ttl: Duration::from_secs(ttl),
+        issuer,
+        resources: raw.resources,
+    })
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -288,7 +344,9 @@ impl Settings {
                 global: a.unauthenticated_rows_per_minute.unwrap_or(defaults.global),
             },
         };
+        let kbs = kbs_settings(raw.kbs)?;
         Ok(Settings {
+            kbs,
             listen,
             tls: TlsSettings {
                 cert: resolve(base, raw.tls.cert),

@@ -199,6 +199,10 @@ file = "master.key"
 [attestation]
 nonce_ttl_secs = 60
 dangerous_trust_simulated_root = "sim/ark.pem"
+
+# Confidential Containers KBS clients (/kbs/v0, docs/kbs.md).
+[kbs]
+enabled = true
 "#
     );
     let config_path = dir.join("broker.toml");

@@ -96,6 +96,14 @@ impl MasterKey {
         })
     }
 
+    /// The AEAD key that seals KBS session cookies.
+    pub fn kbs_session_key(&self) -> Result<LessSafeKey, Error> {
+        let k = self.derive(b"kbs sessions")?;
+        let key = UnboundKey::new(&AES_256_GCM, &k[..])
+            .map_err(|_| Error::Crypto("AES-256-GCM key".into()))?;
+        Ok(LessSafeKey::new(key))
+    }
+
     /// The HMAC key that authenticates nonces.
     pub fn nonce_key(&self) -> Result<aws_lc_rs::hmac::Key, Error> {
         let k = self.derive(b"challenge nonces")?;

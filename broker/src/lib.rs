@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod evidence;
 pub mod init;
+pub mod kbs;
 pub mod kds;
 pub mod keys;
 pub mod limit;

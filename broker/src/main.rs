@@ -96,6 +96,10 @@ enum Command {
     /// Secrets (admin API over mutual TLS).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Attestation tokens (EAR JWTs from the KBS front end): verify one offline, rotate the
+    /// signing key.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// The audit log (admin API over mutual TLS): list records, or `audit prune`.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -121,6 +125,29 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Verify a token offline against the broker's published key set and print its claims.
+    ///
+    /// Exit status: 0 valid, 1 refused (one line saying why), 2 unusable input.
+    Verify {
+        /// The token (a compact JWT), or `-` to read it from standard input.
+        token: String,
+        /// The key set: a file holding the JSON of `GET /.well-known/jwks.json`.
+        #[arg(long)]
+        jwks: PathBuf,
+        /// Check expiry at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Make a new version of the token signing key (admin API). Tokens signed by older
+    /// versions stay verifiable until they expire.
+    RotateKey {
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -557,6 +584,42 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 }
             }
             Ok(Outcome::Done)
+        }
+        Command::Token(TokenCommand::RotateKey { admin }) => {
+            print_json(&admin.client()?.rotate_token_key().await?)?;
+            Ok(Outcome::Done)
+        }
+        Command::Token(TokenCommand::Verify { token, jwks, at }) => {
+            let token = if token == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s.trim().to_string()
+            } else {
+                token
+            };
+            let text = std::fs::read_to_string(&jwks)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", jwks.display()))?;
+            let set: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", jwks.display()))?;
+            let keys = broker::kbs::token::jwks_keys(&set)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", jwks.display()))?;
+            let now = match at {
+                Some(t) => u64::try_from(time_arg(&t)?.unix_timestamp()).unwrap_or(0),
+                None => SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            };
+            match broker::kbs::token::verify_with(&token, &keys, now) {
+                Ok(claims) => {
+                    print_json(&claims)?;
+                    Ok(Outcome::Done)
+                }
+                Err(e) => {
+                    eprintln!("refused: {e}");
+                    Ok(Outcome::Refused)
+                }
+            }
         }
         Command::Verify { evidence, json } => match verify_cmd::run(&evidence.request()?) {
             Ok(claims) => {

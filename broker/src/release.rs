@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use attestation::policy::Policy;
 use attestation::protocol::{
-    AttestRequest, AttestResponse, ChallengeResponse, Evidence, SealedSecret, decode_b64,
+    AttestRequest, AttestResponse, ChallengeResponse, Evidence, PublicKey, SealedSecret, decode_b64,
 };
 use attestation::{AttestationReport, Endorsements, HclReport, VerifiedChain, Verifier};
 use aws_lc_rs::digest;
@@ -289,6 +289,16 @@ impl<S: Store> Broker<S> {
         Err(missing(attestation::CertRole::Vcek))
     }
 
+    /// How long challenge nonces live.
+    pub fn nonce_ttl(&self) -> Duration {
+        self.nonce_ttl
+    }
+
+    /// The record cipher (for the broker's own keys, sealed like secrets).
+    pub(crate) fn cipher(&self) -> &RecordCipher {
+        &self.cipher
+    }
+
     /// The store.
     pub fn store(&self) -> &S {
         &self.store
@@ -373,11 +383,24 @@ impl<S: Store> Broker<S> {
         peer: &str,
         now: SystemTime,
     ) -> Result<Checked, Refusal> {
-        let evidence = evidence_kind(&request.evidence);
-        let asked = request.secrets.clone();
-        match self.check_inner(asked, request, peer, now).await {
+        self.check_attempt(Attempt::native(request), peer, now)
+            .await
+    }
+
+    /// [`Self::check`] for any front end's attempt (the native protocol's, or the KBS
+    /// protocol's with its own binding and no secrets named yet).
+    pub async fn check_attempt(
+        &self,
+        attempt: Attempt,
+        peer: &str,
+        now: SystemTime,
+    ) -> Result<Checked, Refusal> {
+        let evidence = evidence_kind(&attempt.evidence);
+        let front_end = attempt.front_end;
+        let asked = attempt.secrets.clone();
+        match self.check_inner(attempt, peer, now).await {
             Ok(checked) => Ok(checked),
-            Err((refusal, asked, claims_digest)) => {
+            Err((refusal, claims_digest)) => {
                 let record = AuditRecord {
                     id: 0,
                     at: unix_i64(now),
@@ -385,6 +408,7 @@ impl<S: Store> Broker<S> {
                     action: "attest".into(),
                     outcome: "refused".into(),
                     detail: json!({
+                        "front_end": front_end.name(),
                         "evidence": evidence,
                         "secrets": crate::audit::names(&asked),
                         "reason": refusal.reason(),
@@ -409,18 +433,17 @@ impl<S: Store> Broker<S> {
 
     async fn check_inner(
         &self,
-        asked: Vec<String>,
-        request: AttestRequest,
+        attempt: Attempt,
         peer: &str,
         now: SystemTime,
-    ) -> Result<Checked, (Refusal, Vec<String>, Option<String>)> {
-        let bare = |r: Refusal| (r, asked.clone(), None);
-        check_secret_names(&request.secrets).map_err(bare)?;
+    ) -> Result<Checked, (Refusal, Option<String>)> {
+        let bare = |r: Refusal| (r, None);
+        check_secret_names(&attempt.secrets, attempt.front_end.names_secrets()).map_err(bare)?;
         let nonce = self
             .nonces
-            .check(&request.nonce, unix(now))
+            .check(&attempt.nonce, unix(now))
             .map_err(|e| bare(Refusal::Nonce(e)))?;
-        let evidence = decode_evidence(&request.evidence).map_err(bare)?;
+        let evidence = decode_evidence(&attempt.evidence).map_err(bare)?;
         let (chain, crl) = self
             .endorse(&evidence.parsed, evidence.certificates, peer, now)
             .await
@@ -436,17 +459,47 @@ impl<S: Store> Broker<S> {
             &digest::SHA256,
             claims_json.to_string().as_bytes(),
         ));
-        let with_digest = |r: Refusal| (r, asked.clone(), Some(claims_digest.clone()));
-        let binding_key = request
-            .public_key
-            .binding_bytes()
-            .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
-        verified
-            .check_binding(&nonce.bytes, &binding_key)
-            .map_err(|e| with_digest(Refusal::Verification(e)))?;
+        let with_digest = |r: Refusal| (r, Some(claims_digest.clone()));
+        let bound_by = match &attempt.binding {
+            Binding::Hpke(key) => {
+                let binding_key = key
+                    .binding_bytes()
+                    .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
+                verified
+                    .check_binding(&nonce.bytes, &binding_key)
+                    .map_err(|e| with_digest(Refusal::Verification(e)))?;
+                "native"
+            }
+            Binding::Digests(expected) => {
+                // The first that holds; the first's refusal otherwise (the selected hash).
+                let mut first_error = None;
+                let mut matched = None;
+                for e in expected {
+                    match verified.check_report_data(&e.report_data, &e.qualifying) {
+                        Ok(()) => {
+                            matched = Some(e.label);
+                            break;
+                        }
+                        Err(err) => {
+                            first_error.get_or_insert(err);
+                        }
+                    }
+                }
+                match (matched, first_error) {
+                    (Some(label), _) => label,
+                    (None, Some(err)) => return Err(with_digest(Refusal::Verification(err))),
+                    (None, None) => {
+                        return Err(with_digest(Refusal::Internal("no binding to check".into())));
+                    }
+                }
+            }
+        };
         Ok(Checked {
-            evidence: evidence_kind(&request.evidence),
-            request,
+            evidence: evidence_kind(&attempt.evidence),
+            front_end: attempt.front_end,
+            secrets: attempt.secrets,
+            binding: attempt.binding,
+            bound_by,
             nonce_digest: nonce.digest(),
             nonce_expires_at: nonce.expires_at,
             claims,
@@ -467,50 +520,84 @@ impl<S: Store> Broker<S> {
         checked: Checked,
         now: SystemTime,
     ) -> Result<AttestResponse, Refusal> {
-        // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
-        // and spent nonces are purged only well after they expire.
-        if unix(SystemTime::now()) > checked.nonce_expires_at {
-            let refusal = Refusal::Nonce(NonceError::Expired);
-            self.store
-                .append_audit(&release_record(&checked, Err(&refusal), now))
-                .await?;
-            return Err(refusal);
-        }
-        if self.seen_spent(&checked) {
-            return Err(self.replayed(&checked, now).await);
-        }
-        let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
-        // A write to secrets or policies between reading the inputs and the commit makes
-        // the decision stale: decided again on the new inputs, a few times at most.
-        for _ in 0..STALE_RETRIES {
-            let cached = self
-                .policy
-                .read()
-                .ok()
-                .and_then(|g| g.first().map(|(v, _)| *v));
-            let inputs = self
-                .store
-                .decision_inputs(&checked.request.secrets, cached)
-                .await?;
-            let spend = Spend {
-                nonce: checked.nonce_digest,
-                expires_at: expires,
-                generation: inputs.generation,
-            };
+        self.spend_and_decide(&checked, now, |inputs| {
             let outcome = self.decide_and_seal(&checked, inputs);
             let record = match &outcome {
                 Ok((_, released)) => release_record(&checked, Ok(released), now),
                 Err(refusal) => release_record(&checked, Err(refusal), now),
             };
+            (outcome.map(|(response, _)| response), record)
+        })
+        .await
+    }
+
+    /// Appraises an attestation that names no secrets yet (the KBS front end's `/attest`):
+    /// spends its nonce and audits the appraisal (the policy's rules that hold for the
+    /// claims) in one store transaction, like [`Self::release`]. Secrets are then released
+    /// one by one with [`Self::release_vouched`] on the claims carried in the front end's
+    /// authenticated session.
+    pub async fn appraise(&self, checked: Checked, now: SystemTime) -> Result<Appraisal, Refusal> {
+        self.spend_and_decide(&checked, now, |inputs| {
+            let outcome = inputs.policy.ok_or(Refusal::NoPolicy).and_then(|current| {
+                let version = current.version;
+                let policy = self.policy_for(current).map_err(Refusal::Internal)?;
+                Ok(Appraisal {
+                    rules: policy.holding_rules(&checked.claims_json),
+                    policy_version: version,
+                    claims_json: checked.claims_json.clone(),
+                    claims_digest: checked.claims_digest.clone(),
+                    evidence: checked.evidence,
+                    bound_by: checked.bound_by,
+                    nonce_expires_at: checked.nonce_expires_at,
+                })
+            });
+            let record = appraisal_record(&checked, outcome.as_ref(), now);
+            (outcome, record)
+        })
+        .await
+    }
+
+    /// Spends the nonce of `checked` with the decision `decide` makes on the store's current
+    /// inputs and the audit record it writes, in one (group) transaction, deciding again when
+    /// secrets or policies changed under it.
+    async fn spend_and_decide<T>(
+        &self,
+        checked: &Checked,
+        now: SystemTime,
+        decide: impl Fn(DecisionInputs) -> (Result<T, Refusal>, AuditRecord),
+    ) -> Result<T, Refusal> {
+        // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
+        // and spent nonces are purged only well after they expire.
+        if unix(SystemTime::now()) > checked.nonce_expires_at {
+            let refusal = Refusal::Nonce(NonceError::Expired);
+            self.store
+                .append_audit(&release_record(checked, Err(&refusal), now))
+                .await?;
+            return Err(refusal);
+        }
+        if self.seen_spent(checked) {
+            return Err(self.replayed(checked, now).await);
+        }
+        let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
+        // A write to secrets or policies between reading the inputs and the commit makes
+        // the decision stale: decided again on the new inputs, a few times at most.
+        for _ in 0..STALE_RETRIES {
+            let inputs = self.inputs(&checked.secrets).await?;
+            let spend = Spend {
+                nonce: Some(checked.nonce_digest),
+                expires_at: expires,
+                generation: inputs.generation,
+            };
+            let (outcome, record) = decide(inputs);
             match self.store.commit_decision(spend, record).await {
                 Ok(Committed::Done) => {
-                    self.remember_spent(&checked, unix(SystemTime::now()));
-                    return outcome.map(|(response, _)| response);
+                    self.remember_spent(checked, unix(SystemTime::now()));
+                    return outcome;
                 }
                 Ok(Committed::Stale) => continue,
                 Ok(Committed::Replay) => {
-                    self.remember_spent(&checked, unix(SystemTime::now()));
-                    return Err(self.replayed(&checked, now).await);
+                    self.remember_spent(checked, unix(SystemTime::now()));
+                    return Err(self.replayed(checked, now).await);
                 }
                 Err(e) => {
                     // Nothing is released that is not audited (and nothing was spent).
@@ -519,9 +606,84 @@ impl<S: Store> Broker<S> {
                 }
             }
         }
-        Err(Refusal::Store(StoreError::Conflict(
-            "secrets or policies kept changing while deciding; try again".into(),
-        )))
+        Err(stale_refusal())
+    }
+
+    /// The store's current inputs for a decision on `secrets` (the policy's document only
+    /// when it is not the version parsed already).
+    async fn inputs(&self, secrets: &[String]) -> Result<DecisionInputs, Refusal> {
+        let cached = self
+            .policy
+            .read()
+            .ok()
+            .and_then(|g| g.first().map(|(v, _)| *v));
+        Ok(self.store.decision_inputs(secrets, cached).await?)
+    }
+
+    /// Releases one secret on claims an earlier attestation established and a front end
+    /// carried in its authenticated session (the KBS front end's cookie or token): decided
+    /// by the current policy on those claims, audited in a group commit (no nonce is spent:
+    /// the attestation spent its own), and returned in plaintext for the front end to
+    /// encrypt to the session's key.
+    pub async fn release_vouched(
+        &self,
+        vouched: &Vouched,
+        secret: &str,
+        now: SystemTime,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, Refusal> {
+        if !attestation::policy::valid_name(secret) {
+            return Err(Refusal::UnknownSecret(secret.to_string()));
+        }
+        let names = [secret.to_string()];
+        for _ in 0..STALE_RETRIES {
+            let inputs = self.inputs(&names).await?;
+            let generation = inputs.generation;
+            let outcome = self.decide_vouched(vouched, secret, inputs);
+            let record = vouched_record(vouched, secret, &outcome, now);
+            let spend = Spend {
+                nonce: None,
+                expires_at: 0,
+                generation,
+            };
+            match self.store.commit_decision(spend, record).await {
+                Ok(Committed::Done) => return outcome.map(|(plaintext, _)| plaintext),
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "decision commit failed; refusing the release");
+                    return Err(Refusal::Store(e));
+                }
+            }
+        }
+        Err(stale_refusal())
+    }
+
+    fn decide_vouched(
+        &self,
+        vouched: &Vouched,
+        secret: &str,
+        inputs: DecisionInputs,
+    ) -> Result<(zeroize::Zeroizing<Vec<u8>>, u64), Refusal> {
+        let policy = self
+            .policy_for(inputs.policy.ok_or(Refusal::NoPolicy)?)
+            .map_err(Refusal::Internal)?;
+        let record = inputs
+            .secrets
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| Refusal::UnknownSecret(secret.to_string()))?;
+        let decision = policy.decide_json(secret, &vouched.claims_json);
+        if !decision.released {
+            return Err(Refusal::Policy {
+                secret: secret.to_string(),
+                reason: decision.reason,
+            });
+        }
+        let plaintext = self
+            .cipher
+            .open(&record.name, record.version, &record.sealed)
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        Ok((plaintext, record.version))
     }
 
     /// A replayed nonce: nothing was spent or written. Anyone holding a captured request can
@@ -549,12 +711,16 @@ impl<S: Store> Broker<S> {
         let policy = self
             .policy_for(inputs.policy.ok_or(Refusal::NoPolicy)?)
             .map_err(Refusal::Internal)?;
-        let request = &checked.request;
+        let Binding::Hpke(public_key) = &checked.binding else {
+            return Err(Refusal::Internal(
+                "secrets are sealed only to a natively bound key".into(),
+            ));
+        };
         let mut records: Vec<StoredSecret> = Vec::new();
-        for (name, record) in request.secrets.iter().zip(inputs.secrets) {
+        for (name, record) in checked.secrets.iter().zip(inputs.secrets) {
             records.push(record.ok_or_else(|| Refusal::UnknownSecret(name.clone()))?);
         }
-        for name in &request.secrets {
+        for name in &checked.secrets {
             let decision = policy.decide(name, &checked.claims);
             if !decision.released {
                 return Err(Refusal::Policy {
@@ -571,7 +737,7 @@ impl<S: Store> Broker<S> {
                 .open(&record.name, record.version, &record.sealed)
                 .map_err(|e| Refusal::Internal(e.to_string()))?;
             let s = attestation::protocol::seal(
-                &request.public_key,
+                public_key,
                 &record.name,
                 record.version,
                 &record.kind,
@@ -823,13 +989,14 @@ fn release_record(
     let (result, detail) = match outcome {
         Ok(released) => (
             "released",
-            json!({ "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl, "nonce_sha256": nonce }),
+            json!({ "front_end": checked.front_end.name(), "evidence": checked.evidence, "secrets": released, "claims_sha256": checked.claims_digest, "crl": checked.crl, "nonce_sha256": nonce }),
         ),
         Err(refusal) => (
             "refused",
             json!({
+                "front_end": checked.front_end.name(),
                 "evidence": checked.evidence,
-                "secrets": checked.request.secrets,
+                "secrets": checked.secrets,
                 "reason": refusal.reason(),
                 "detail": crate::audit::truncate(&refusal.to_string()),
                 "claims_sha256": checked.claims_digest,
@@ -845,6 +1012,79 @@ fn release_record(
         outcome: result.into(),
         detail,
     }
+}
+
+/// The audit record of an appraisal (a KBS attestation).
+fn appraisal_record(
+    checked: &Checked,
+    outcome: Result<&Appraisal, &Refusal>,
+    now: SystemTime,
+) -> AuditRecord {
+    match outcome {
+        Err(refusal) => release_record(checked, Err(refusal), now),
+        Ok(a) => AuditRecord {
+            id: 0,
+            at: unix_i64(now),
+            actor: format!("guest {}", checked.peer),
+            action: "attest".into(),
+            outcome: "appraised".into(),
+            detail: json!({
+                "front_end": checked.front_end.name(),
+                "evidence": checked.evidence,
+                "binding": checked.bound_by,
+                "policy_version": a.policy_version,
+                "rules": a.rules,
+                "claims_sha256": checked.claims_digest,
+                "crl": checked.crl,
+                "nonce_sha256": hex::encode(checked.nonce_digest),
+            }),
+        },
+    }
+}
+
+/// The audit record of a release on vouched claims.
+fn vouched_record(
+    vouched: &Vouched,
+    secret: &str,
+    outcome: &Result<(zeroize::Zeroizing<Vec<u8>>, u64), Refusal>,
+    now: SystemTime,
+) -> AuditRecord {
+    let (result, detail) = match outcome {
+        Ok((_, version)) => (
+            "released",
+            json!({
+                "front_end": vouched.front_end.name(),
+                "session": vouched.session,
+                "secrets": [{ "name": secret, "version": version }],
+                "claims_sha256": vouched.claims_digest,
+            }),
+        ),
+        Err(refusal) => (
+            "refused",
+            json!({
+                "front_end": vouched.front_end.name(),
+                "session": vouched.session,
+                "secrets": [secret],
+                "reason": refusal.reason(),
+                "detail": crate::audit::truncate(&refusal.to_string()),
+                "claims_sha256": vouched.claims_digest,
+            }),
+        ),
+    };
+    AuditRecord {
+        id: 0,
+        at: unix_i64(now),
+        actor: format!("guest {}", vouched.peer),
+        action: "attest.resource".into(),
+        outcome: result.into(),
+        detail,
+    }
+}
+
+fn stale_refusal() -> Refusal {
+    Refusal::Store(StoreError::Conflict(
+        "secrets or policies kept changing while deciding; try again".into(),
+    ))
 }
 
 fn admin_record(
@@ -873,11 +1113,122 @@ fn check_name(name: &str) -> Result<(), Error> {
     }
 }
 
+/// The protocol an attestation came in by (named in its audit records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrontEnd {
+    /// The native protocol (`/v1`).
+    Native,
+    /// The Confidential Containers KBS protocol (`/kbs/v0`).
+    Kbs,
+}
+
+impl FrontEnd {
+    /// The name in audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontEnd::Native => "v1",
+            FrontEnd::Kbs => "kbs",
+        }
+    }
+
+    /// Whether an attestation names its secrets up front (the native protocol does; a KBS
+    /// client asks for resources after its attestation).
+    fn names_secrets(self) -> bool {
+        self == FrontEnd::Native
+    }
+}
+
+/// How evidence must be bound to the challenge.
+#[derive(Clone, Debug)]
+pub enum Binding {
+    /// The native binding of the nonce and the HPKE key secrets are sealed to.
+    Hpke(PublicKey),
+    /// Binding values a front end computed (the KBS runtime-data digests), tried in order:
+    /// the first is what the broker asked for, later ones tolerated fallbacks.
+    Digests(Vec<ExpectedBinding>),
+}
+
+/// One acceptable binding: what REPORT_DATA must be (bare SNP reports), or the quote's
+/// qualifying data and the HCL user data (Azure vTPM evidence).
+#[derive(Clone, Debug)]
+pub struct ExpectedBinding {
+    /// REPORT_DATA.
+    pub report_data: [u8; 64],
+    /// Qualifying data and HCL user data.
+    pub qualifying: Vec<u8>,
+    /// How it was made, for the audit (`sha512`, `sha384-fallback`).
+    pub label: &'static str,
+}
+
+/// What [`Broker::check_attempt`] checks: a nonce, evidence, the binding and the secrets
+/// named (none for a KBS attestation).
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// The front end it came in by.
+    pub front_end: FrontEnd,
+    /// The broker's nonce.
+    pub nonce: String,
+    /// The evidence, in the native form.
+    pub evidence: Evidence,
+    /// How the evidence must bind the nonce.
+    pub binding: Binding,
+    /// The secrets asked for.
+    pub secrets: Vec<String>,
+}
+
+impl Attempt {
+    /// A native attest request.
+    pub fn native(request: AttestRequest) -> Attempt {
+        Attempt {
+            front_end: FrontEnd::Native,
+            nonce: request.nonce,
+            evidence: request.evidence,
+            binding: Binding::Hpke(request.public_key),
+            secrets: request.secrets,
+        }
+    }
+}
+
+/// The outcome of [`Broker::appraise`]: the verified claims and the policy's rules that
+/// hold for them.
+#[derive(Clone, Debug)]
+pub struct Appraisal {
+    /// The claims (JSON form).
+    pub claims_json: serde_json::Value,
+    /// SHA-256 of the claims' JSON text.
+    pub claims_digest: String,
+    /// The policy version appraised against.
+    pub policy_version: u64,
+    /// The rules that hold, in order.
+    pub rules: Vec<String>,
+    /// The evidence kind.
+    pub evidence: &'static str,
+    /// Which binding held.
+    pub bound_by: &'static str,
+    /// When the attestation's nonce expires (seconds since the epoch).
+    pub nonce_expires_at: u64,
+}
+
+/// Claims an earlier attestation established, carried in a front end's authenticated
+/// session: only this crate makes one, after checking the session's seal or signature.
+#[derive(Clone, Debug)]
+pub struct Vouched {
+    pub(crate) front_end: FrontEnd,
+    pub(crate) session: &'static str,
+    pub(crate) claims_json: serde_json::Value,
+    pub(crate) claims_digest: String,
+    pub(crate) peer: String,
+}
+
 /// An attestation checked up to the point of spending its nonce: only
-/// [`Broker::check`] makes one, and [`Broker::release`] takes nothing else.
+/// [`Broker::check_attempt`] makes one, and [`Broker::release`] takes nothing else.
 pub struct Checked {
     evidence: &'static str,
-    request: AttestRequest,
+    front_end: FrontEnd,
+    secrets: Vec<String>,
+    binding: Binding,
+    bound_by: &'static str,
     nonce_digest: [u8; 32],
     nonce_expires_at: u64,
     claims: attestation::Claims,
@@ -945,7 +1296,16 @@ fn decode_evidence(evidence: &Evidence) -> Result<DecodedEvidence<'_>, Refusal> 
     })
 }
 
-fn check_secret_names(names: &[String]) -> Result<(), Refusal> {
+fn check_secret_names(names: &[String], named_up_front: bool) -> Result<(), Refusal> {
+    if !named_up_front {
+        return if names.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::Malformed(
+                "this protocol names secrets after the attestation".into(),
+            ))
+        };
+    }
     if names.is_empty() || names.len() > MAX_SECRETS_PER_REQUEST {
         return Err(Refusal::Malformed(format!(
             "ask for 1 to {MAX_SECRETS_PER_REQUEST} secrets"

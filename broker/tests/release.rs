@@ -17,8 +17,8 @@ use broker::nonce::NonceAuthority;
 use broker::release::{Broker, Refusal};
 use broker::secrets::SecretKind;
 use broker::store::{
-    AuditQuery, AuditRecord, CommitMetrics, Committed, DecisionInputs, PolicyVersion, SecretInfo,
-    Spend, SqliteStore, Store, StoreError, StoredSecret,
+    AuditQuery, AuditRecord, BrokerKey, CommitMetrics, Committed, DecisionInputs, PolicyVersion,
+    SecretInfo, Spend, SqliteStore, Store, StoreError, StoredSecret,
 };
 
 /// What the wrapper does once, right before the next decision's commit.
@@ -143,6 +143,16 @@ impl Store for Racing {
     }
     async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.query_audit(query).await
+    }
+    async fn broker_keys(&self, purpose: &str) -> Result<Vec<BrokerKey>, StoreError> {
+        self.inner.broker_keys(purpose).await
+    }
+    async fn insert_broker_key(
+        &self,
+        key: &BrokerKey,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.insert_broker_key(key, audit).await
     }
     async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         self.inner.cache_get(key).await

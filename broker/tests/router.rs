@@ -147,6 +147,7 @@ async fn unauthenticated_refusals_cannot_grow_the_audit_log_without_bound() {
     let store = state.broker.store();
     let all = store
         .query_audit(&AuditQuery {
+            action: Some("attest".into()),
             limit: Some(1000),
             ..Default::default()
         })

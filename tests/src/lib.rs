@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod azure;
+pub mod kbs;
 pub mod postgres;
 pub mod workload;
 
@@ -108,6 +109,15 @@ impl Broker {
 
     /// Sets up and starts a broker on the PostgreSQL database at `postgres` (or SQLite).
     pub fn start_on(postgres: Option<&str>) -> Broker {
+        Broker::start_configured(postgres, |_, c| c)
+    }
+
+    /// Sets up a broker, changes its `broker.toml` with `edit` (given the setup directory,
+    /// to write files the new configuration names), and starts it.
+    pub fn start_configured(
+        postgres: Option<&str>,
+        edit: impl FnOnce(&Path, String) -> String,
+    ) -> Broker {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("dev");
         let port = free_port();
@@ -122,13 +132,12 @@ impl Broker {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let config = dir.join("broker.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
         if let Some(url) = postgres {
-            let config = dir.join("broker.toml");
-            let text = std::fs::read_to_string(&config)
-                .unwrap()
-                .replace("sqlite = \"broker.db\"", &format!("postgres = \"{url}\""));
-            std::fs::write(&config, text).unwrap();
+            text = text.replace("sqlite = \"broker.db\"", &format!("postgres = \"{url}\""));
         }
+        std::fs::write(&config, edit(&dir, text)).unwrap();
         let log = tmp.path().join("broker.log");
         let mut b = Broker {
             dir,
@@ -380,6 +389,23 @@ impl Guest {
             vcek,
             ask: amd.ask_der().to_vec(),
         }
+    }
+
+    /// A report with these fields and `report_data`, signed by the guest's VCEK.
+    pub fn sign(&self, report_data: [u8; 64]) -> Vec<u8> {
+        let mut fields = self.fields.clone();
+        fields.report_data = report_data;
+        self.vcek.sign_report(&fields).unwrap()
+    }
+
+    /// The guest's VCEK (to sign an HCL report with).
+    pub fn vcek(&self) -> &SimulatedKey {
+        &self.vcek
+    }
+
+    /// The DER of the guest's VCEK and of its ASK.
+    pub fn certificates(&self) -> (&[u8], &[u8]) {
+        (self.vcek.cert_der(), &self.ask)
     }
 
     /// Builds an attest request for `nonce`; `bind_to` overrides the key bound in REPORT_DATA.

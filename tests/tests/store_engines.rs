@@ -97,6 +97,43 @@ async fn conformance(s: impl Store + Clone) {
         2
     );
     assert_eq!(s.active_policy().await.unwrap().unwrap().document, "{2}");
+    // The broker's own keys: versions newest first, a version taken twice is a conflict
+    // (two replicas making the first key at once), each insert audited.
+    let key = |version: u64| broker::store::BrokerKey {
+        purpose: "ear-es256".into(),
+        version,
+        created_at: 5,
+        public: serde_json::json!({"kty": "EC", "kid": format!("k{version}")}),
+        sealed: vec![version as u8; 48],
+    };
+    assert!(s.broker_keys("ear-es256").await.unwrap().is_empty());
+    s.insert_broker_key(&key(1), &audit("token-key.create"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.insert_broker_key(&key(1), &audit("token-key.create"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.insert_broker_key(&key(2), &audit("token-key.create"))
+        .await
+        .unwrap();
+    let keys = s.broker_keys("ear-es256").await.unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(keys[1].public["kid"], "k1");
+    assert_eq!(keys[1].sealed, vec![1u8; 48]);
+    assert!(s.broker_keys("other").await.unwrap().is_empty());
+    assert_eq!(
+        actions(&s)
+            .await
+            .iter()
+            .filter(|a| *a == "token-key.create")
+            .count(),
+        2
+    );
     s.cache_put("k", b"v1", 1).await.unwrap();
     s.cache_put("k", b"v2", 2).await.unwrap();
     assert_eq!(s.cache_get("k").await.unwrap(), Some((b"v2".to_vec(), 2)));
@@ -118,7 +155,7 @@ async fn conformance(s: impl Store + Clone) {
     assert!(inputs.secrets[1].is_none());
     let g = inputs.generation;
     let spend = |n: u8, generation: i64| Spend {
-        nonce: [n; 32],
+        nonce: Some([n; 32]),
         expires_at: 100,
         generation,
     };
@@ -138,6 +175,29 @@ async fn conformance(s: impl Store + Clone) {
         Committed::Replay
     );
     assert_eq!(actions(&s).await.len(), before + 1);
+    // A decision that spends no nonce (a KBS resource request on an attestation whose nonce
+    // was spent) is audited every time, and is stale like any other on older inputs.
+    let unspent = |generation: i64| Spend {
+        nonce: None,
+        expires_at: 100,
+        generation,
+    };
+    for n in 2..=3 {
+        assert_eq!(
+            s.commit_decision(unspent(g), audit("attest.resource"))
+                .await
+                .unwrap(),
+            Committed::Done
+        );
+        assert_eq!(actions(&s).await.len(), before + n);
+    }
+    assert_eq!(
+        s.commit_decision(unspent(g ^ 1), audit("attest.resource"))
+            .await
+            .unwrap(),
+        Committed::Stale
+    );
+    assert_eq!(actions(&s).await.len(), before + 3);
     // From the cache: the same generation, no document for the version the caller has.
     let cached = s.decision_inputs(&names, Some(2)).await.unwrap();
     assert_eq!(cached.generation, g);
@@ -288,11 +348,11 @@ where
 {
     let g = s.decision_inputs(&[], None).await.unwrap().generation;
     let spend = move |n: u16| Spend {
-        nonce: {
+        nonce: Some({
             let mut d = [0xee; 32];
             d[..2].copy_from_slice(&n.to_be_bytes());
             d
-        },
+        }),
         expires_at: 50,
         generation: g,
     };
@@ -399,8 +459,8 @@ async fn postgres_engine() {
         exec(&url, "INSERT INTO schema_version (version) VALUES (99)").await;
         let versions = sqlx_helper::count(&url, "SELECT COUNT(*) FROM schema_version").await;
         assert_eq!(
-            versions, 4,
-            "three migrations, each applied once, and the planted 99"
+            versions, 5,
+            "four migrations, each applied once, and the planted 99"
         );
     }
     let e = PgStore::open(&pg_settings(url)).await.unwrap_err();

@@ -63,6 +63,8 @@ pub struct AppState<S: Store> {
     pub attest_slots: Arc<Semaphore>,
     /// Whether a simulated AMD root is trusted (said in `/readyz`).
     pub simulated_root: bool,
+    /// The KBS front end, when enabled.
+    pub kbs: Option<Arc<crate::kbs::Kbs>>,
     /// The last readiness probe: when, and what it found.
     pub readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -257,6 +259,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
                 )),
         )
         .route("/policy/history", get(policy_history::<S>))
+        .route("/tokens/rotate-key", post(rotate_token_key::<S>))
         .route("/audit", get(audit_query::<S>).delete(audit_prune::<S>));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -264,6 +267,8 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/challenge", post(challenge::<S>))
         .route("/v1/attest", post(attest::<S>))
+        .route("/.well-known/jwks.json", get(crate::kbs::jwks::<S>))
+        .nest("/kbs/v0", crate::kbs::routes::<S>())
         .nest("/v1/admin", admin)
         .fallback(|| async {
             Problem::new(
@@ -540,6 +545,29 @@ async fn generate_secret<S: Store>(
         .into_response())
 }
 
+async fn rotate_token_key<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    Operator(op): Operator,
+) -> Result<Response, Problem> {
+    let Some(kbs) = &state.kbs else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "attestation tokens are issued only with [kbs] enabled",
+        ));
+    };
+    let version = kbs
+        .tokens()
+        .rotate(state.broker.store(), state.broker.cipher(), &op, now_i64())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "purpose": crate::kbs::token::PURPOSE, "version": version })),
+    )
+        .into_response())
+}
+
 async fn rotate_secret<S: Store>(
     State(state): State<Arc<AppState<S>>>,
     Operator(op): Operator,
@@ -685,11 +713,16 @@ pub async fn build(
     };
     let mut anchors = TrustAnchors::amd()?;
     if let Some(root) = &settings.dangerous_trust_simulated_root {
-        let der = crate::evidence::read_certificates(root)?
-            .into_iter()
+        // The first certificate is the simulated ARK; any others are intermediates (its ASK,
+        // ASVK) for evidence that carries only the VCEK, as Azure's does.
+        let mut certs = crate::evidence::read_certificates(root)?.into_iter();
+        let der = certs
             .next()
             .ok_or_else(|| Error::Config(format!("{}: no certificate", root.display())))?;
         anchors = anchors.dangerous_trust_simulated_root(&der)?;
+        for intermediate in certs {
+            anchors = anchors.with_intermediate(&intermediate);
+        }
         // On standard error whatever the log filter, and in /metrics and /readyz.
         let banner = "!".repeat(78);
         let warning = format!(
@@ -727,7 +760,19 @@ pub async fn build(
             )));
         }
     }
+    let kbs = if settings.kbs.enabled {
+        let tokens =
+            crate::kbs::token::TokenKeys::load(broker.store(), broker.cipher(), now_i64()).await?;
+        Some(Arc::new(crate::kbs::Kbs::new(
+            crate::kbs::session::Sessions::new(master.kbs_session_key()?),
+            tokens,
+            settings.kbs.clone(),
+        )))
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
+        kbs,
         broker,
         metrics,
         simulated_root: settings.dangerous_trust_simulated_root.is_some(),

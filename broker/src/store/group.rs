@@ -42,8 +42,10 @@ pub struct DecisionInputs {
 /// A decision to make durable: its nonce spent, on the generation its inputs came from.
 #[derive(Clone, Debug)]
 pub struct Spend {
-    /// SHA-256 of the nonce.
-    pub nonce: [u8; 32],
+    /// SHA-256 of the nonce to spend; `None` for a decision that spends none (a KBS
+    /// resource request, made on an attestation whose nonce was spent already): it is
+    /// still checked against the generation and audited in the group.
+    pub nonce: Option<[u8; 32]>,
     /// When the nonce expires (seconds since the epoch), for purging.
     pub expires_at: i64,
     /// [`DecisionInputs::generation`] of the inputs the decision was made on.

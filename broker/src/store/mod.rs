@@ -64,6 +64,32 @@ impl std::fmt::Debug for StoredSecret {
     }
 }
 
+/// One version of one of the broker's own keys (for example the attestation-token signing
+/// key): the private half sealed under the record key, the public half in the clear.
+#[derive(Clone)]
+pub struct BrokerKey {
+    /// What the key is for (`ear-es256`).
+    pub purpose: String,
+    /// Version (1, 2, …).
+    pub version: u64,
+    /// When it was made (seconds since the epoch).
+    pub created_at: i64,
+    /// The public key (a JWK, JSON).
+    pub public: serde_json::Value,
+    /// The sealed private key.
+    pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for BrokerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerKey")
+            .field("purpose", &self.purpose)
+            .field("version", &self.version)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Metadata of a secret's current version, for listings.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SecretInfo {
@@ -245,6 +271,19 @@ pub trait Store: Send + Sync + 'static {
         query: &AuditQuery,
     ) -> impl Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send;
 
+    /// Every version of the broker's keys for `purpose`, newest first.
+    fn broker_keys(
+        &self,
+        purpose: &str,
+    ) -> impl Future<Output = Result<Vec<BrokerKey>, StoreError>> + Send;
+    /// Inserts a version of a broker key with its audit record in one transaction;
+    /// `Conflict` if that version exists (another replica made it first).
+    fn insert_broker_key(
+        &self,
+        key: &BrokerKey,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// A cached AMD certificate or CRL.
     fn cache_get(
         &self,
@@ -368,6 +407,16 @@ impl Store for AnyStore {
     }
     async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         dispatch!(self, s => s.query_audit(query).await)
+    }
+    async fn broker_keys(&self, purpose: &str) -> Result<Vec<BrokerKey>, StoreError> {
+        dispatch!(self, s => s.broker_keys(purpose).await)
+    }
+    async fn insert_broker_key(
+        &self,
+        key: &BrokerKey,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.insert_broker_key(key, audit).await)
     }
     async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         dispatch!(self, s => s.cache_get(key).await)

@@ -64,6 +64,16 @@ const MIGRATIONS: &[&str] = &[
         value BIGINT NOT NULL
     );
     INSERT INTO generation (id, value) VALUES (1, 0);",
+    // 4: the broker's own keys (the attestation-token signing key), encrypted like secrets,
+    // with their public half in the clear for key sets.
+    "CREATE TABLE broker_keys (
+        purpose TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        public TEXT NOT NULL,
+        sealed BYTEA NOT NULL,
+        PRIMARY KEY (purpose, version)
+    );",
 ];
 
 /// The advisory lock key that serialises migrations across replicas ("snpkbmig").

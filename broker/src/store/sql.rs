@@ -330,6 +330,55 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            async fn broker_keys(
+                &self,
+                purpose: &str,
+            ) -> Result<Vec<$crate::store::BrokerKey>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT purpose, version, created_at, public, sealed FROM broker_keys
+                     WHERE purpose = $1 ORDER BY version DESC",
+                )
+                .bind(purpose)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let public: String = r.try_get("public")?;
+                        Ok($crate::store::BrokerKey {
+                            purpose: r.try_get("purpose")?,
+                            version: to_u64(r.try_get("version")?),
+                            created_at: r.try_get("created_at")?,
+                            public: serde_json::from_str(&public).map_err(|e| {
+                                StoreError::Unavailable(format!("stored public key: {e}"))
+                            })?,
+                            sealed: r.try_get("sealed")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn insert_broker_key(
+                &self,
+                key: &$crate::store::BrokerKey,
+                audit: &AuditRecord,
+            ) -> Result<(), StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                sqlx::query(
+                    "INSERT INTO broker_keys (purpose, version, created_at, public, sealed)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&key.purpose)
+                .bind(to_i64(key.version))
+                .bind(key.created_at)
+                .bind(key.public.to_string())
+                .bind(&key.sealed)
+                .execute(&mut *tx)
+                .await?;
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
                 let row = sqlx::query("SELECT bytes, fetched_at FROM kds_cache WHERE key = $1")
                     .bind(key)
@@ -464,23 +513,26 @@ macro_rules! sql_store {
                 let mut outcomes = vec![Committed::Stale; work.len()];
                 let mut seen = std::collections::HashSet::new();
                 let mut candidates = Vec::with_capacity(work.len());
+                let mut done = Vec::with_capacity(work.len());
                 for (i, (spend, _)) in work.iter().enumerate() {
                     if spend.generation != current {
                         continue;
                     }
-                    if seen.insert(spend.nonce) {
-                        candidates.push(i);
-                    } else {
-                        outcomes[i] = Committed::Replay;
+                    match spend.nonce {
+                        None => {
+                            outcomes[i] = Committed::Done;
+                            done.push(i);
+                        }
+                        Some(nonce) if seen.insert(nonce) => candidates.push((i, nonce)),
+                        Some(_) => outcomes[i] = Committed::Replay,
                     }
                 }
                 if !candidates.is_empty() {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO used_nonces (digest, expires_at) ",
                     );
-                    insert.push_values(&candidates, |mut b, &i| {
-                        b.push_bind(work[i].0.nonce.to_vec())
-                            .push_bind(work[i].0.expires_at);
+                    insert.push_values(&candidates, |mut b, (i, nonce)| {
+                        b.push_bind(nonce.to_vec()).push_bind(work[*i].0.expires_at);
                     });
                     insert.push(" ON CONFLICT DO NOTHING RETURNING digest");
                     let spent: std::collections::HashSet<Vec<u8>> = insert
@@ -490,29 +542,29 @@ macro_rules! sql_store {
                         .iter()
                         .map(|row| row.try_get::<Vec<u8>, _>(0))
                         .collect::<Result<_, _>>()?;
-                    let mut done = Vec::with_capacity(candidates.len());
-                    for &i in &candidates {
-                        if spent.contains(&work[i].0.nonce[..]) {
-                            outcomes[i] = Committed::Done;
-                            done.push(i);
+                    for (i, nonce) in &candidates {
+                        if spent.contains(&nonce[..]) {
+                            outcomes[*i] = Committed::Done;
+                            done.push(*i);
                         } else {
-                            outcomes[i] = Committed::Replay;
+                            outcomes[*i] = Committed::Replay;
                         }
                     }
-                    if !done.is_empty() {
-                        let mut audit = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO audit (at, actor, action, outcome, detail) ",
-                        );
-                        audit.push_values(&done, |mut b, &i| {
-                            let r = &work[i].1;
-                            b.push_bind(r.at)
-                                .push_bind(r.actor.clone())
-                                .push_bind(r.action.clone())
-                                .push_bind(r.outcome.clone())
-                                .push_bind(r.detail.to_string());
-                        });
-                        audit.build().execute(&mut *tx).await?;
-                    }
+                }
+                done.sort_unstable();
+                if !done.is_empty() {
+                    let mut audit = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit (at, actor, action, outcome, detail) ",
+                    );
+                    audit.push_values(&done, |mut b, &i| {
+                        let r = &work[i].1;
+                        b.push_bind(r.at)
+                            .push_bind(r.actor.clone())
+                            .push_bind(r.action.clone())
+                            .push_bind(r.outcome.clone())
+                            .push_bind(r.detail.to_string());
+                    });
+                    audit.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(outcomes)

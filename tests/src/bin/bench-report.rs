@@ -232,6 +232,32 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let kbs = kind("kbs");
+    if !kbs.is_empty() {
+        println!(
+            "\n| protocol (keep-alive) | concurrency | flows/s | per broker CPU-second | vs native | p50 ms | p99 ms | errors |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        let native = kbs
+            .iter()
+            .find(|v| v["protocol"] == "native")
+            .map(|v| f(v, &["flows_per_broker_cpu_second"]))
+            .unwrap_or(0.0);
+        for v in &kbs {
+            let per_cpu = f(v, &["flows_per_broker_cpu_second"]);
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.2}× | {:.1} | {:.1} | {} |",
+                v["protocol"].as_str().unwrap_or("?"),
+                v["concurrency"],
+                f(v, &["flows_per_second"]),
+                per_cpu,
+                if native > 0.0 { per_cpu / native } else { 0.0 },
+                f(v, &["latency_ms", "p50"]),
+                f(v, &["latency_ms", "p99"]),
+                v["errors"],
+            );
+        }
+    }
     let shakes = kind("handshake");
     if !shakes.is_empty() {
         println!(

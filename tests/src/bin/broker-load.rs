@@ -1,8 +1,12 @@
-//! `broker-load`: a load generator for the broker's native protocol over real HTTPS.
+//! `broker-load`: a load generator for the broker over real HTTPS.
 //!
 //! Each flow is what a booting guest does: `POST /v1/challenge`, fresh simulated evidence that
 //! binds that nonce and a fresh X25519 key, `POST /v1/attest`; a sample of the sealed secrets
-//! is opened to check they are real. It reports flows per second, the broker's CPU seconds
+//! is opened to check they are real. With `--protocol kbs` a flow is what a Confidential
+//! Containers client does instead: `POST /kbs/v0/auth`, `POST /kbs/v0/attest` with fresh
+//! evidence in the `sev` crate's JSON form bound (JCS, SHA-512) to the nonce and a fresh P-256
+//! key, and `GET /kbs/v0/resource/<path>` with the session cookie; a sample of the JWEs is
+//! decrypted. It reports flows per second, the broker's CPU seconds
 //! (from `/proc/<pid>/stat`) and flows per broker CPU-second, latency percentiles, errors by
 //! status and the broker's RSS; `floor` measures the crypto floor of one attestation (one
 //! ECDSA P-384 verify and one HPKE seal) on the calling thread, to compare in the same run.
@@ -28,6 +32,7 @@ use anyhow::{Context, bail};
 use attestation::protocol::{AttestResponse, ChallengeResponse, EphemeralKey, Kem};
 use clap::{Parser, Subcommand, ValueEnum};
 use e2e::Guest;
+use e2e::kbs::{self, KbsClient, TeeKeyPair};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -48,6 +53,14 @@ enum Mode {
     NewConn,
     /// A new TCP connection for every flow, resuming the TLS session.
     Resumed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    /// `/v1/challenge` + `/v1/attest`.
+    Native,
+    /// `/kbs/v0/auth` + `/kbs/v0/attest` + `/kbs/v0/resource/...`.
+    Kbs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,13 +87,17 @@ enum Command {
         /// Connection handling.
         #[arg(long, value_enum, default_value = "keepalive")]
         mode: Mode,
+        /// The protocol a flow speaks.
+        #[arg(long, value_enum, default_value = "native")]
+        protocol: Protocol,
         /// Flows in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// Seconds to run.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// The secret each flow asks for.
+        /// The secret each flow asks for (with `--protocol kbs`, the resource path, e.g.
+        /// `default/key/db` for the secret `default.key.db`).
         #[arg(long, default_value = "db-key")]
         secret: String,
         /// The broker's process id, for its CPU time and memory.
@@ -230,8 +247,80 @@ struct Tally {
     latencies: Vec<Duration>,
 }
 
-/// One flow; `Ok(Some(response))` on a release.
+/// What a flow released, and the key that opens it.
+enum Released {
+    Native(AttestResponse, EphemeralKey),
+    Kbs(Box<kbs_types::Response>, TeeKeyPair),
+}
+
+impl Released {
+    /// Whether the released secret opens with the flow's key.
+    fn opens(&self) -> bool {
+        match self {
+            Released::Native(body, key) => {
+                matches!(body.secrets.first().map(|s| key.open(s)), Some(Ok(_)))
+            }
+            Released::Kbs(jwe, key) => key.decrypt(jwe).is_ok(),
+        }
+    }
+}
+
 async fn flow(
+    http: &reqwest::Client,
+    url: &str,
+    guest: &Guest,
+    secret: &str,
+    protocol: Protocol,
+) -> Result<Released, u16> {
+    match protocol {
+        Protocol::Native => native_flow(http, url, guest, secret)
+            .await
+            .map(|(body, key)| Released::Native(body, key)),
+        Protocol::Kbs => kbs_flow(http, url, guest, secret).await,
+    }
+}
+
+/// One KBS flow: auth, attest, resource.
+async fn kbs_flow(
+    http: &reqwest::Client,
+    url: &str,
+    guest: &Guest,
+    path: &str,
+) -> Result<Released, u16> {
+    let mut c = KbsClient::new(http.clone(), url.to_string());
+    let request = kbs_types::Request {
+        version: "0.4.0".into(),
+        tee: kbs_types::Tee::Snp,
+        extra_params: json!({"supported-hash-algorithms": ["sha384", "sha512"]}),
+    };
+    let (status, body) = c
+        .auth_raw(&serde_json::to_value(request).map_err(|_| 0u16)?)
+        .await;
+    if status != 200 {
+        return Err(status);
+    }
+    let nonce = body["nonce"].as_str().ok_or(0u16)?.to_string();
+    let key = TeeKeyPair::p256();
+    let digest = kbs::runtime_digest("", &nonce, &key.tee_pubkey(), true);
+    let report = guest.sign(kbs::report_data(&digest));
+    let (vcek, ask) = guest.certificates();
+    let primary = kbs::snp_primary_evidence(&report, &[("vcek", vcek), ("ask", ask)]);
+    let (status, _) = c
+        .attest_raw(&kbs::attestation(&nonce, &key.tee_pubkey(), primary))
+        .await;
+    if status != 200 {
+        return Err(status);
+    }
+    let (status, body) = c.resource(path).await;
+    if status != 200 {
+        return Err(status);
+    }
+    let jwe: kbs_types::Response = serde_json::from_value(body).map_err(|_| 0u16)?;
+    Ok(Released::Kbs(Box::new(jwe), key))
+}
+
+/// One native flow.
+async fn native_flow(
     http: &reqwest::Client,
     url: &str,
     guest: &Guest,
@@ -267,6 +356,7 @@ async fn run(
     ca: PathBuf,
     sim_dir: PathBuf,
     mode: Mode,
+    protocol: Protocol,
     concurrency: usize,
     duration: Duration,
     secret: String,
@@ -279,7 +369,7 @@ async fn run(
     let guest = Arc::new(Guest::new(&amd, |_| {}));
     let config = tls_config(&ca, mode != Mode::NewConn)?;
     // A warm-up flow: the broker's chain cache and the policy are loaded before measuring.
-    flow(&client(&config, None)?, &url, &guest, &secret)
+    flow(&client(&config, None)?, &url, &guest, &secret, protocol)
         .await
         .map_err(|s| anyhow::anyhow!("warm-up flow failed with status {s}"))?;
     let before = broker_pid.map(process_usage).transpose()?;
@@ -311,13 +401,12 @@ async fn run(
                     }
                 };
                 let t = Instant::now();
-                match flow(http, &url, &guest, &secret).await {
-                    Ok((body, key)) => {
+                match flow(http, &url, &guest, &secret, protocol).await {
+                    Ok(released) => {
                         tally.latencies.push(t.elapsed());
                         tally.ok += 1;
                         if check_every > 0 && tally.ok % check_every == 0 {
-                            let opened = body.secrets.first().map(|s| key.open(s));
-                            if !matches!(opened, Some(Ok(_))) {
+                            if !released.opens() {
                                 *tally.errors.entry(1).or_default() += 1;
                             }
                             tally.checked += 1;
@@ -370,6 +459,7 @@ async fn run(
         .collect();
     Ok(json!({
         "mode": format!("{mode:?}").to_lowercase(),
+        "protocol": format!("{protocol:?}").to_lowercase(),
         "concurrency": concurrency,
         "seconds": elapsed,
         "flows": total.ok,
@@ -669,6 +759,7 @@ fn main() -> anyhow::Result<()> {
             ca,
             sim_dir,
             mode,
+            protocol,
             concurrency,
             duration,
             secret,
@@ -688,6 +779,7 @@ fn main() -> anyhow::Result<()> {
                 ca,
                 sim_dir,
                 mode,
+                protocol,
                 concurrency,
                 Duration::from_secs(duration.max(1)),
                 secret,
