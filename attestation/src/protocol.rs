@@ -189,6 +189,29 @@ pub struct AttestRequest {
     pub secrets: Vec<String>,
 }
 
+/// Request of `POST /v1/token`: an attestation whose result is a signed token, with nothing
+/// released.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The nonce from `/v1/challenge`.
+    pub nonce: String,
+    /// The evidence.
+    pub evidence: Evidence,
+    /// The guest's key bound with the nonce (as in [`AttestRequest`]); the token names it.
+    pub public_key: PublicKey,
+}
+
+/// Response of `POST /v1/token`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenResponse {
+    /// The attestation result: an EAR JWT signed by the broker (see `docs/kbs.md`).
+    pub token: String,
+    /// The claims it was appraised on.
+    pub claims: serde_json::Value,
+}
+
 /// The HPKE suite of a sealed secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

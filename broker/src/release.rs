@@ -438,7 +438,7 @@ impl<S: Store> Broker<S> {
         now: SystemTime,
     ) -> Result<Checked, (Refusal, Option<String>)> {
         let bare = |r: Refusal| (r, None);
-        check_secret_names(&attempt.secrets, attempt.front_end.names_secrets()).map_err(bare)?;
+        check_secret_names(&attempt.secrets, !attempt.appraise_only).map_err(bare)?;
         let nonce = self
             .nonces
             .check(&attempt.nonce, unix(now))
@@ -1131,12 +1131,6 @@ impl FrontEnd {
             FrontEnd::Kbs => "kbs",
         }
     }
-
-    /// Whether an attestation names its secrets up front (the native protocol does; a KBS
-    /// client asks for resources after its attestation).
-    fn names_secrets(self) -> bool {
-        self == FrontEnd::Native
-    }
 }
 
 /// How evidence must be bound to the challenge.
@@ -1175,6 +1169,9 @@ pub struct Attempt {
     pub binding: Binding,
     /// The secrets asked for.
     pub secrets: Vec<String>,
+    /// An attestation that releases nothing itself: it is appraised ([`Broker::appraise`])
+    /// and names no secrets (a KBS attestation, a native token request).
+    pub appraise_only: bool,
 }
 
 impl Attempt {
@@ -1186,6 +1183,19 @@ impl Attempt {
             evidence: request.evidence,
             binding: Binding::Hpke(request.public_key),
             secrets: request.secrets,
+            appraise_only: false,
+        }
+    }
+
+    /// A native token request: appraised, nothing released.
+    pub fn native_token(request: attestation::protocol::TokenRequest) -> Attempt {
+        Attempt {
+            front_end: FrontEnd::Native,
+            nonce: request.nonce,
+            evidence: request.evidence,
+            binding: Binding::Hpke(request.public_key),
+            secrets: Vec::new(),
+            appraise_only: true,
         }
     }
 }
@@ -1302,7 +1312,7 @@ fn check_secret_names(names: &[String], named_up_front: bool) -> Result<(), Refu
             Ok(())
         } else {
             Err(Refusal::Malformed(
-                "this protocol names secrets after the attestation".into(),
+                "an appraisal names no secrets (they are asked for afterwards)".into(),
             ))
         };
     }

@@ -186,3 +186,37 @@ async fn unauthenticated_refusals_cannot_grow_the_audit_log_without_bound() {
     );
     assert!(m.contains("reason=\"nonce_malformed\"} 75"), "{m}");
 }
+
+#[tokio::test]
+async fn without_kbs_there_is_no_kbs_route_and_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = broker::init::dev(&dir.path().join("dev"), "127.0.0.1:0").unwrap();
+    let mut settings = broker::config::Settings::load(&setup.config).unwrap();
+    settings.kbs.enabled = false;
+    let (state, _tls) = broker::server::build(&settings).await.unwrap();
+    let app = router(state.clone(), 64 * 1024);
+    for (method, uri, body) in [
+        (
+            "POST",
+            "/kbs/v0/auth",
+            r#"{"version":"0.4.0","tee":"snp","extra-params":{}}"#,
+        ),
+        ("GET", "/kbs/v0/resource/default/key/1", ""),
+        ("GET", "/.well-known/jwks.json", ""),
+        ("POST", "/v1/token", "{}"),
+    ] {
+        let (s, v) = call(app.clone(), method, uri, body.to_string()).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}: {v}");
+        assert_eq!(v["type"], "urn:snp-key-broker:problem:not-found", "{uri}");
+    }
+    // And no token key was made.
+    assert!(
+        state
+            .broker
+            .store()
+            .broker_keys("ear-es256")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

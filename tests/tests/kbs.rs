@@ -303,6 +303,89 @@ async fn kbs_client_gets_its_resources_with_snp_evidence() {
         assert!(ok.status.success(), "{}", stderr(&ok));
     }
 
+    // The same token for native evidence: POST /v1/token appraises and releases nothing;
+    // the token names the native key the evidence bound.
+    let http = b.guest_client(None);
+    let nonce = http
+        .post(b.url("/v1/challenge"))
+        .send()
+        .await
+        .unwrap()
+        .json::<attestation::protocol::ChallengeResponse>()
+        .await
+        .unwrap()
+        .nonce;
+    let native_key =
+        attestation::protocol::EphemeralKey::generate(attestation::protocol::Kem::X25519);
+    let request = guest.request(&nonce, &native_key, &[], None);
+    let token_request = attestation::protocol::TokenRequest {
+        nonce: request.nonce.clone(),
+        evidence: request.evidence.clone(),
+        public_key: request.public_key.clone(),
+    };
+    let r = http
+        .post(b.url("/v1/token"))
+        .json(&token_request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: attestation::protocol::TokenResponse = r.json().await.unwrap();
+    let native_claims: Value = serde_json::from_slice(
+        &B64URL
+            .decode(answer.token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let sub = &native_claims["submods"]["cpu0"];
+    assert_eq!(sub["ear_status"], "affirming");
+    assert_eq!(
+        sub["ear_verifier_claims"]["tee-pubkey"],
+        serde_json::to_value(native_key.public_key()).unwrap()
+    );
+    assert_eq!(sub["ear_attester_claims"], answer.claims);
+    let ok = b.cli(&["token", "verify", &answer.token, "--jwks", jwks_arg]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Spent: the same request again is a replay; a native token is no KBS passport.
+    let r = http
+        .post(b.url("/v1/token"))
+        .json(&token_request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    passport.bearer = Some(answer.token.clone());
+    assert_error(
+        &passport.resource("default/key/db").await,
+        401,
+        "do not check out",
+    );
+    // Evidence bound to another key than the one named: refused for the binding.
+    let nonce = http
+        .post(b.url("/v1/challenge"))
+        .send()
+        .await
+        .unwrap()
+        .json::<attestation::protocol::ChallengeResponse>()
+        .await
+        .unwrap()
+        .nonce;
+    let other = attestation::protocol::EphemeralKey::generate(attestation::protocol::Kem::X25519);
+    let request = guest.request(&nonce, &native_key, &[], Some(&other));
+    let r = http
+        .post(b.url("/v1/token"))
+        .json(&attestation::protocol::TokenRequest {
+            nonce: request.nonce,
+            evidence: request.evidence,
+            public_key: request.public_key,
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["check"], "binding");
+
     // Audited like native releases, naming the front end and the binding.
     let attests = audit(&b, "attest");
     assert!(

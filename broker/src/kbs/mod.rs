@@ -20,7 +20,7 @@ pub mod session;
 pub mod token;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use attestation::kbs::{self as wire, HashAlgorithm};
 use axum::Router;
@@ -324,6 +324,7 @@ fn translate(session: Session, body: AttestBody) -> Result<Translated, Problem> 
             evidence,
             binding: Binding::Digests(bindings),
             secrets: Vec::new(),
+            appraise_only: true,
         },
         tee_pubkey: body.runtime_data.tee_pubkey,
         init_data,
@@ -366,48 +367,20 @@ async fn attest<S: Store>(
     };
     let Ok(slot) = state.attest_slots.clone().try_acquire_owned() else {
         state.metrics.outcome("refused", "rate_limited");
-        let mut p = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Too many attestations in flight",
-            "retry after the indicated time",
-        );
-        p.retry_after = Some(1);
-        return p.into_response();
+        return crate::server::too_many_attestations().into_response();
     };
-    let started = Instant::now();
     let nonce = translated.attempt.nonce.clone();
-    let result = match state
-        .broker
-        .check_attempt(translated.attempt, &addr, SystemTime::now())
-        .await
+    let appraisal = match crate::server::appraise_to_completion(
+        &state,
+        translated.attempt,
+        &addr,
+        slot,
+    )
+    .await
     {
-        Err(refusal) => Err(refusal),
-        Ok(checked) => {
-            // Once the nonce is to be spent, the appraisal runs to completion (audited).
-            let task = {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    state.broker.appraise(checked, SystemTime::now()).await
-                })
-            };
-            match task.await {
-                Ok(r) => r,
-                Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
-            }
-        }
-    };
-    state.metrics.attest_latency(started.elapsed());
-    let appraisal = match result {
         Ok(a) => a,
-        Err(refusal) => {
-            state.metrics.outcome("refused", &refusal.reason());
-            log_refusal(&addr, &refusal);
-            return kbs_problem(&refusal).into_response();
-        }
+        Err(refusal) => return kbs_problem(&refusal).into_response(),
     };
-    state.metrics.outcome("appraised", "ok");
     match issue(
         &kbs,
         &appraisal,
@@ -442,41 +415,7 @@ fn issue(
     nonce: &str,
     init_data: bool,
 ) -> Result<(String, String), crate::Error> {
-    let now = unix_now();
-    let exp = now + kbs.settings.token_ttl.as_secs();
-    let status = if appraisal.rules.is_empty() {
-        "contraindicated"
-    } else {
-        "affirming"
-    };
-    let mut claims = json!({
-        "eat_profile": token::EAR_PROFILE,
-        "iat": now,
-        "exp": exp,
-        "iss": kbs.settings.issuer,
-        "eat_nonce": nonce,
-        "ear_verifier_id": {
-            "developer": "snp-key-broker",
-            "build": concat!("broker ", env!("CARGO_PKG_VERSION")),
-        },
-        "submods": { "cpu0": {
-            "ear_status": status,
-            "ear_appraisal_policy_ids": [format!("policy:v{}", appraisal.policy_version)],
-            "ear_attester_claims": appraisal.claims_json,
-            "ear_verifier_claims": {
-                "tee-pubkey": tee_pubkey,
-                "claims_sha256": appraisal.claims_digest,
-                "rules": appraisal.rules,
-                "evidence": appraisal.evidence,
-                "binding": appraisal.bound_by,
-            },
-        }},
-    });
-    if init_data {
-        claims["submods"]["cpu0"]["ear_verifier_claims"]["init_data"] =
-            json!("present, not verified by the broker: pin host_data in the policy");
-    }
-    let token = kbs.tokens.sign(&claims)?;
+    let (token, exp) = kbs.ear_token(appraisal, &tee_pubkey, nonce, init_data)?;
     let cookie = kbs.sessions.seal(&Session::Attested {
         exp,
         tee_pubkey,
@@ -484,6 +423,55 @@ fn issue(
         claims_sha256: appraisal.claims_digest.clone(),
     })?;
     Ok((token, cookie))
+}
+
+impl Kbs {
+    /// An EAR token for an appraisal whose evidence bound `tee_pubkey` (a JWK for KBS
+    /// clients, the native HPKE key for `/v1/token`); and its expiry.
+    pub fn ear_token(
+        &self,
+        appraisal: &Appraisal,
+        tee_pubkey: &Value,
+        nonce: &str,
+        init_data: bool,
+    ) -> Result<(String, u64), crate::Error> {
+        let kbs = self;
+        let now = unix_now();
+        let exp = now + kbs.settings.token_ttl.as_secs();
+        let status = if appraisal.rules.is_empty() {
+            "contraindicated"
+        } else {
+            "affirming"
+        };
+        let mut claims = json!({
+            "eat_profile": token::EAR_PROFILE,
+            "iat": now,
+            "exp": exp,
+            "iss": kbs.settings.issuer,
+            "eat_nonce": nonce,
+            "ear_verifier_id": {
+                "developer": "snp-key-broker",
+                "build": concat!("broker ", env!("CARGO_PKG_VERSION")),
+            },
+            "submods": { "cpu0": {
+                "ear_status": status,
+                "ear_appraisal_policy_ids": [format!("policy:v{}", appraisal.policy_version)],
+                "ear_attester_claims": appraisal.claims_json,
+                "ear_verifier_claims": {
+                    "tee-pubkey": tee_pubkey,
+                    "claims_sha256": appraisal.claims_digest,
+                    "rules": appraisal.rules,
+                    "evidence": appraisal.evidence,
+                    "binding": appraisal.bound_by,
+                },
+            }},
+        });
+        if init_data {
+            claims["submods"]["cpu0"]["ear_verifier_claims"]["init_data"] =
+                json!("present, not verified by the broker: pin host_data in the policy");
+        }
+        Ok((kbs.tokens.sign(&claims)?, exp))
+    }
 }
 
 /// The claims and TEE key a resource request is authorized by: a bearer EAR token

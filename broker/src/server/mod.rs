@@ -267,6 +267,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/challenge", post(challenge::<S>))
         .route("/v1/attest", post(attest::<S>))
+        .route("/v1/token", post(token::<S>))
         .route("/.well-known/jwks.json", get(crate::kbs::jwks::<S>))
         .nest("/kbs/v0", crate::kbs::routes::<S>())
         .nest("/v1/admin", admin)
@@ -466,6 +467,114 @@ async fn attest<S: Store>(
             }
             Problem::from(&refusal).into_response()
         }
+    }
+}
+
+/// Checks an appraise-only attempt (KBS attestations, native token requests) and, once its
+/// nonce is to be spent, appraises it to completion in its own task (its outcome is audited
+/// even if the client goes away), holding `slot` until then.
+pub(crate) async fn appraise_to_completion<S: Store>(
+    state: &Arc<AppState<S>>,
+    attempt: crate::release::Attempt,
+    addr: &str,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Result<crate::release::Appraisal, Refusal> {
+    let started = Instant::now();
+    let checked = state
+        .broker
+        .check_attempt(attempt, addr, SystemTime::now())
+        .await;
+    let result = match checked {
+        Err(refusal) => Err(refusal),
+        Ok(checked) => {
+            let task = {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    state.broker.appraise(checked, SystemTime::now()).await
+                })
+            };
+            match task.await {
+                Ok(r) => r,
+                Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
+            }
+        }
+    };
+    state.metrics.attest_latency(started.elapsed());
+    match &result {
+        Ok(_) => state.metrics.outcome("appraised", "ok"),
+        Err(refusal) => {
+            state.metrics.outcome("refused", &refusal.reason());
+            match refusal {
+                Refusal::Internal(d) => {
+                    tracing::error!(peer = %addr, detail = %d, "appraisal failed")
+                }
+                Refusal::Store(e) => tracing::error!(peer = %addr, error = %e, "appraisal failed"),
+                r => tracing::info!(peer = %addr, reason = %r.reason(), "refused"),
+            }
+        }
+    }
+    result
+}
+
+/// A 429 for an attestation beyond the in-flight limit.
+pub(crate) fn too_many_attestations() -> Problem {
+    let mut p = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "Too many attestations in flight",
+        "retry after the indicated time",
+    );
+    p.retry_after = Some(1);
+    p
+}
+
+/// `POST /v1/token`: native evidence appraised into a signed attestation result (EAR),
+/// nothing released. Tokens are issued when the token key exists (`[kbs] enabled`).
+async fn token<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    peer: Option<axum::Extension<Peer>>,
+    body: Result<ProblemJson<attestation::protocol::TokenRequest>, Problem>,
+) -> Response {
+    let Some(kbs) = state.kbs.clone() else {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "attestation tokens are issued only with [kbs] enabled",
+        )
+        .into_response();
+    };
+    let addr = peer
+        .map(|p| p.addr.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let request = match body {
+        Ok(ProblemJson(r)) => r,
+        Err(problem) => {
+            state.metrics.outcome("refused", "malformed");
+            return problem.into_response();
+        }
+    };
+    let Ok(slot) = state.attest_slots.clone().try_acquire_owned() else {
+        state.metrics.outcome("refused", "rate_limited");
+        return too_many_attestations().into_response();
+    };
+    let nonce = request.nonce.clone();
+    let public_key = match serde_json::to_value(&request.public_key) {
+        Ok(v) => v,
+        Err(e) => return Problem::malformed(e.to_string()).into_response(),
+    };
+    let attempt = crate::release::Attempt::native_token(request);
+    match appraise_to_completion(&state, attempt, &addr, slot).await {
+        Ok(appraisal) => match kbs.ear_token(&appraisal, &public_key, &nonce, false) {
+            Ok((token, _)) => Json(attestation::protocol::TokenResponse {
+                token,
+                claims: appraisal.claims_json,
+            })
+            .into_response(),
+            Err(e) => Problem::from(e).into_response(),
+        },
+        Err(refusal) => Problem::from(&refusal).into_response(),
     }
 }
 
