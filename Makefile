@@ -15,7 +15,7 @@ CARGO ?= cargo
 #   swtpm, swtpm-tools, tpm2-tools: the emulated Azure vTPM of the end-to-end tests, and
 #                    the tools to inspect it by hand (docs/guest-agent.md).
 #   postgresql:      initdb/pg_ctl for the tests of the PostgreSQL store and of several replicas.
-DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev postgresql
+DEB_PACKAGES := build-essential pkg-config openssl cloud-init curl python3 python3-venv swtpm swtpm-tools tpm2-tools libtss2-dev postgresql softhsm2
 FUZZ_SECONDS ?= 20
 
 .PHONY: all deps measure-deps build test fmt-check clippy unit terraform-checks fuzz-smoke fuzz bench bench-report demo clean

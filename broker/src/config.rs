@@ -81,6 +81,11 @@ struct RawStore {
 struct RawMasterKey {
     file: Option<PathBuf>,
     env: Option<String>,
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_token: Option<String>,
+    pkcs11_key: Option<String>,
+    pkcs11_pin_file: Option<PathBuf>,
+    pkcs11_pin_credential: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,10 +118,22 @@ struct RawLimits {
 /// Where the master key comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MasterKeySource {
-    /// A file holding 64 hex digits; its mode must be 0600 or stricter.
+    /// A file holding 64 hex digits; its mode must be 0600 or stricter (development).
     File(PathBuf),
     /// An environment variable holding 64 hex digits.
     Env(String),
+    /// The store holds the key wrapped by a non-extractable AES key in a PKCS#11 token.
+    Pkcs11(crate::hsm::Pkcs11Settings),
+}
+
+impl MasterKeySource {
+    /// The provider's name, as the store records it.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            MasterKeySource::File(_) | MasterKeySource::Env(_) => "file",
+            MasterKeySource::Pkcs11(_) => "pkcs11",
+        }
+    }
 }
 
 /// Where the store lives.
@@ -228,6 +245,48 @@ pub struct Settings {
     pub kbs: KbsSettings,
 }
 
+fn master_key_source(m: RawMasterKey, base: &Path) -> Result<MasterKeySource, String> {
+    let pkcs11 = m.pkcs11_module.is_some()
+        || m.pkcs11_token.is_some()
+        || m.pkcs11_key.is_some()
+        || m.pkcs11_pin_file.is_some()
+        || m.pkcs11_pin_credential.is_some();
+    match (m.file, m.env, pkcs11) {
+        (Some(f), None, false) => Ok(MasterKeySource::File(resolve(base, f))),
+        (None, Some(e), false) => Ok(MasterKeySource::Env(e)),
+        (None, None, true) => {
+            let missing = |what: &str| format!("master_key: pkcs11 needs {what}");
+            let pin = match (m.pkcs11_pin_file, m.pkcs11_pin_credential) {
+                (Some(f), None) => crate::hsm::PinSource::File(resolve(base, f)),
+                (None, Some(c)) if !c.is_empty() && !c.contains('/') => {
+                    crate::hsm::PinSource::Credential(c)
+                }
+                (None, Some(_)) => {
+                    return Err("master_key.pkcs11_pin_credential: a credential name (no '/')".into());
+                }
+                _ => {
+                    return Err(
+                        "master_key: pkcs11 needs exactly one of pkcs11_pin_file or pkcs11_pin_credential \
+                         (the PIN is never taken from the command line or the environment)"
+                            .into(),
+                    );
+                }
+            };
+            Ok(MasterKeySource::Pkcs11(crate::hsm::Pkcs11Settings {
+                module: m.pkcs11_module.ok_or_else(|| missing("pkcs11_module"))?,
+                token: m.pkcs11_token.ok_or_else(|| missing("pkcs11_token"))?,
+                key: m.pkcs11_key.ok_or_else(|| missing("pkcs11_key"))?,
+                pin,
+            }))
+        }
+        _ => Err(
+            "master_key: set exactly one provider: file, env, or pkcs11_module (with pkcs11_token, \
+             pkcs11_key and a PIN source)"
+                .into(),
+        ),
+    }
+}
+
 fn kbs_settings(raw: RawKbs) -> Result<KbsSettings, String> {
     let ttl = raw.token_ttl_secs.unwrap_or(300);
     if !(30..=86_400).contains(&ttl) {
@@ -280,11 +339,7 @@ impl Settings {
             .parse()
             .map_err(|_| format!("listen: {:?} is not an address:port", raw.listen))?;
         let store = store_settings(raw.store, base)?;
-        let master_key = match (raw.master_key.file, raw.master_key.env) {
-            (Some(f), None) => MasterKeySource::File(resolve(base, f)),
-            (None, Some(e)) => MasterKeySource::Env(e),
-            _ => return Err("master_key: set exactly one of file or env".into()),
-        };
+        let master_key = master_key_source(raw.master_key, base)?;
         let nonce_ttl = raw.attestation.nonce_ttl_secs.unwrap_or(60);
         if !(5..=3600).contains(&nonce_ttl) {
             return Err("attestation.nonce_ttl_secs: must be between 5 and 3600".into());
@@ -525,6 +580,75 @@ file = "master.key"
         assert_eq!(s.kds.base_url, "https://kdsintf.amd.com");
         assert!(!s.kds.offline);
         assert_eq!(s.dangerous_trust_simulated_root, None);
+    }
+
+    #[test]
+    fn master_key_providers_and_kbs_settings() {
+        let with = |section: &str| GOOD.replace("[master_key]\nfile = \"master.key\"", section);
+        let s = Settings::parse(
+            &with(
+                "[master_key]\npkcs11_module = \"/usr/lib/softhsm/libsofthsm2.so\"\npkcs11_token = \"broker\"\n\
+                 pkcs11_key = \"kek\"\npkcs11_pin_file = \"hsm.pin\"",
+            ),
+            Path::new("/etc/broker"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.master_key,
+            MasterKeySource::Pkcs11(crate::hsm::Pkcs11Settings {
+                module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                token: "broker".into(),
+                key: "kek".into(),
+                pin: crate::hsm::PinSource::File("/etc/broker/hsm.pin".into()),
+            })
+        );
+        assert_eq!(s.master_key.provider(), "pkcs11");
+        for (section, error) in [
+            ("[master_key]", "exactly one provider"),
+            (
+                "[master_key]\nfile = \"a\"\nenv = \"B\"",
+                "exactly one provider",
+            ),
+            (
+                "[master_key]\nfile = \"a\"\npkcs11_token = \"t\"",
+                "exactly one provider",
+            ),
+            (
+                "[master_key]\npkcs11_module = \"m\"\npkcs11_token = \"t\"\npkcs11_key = \"k\"",
+                "exactly one of pkcs11_pin_file or pkcs11_pin_credential",
+            ),
+            (
+                "[master_key]\npkcs11_module = \"m\"\npkcs11_key = \"k\"\npkcs11_pin_file = \"p\"",
+                "pkcs11 needs pkcs11_token",
+            ),
+            (
+                "[master_key]\npkcs11_module = \"m\"\npkcs11_token = \"t\"\npkcs11_key = \"k\"\npkcs11_pin_credential = \"../p\"",
+                "a credential name",
+            ),
+            ("[master_key]\npkcs11_pin = \"1234\"", "unknown field"),
+        ] {
+            let e = Settings::parse(&with(section), Path::new("/")).unwrap_err();
+            assert!(e.contains(error), "{section}: {e}");
+        }
+        // KBS: off by default; its settings checked.
+        let s = Settings::parse(GOOD, Path::new("/")).unwrap();
+        assert!(!s.kbs.enabled);
+        assert_eq!(s.kbs.token_ttl, Duration::from_secs(300));
+        for (kbs, error) in [
+            ("[kbs]\ntoken_ttl_secs = 5", "token_ttl_secs"),
+            (
+                "[kbs]\n[kbs.resources]\n\"a/b\" = \"x\"",
+                "not a resource path",
+            ),
+            (
+                "[kbs]\n[kbs.resources]\n\"a/b/c\" = \"x/y\"",
+                "not a valid secret name",
+            ),
+            ("[kbs]\nissuer = \"\"", "kbs.issuer"),
+        ] {
+            let e = Settings::parse(&format!("{GOOD}{kbs}\n"), Path::new("/")).unwrap_err();
+            assert!(e.contains(error), "{kbs}: {e}");
+        }
     }
 
     #[test]

@@ -36,10 +36,14 @@ fn parse_hex_key(text: &str, origin: &str) -> Result<MasterKey, Error> {
 }
 
 impl MasterKey {
-    /// Loads the key from its configured source. A key file must not be readable or
-    /// writable by group or others (mode 0600 or stricter).
+    /// Loads the key from a file or environment source. A key file must not be readable or
+    /// writable by group or others (mode 0600 or stricter). A `pkcs11` key lives in the
+    /// store, wrapped: see [`open_master_key`].
     pub fn load(source: &MasterKeySource) -> Result<MasterKey, Error> {
         match source {
+            MasterKeySource::Pkcs11(_) => Err(Error::Config(
+                "a pkcs11 master key is unwrapped from the store (open_master_key)".into(),
+            )),
             MasterKeySource::File(path) => {
                 check_private_file(path)?;
                 let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
@@ -66,6 +70,30 @@ impl MasterKey {
             .fill(&mut key[..])
             .map_err(|_| Error::Crypto("no randomness".into()))?;
         Ok(MasterKey(key))
+    }
+
+    /// A key from its 32 bytes (unwrapped by a provider).
+    pub fn from_bytes(bytes: &[u8]) -> Result<MasterKey, Error> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        if bytes.len() != 32 {
+            return Err(Error::Crypto(format!(
+                "a master key is 32 bytes, not {}",
+                bytes.len()
+            )));
+        }
+        key.copy_from_slice(bytes);
+        Ok(MasterKey(key))
+    }
+
+    /// The key's bytes, for a provider to wrap.
+    pub(crate) fn expose(&self) -> &[u8] {
+        &self.0[..]
+    }
+
+    /// A value that identifies this key to the store without revealing it or any key derived
+    /// for another purpose (an HKDF output of its own label).
+    pub fn check_value(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.derive(b"key check")?.to_vec())
     }
 
     /// The key as hex, for writing it to a 0600 file.
@@ -111,6 +139,205 @@ impl MasterKey {
             aws_lc_rs::hmac::HMAC_SHA256,
             &k[..],
         ))
+    }
+}
+
+/// The master key of a store, from its configured provider, checked against what the store
+/// recorded:
+///
+/// - `file` / `env`: the key is read from its source. The first start on a store records the
+///   provider and the key's check value (a store written before that record existed is
+///   adopted); later starts refuse a key whose check value differs, and a store whose key is
+///   wrapped by a token.
+/// - `pkcs11`: the store holds the key wrapped by the token's key and it is unwrapped there.
+///   The first start on an empty store makes a random key and stores it wrapped; a store with
+///   records sealed under a file key is refused until `broker keys wrap` moves that key under
+///   the token (the key itself, and so every record, stays the same).
+pub async fn open_master_key<S: crate::store::Store>(
+    source: &MasterKeySource,
+    store: &S,
+    now: i64,
+) -> Result<MasterKey, Error> {
+    let recorded = store.master_key().await?;
+    match (source, recorded) {
+        (MasterKeySource::Pkcs11(settings), recorded) => {
+            let hsm = open_hsm(settings).await?;
+            match recorded {
+                Some(r) if r.provider == "pkcs11" => {
+                    let wrapped = r.wrapped.clone().unwrap_or_default();
+                    let key = blocking(move || hsm.unwrap(&wrapped)).await?;
+                    verify_check(&key, &r)?;
+                    Ok(key)
+                }
+                Some(r) => Err(Error::Config(format!(
+                    "this store's master key is held by the {} provider; move it under the token first:                      broker keys wrap --config <this config> --from-file <the current key file>",
+                    r.provider
+                ))),
+                None => {
+                    if store.sealed_records().await? > 0 {
+                        return Err(Error::Config(
+                            "this store has records sealed under a master key that is not recorded                              (written before providers were); move that key under the token first:                              broker keys wrap --config <this config> --from-file <the key file>"
+                                .into(),
+                        ));
+                    }
+                    let key = MasterKey::generate()?;
+                    let copy = MasterKey::from_bytes(key.expose())?;
+                    let (hsm, wrapped) = blocking(move || {
+                        let w = hsm.wrap(&copy);
+                        w.map(|w| (hsm, w))
+                    })
+                    .await?;
+                    let record = record("pkcs11", Some(wrapped), &key, now)?;
+                    match store
+                        .put_master_key(
+                            &record,
+                            false,
+                            &key_audit("master-key.create", &record, now),
+                        )
+                        .await
+                    {
+                        Ok(()) => Ok(key),
+                        // Another replica made one first: use that one.
+                        Err(crate::store::StoreError::Conflict(_)) => {
+                            let r = store.master_key().await?.ok_or_else(|| {
+                                Error::Crypto("the master key record vanished".into())
+                            })?;
+                            let wrapped = r.wrapped.clone().unwrap_or_default();
+                            let key = blocking(move || hsm.unwrap(&wrapped)).await?;
+                            verify_check(&key, &r)?;
+                            Ok(key)
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            }
+        }
+        (source, recorded) => {
+            let key = MasterKey::load(source)?;
+            match recorded {
+                Some(r) if r.provider == "file" => {
+                    verify_check(&key, &r)?;
+                    Ok(key)
+                }
+                Some(r) => Err(Error::Config(format!(
+                    "this store's master key is wrapped by the {} provider: configure it in [master_key]                      (a key file no longer opens this store)",
+                    r.provider
+                ))),
+                None => {
+                    let record = record("file", None, &key, now)?;
+                    match store
+                        .put_master_key(
+                            &record,
+                            false,
+                            &key_audit("master-key.adopt", &record, now),
+                        )
+                        .await
+                    {
+                        Ok(()) => Ok(key),
+                        Err(crate::store::StoreError::Conflict(_)) => {
+                            let r = store.master_key().await?.ok_or_else(|| {
+                                Error::Crypto("the master key record vanished".into())
+                            })?;
+                            verify_check(&key, &r)?;
+                            Ok(key)
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `broker keys wrap`: moves a store's master key from a file under a PKCS#11 token's key.
+/// The key, and so every record, stays the same; the store then records the wrapped key and
+/// a broker configured with the key file no longer opens it. Refused when the file's key is
+/// not the store's.
+pub async fn wrap_master_key<S: crate::store::Store>(
+    from: &MasterKeySource,
+    to: &crate::hsm::Pkcs11Settings,
+    store: &S,
+    actor: &str,
+    now: i64,
+) -> Result<(), Error> {
+    let key = MasterKey::load(from)?;
+    let recorded = store.master_key().await?;
+    match &recorded {
+        Some(r) if r.provider == "file" => verify_check(&key, r)?,
+        Some(r) => {
+            return Err(Error::Input(format!(
+                "this store's master key is already held by the {} provider",
+                r.provider
+            )));
+        }
+        None => {}
+    }
+    let hsm = open_hsm(to).await?;
+    let copy = MasterKey::from_bytes(key.expose())?;
+    let wrapped = blocking(move || hsm.wrap(&copy)).await?;
+    let record = record("pkcs11", Some(wrapped), &key, now)?;
+    let mut audit = key_audit("master-key.wrap", &record, now);
+    audit.actor = actor.to_string();
+    Ok(store
+        .put_master_key(&record, recorded.is_some(), &audit)
+        .await?)
+}
+
+/// `broker keys create-kek`: makes the token's wrapping key.
+pub async fn create_token_key(settings: &crate::hsm::Pkcs11Settings) -> Result<(), Error> {
+    let hsm = open_hsm(settings).await?;
+    blocking(move || hsm.create_key()).await
+}
+
+async fn open_hsm(settings: &crate::hsm::Pkcs11Settings) -> Result<crate::hsm::Hsm, Error> {
+    let settings = settings.clone();
+    blocking(move || crate::hsm::Hsm::open(&settings)).await
+}
+
+/// Runs blocking PKCS#11 work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Crypto(format!("PKCS#11 task failed: {e}")))?
+}
+
+fn record(
+    provider: &str,
+    wrapped: Option<Vec<u8>>,
+    key: &MasterKey,
+    now: i64,
+) -> Result<crate::store::MasterKeyRecord, Error> {
+    Ok(crate::store::MasterKeyRecord {
+        provider: provider.into(),
+        wrapped,
+        check: key.check_value()?,
+        created_at: now,
+    })
+}
+
+fn verify_check(key: &MasterKey, r: &crate::store::MasterKeyRecord) -> Result<(), Error> {
+    aws_lc_rs::constant_time::verify_slices_are_equal(&key.check_value()?, &r.check).map_err(|_| {
+        Error::Config(format!(
+            "the master key ({} provider) is not this store's: its check value differs",
+            r.provider
+        ))
+    })
+}
+
+fn key_audit(
+    action: &str,
+    r: &crate::store::MasterKeyRecord,
+    now: i64,
+) -> crate::store::AuditRecord {
+    crate::store::AuditRecord {
+        id: 0,
+        at: now,
+        actor: "broker".into(),
+        action: action.into(),
+        outcome: "ok".into(),
+        detail: serde_json::json!({ "provider": r.provider }),
     }
 }
 
@@ -238,6 +465,40 @@ mod tests {
             c.seal("db", 2, b"x").unwrap()
         );
         assert!(!format!("{k:?}").contains(&k.to_hex()[..8]));
+    }
+
+    #[tokio::test]
+    async fn a_store_opens_only_with_its_own_key_file() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .unwrap();
+        let write = |name: &str, key: &MasterKey| {
+            let p = dir.path().join(name);
+            write_private_file(&p, key.to_hex().as_bytes()).unwrap();
+            MasterKeySource::File(p)
+        };
+        let (a, b) = (
+            MasterKey::generate().unwrap(),
+            MasterKey::generate().unwrap(),
+        );
+        let (source_a, source_b) = (write("a.key", &a), write("b.key", &b));
+        // The first start records the key (adopting the store), later ones check it.
+        let opened = open_master_key(&source_a, &store, 1).await.unwrap();
+        assert_eq!(opened.to_hex(), a.to_hex());
+        let record = store.master_key().await.unwrap().unwrap();
+        assert_eq!(record.provider, "file");
+        assert_eq!(record.wrapped, None);
+        assert_eq!(record.check, a.check_value().unwrap());
+        assert!(open_master_key(&source_a, &store, 2).await.is_ok());
+        let e = open_master_key(&source_b, &store, 3).await.unwrap_err();
+        assert!(e.to_string().contains("not this store's"), "{e}");
+        // The check value is no derived key of any other purpose.
+        assert_ne!(
+            a.check_value().unwrap(),
+            a.derive(b"secrets at rest").unwrap().to_vec()
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod evidence;
+pub mod hsm;
 pub mod init;
 pub mod kbs;
 pub mod kds;

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use clap::{Args, Parser, Subcommand};
 
 use broker::policy_cmd;
+use broker::store::Store;
 use broker::verify_cmd::{self, VerifyRequest};
 
 #[derive(Parser)]
@@ -96,6 +97,10 @@ enum Command {
     /// Secrets (admin API over mutual TLS).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// The master key's provider: create a PKCS#11 token's wrapping key, move a key file's
+    /// master key under it, show how the store's key is held (docs/operations.md).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Attestation tokens (EAR JWTs from the KBS front end): verify one offline, rotate the
     /// signing key.
     #[command(subcommand)]
@@ -125,6 +130,34 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the wrapping key in the PKCS#11 token that `[master_key]` names (AES-256,
+    /// sensitive, never extractable). The token must exist (e.g. `softhsm2-util --init-token`).
+    CreateKek {
+        /// The broker configuration (its `[master_key]` names the module, token, key, PIN).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Move the store's master key from a key file under the PKCS#11 token's key that
+    /// `[master_key]` names. The key stays the same (no record is re-encrypted); afterwards
+    /// the store opens only through the token, and the key file can be destroyed.
+    Wrap {
+        /// The broker configuration, already naming the pkcs11 provider.
+        #[arg(long)]
+        config: PathBuf,
+        /// The key file the store was opened with until now.
+        #[arg(long)]
+        from_file: PathBuf,
+    },
+    /// Show which provider holds the store's master key.
+    Status {
+        /// The broker configuration.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -581,6 +614,64 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                         r["actor"].as_str().unwrap_or(""),
                         r["detail"]
                     );
+                }
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Keys(cmd) => {
+            let config = match &cmd {
+                KeysCommand::CreateKek { config }
+                | KeysCommand::Wrap { config, .. }
+                | KeysCommand::Status { config } => config.clone(),
+            };
+            let settings = broker::config::Settings::load(&config)?;
+            let pkcs11 = match &settings.master_key {
+                broker::config::MasterKeySource::Pkcs11(p) => Some(p.clone()),
+                _ => None,
+            };
+            let needs_pkcs11 = || {
+                pkcs11.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: [master_key] does not name a pkcs11 provider (pkcs11_module, pkcs11_token, pkcs11_key, pkcs11_pin_file)",
+                        config.display()
+                    )
+                })
+            };
+            match cmd {
+                KeysCommand::CreateKek { .. } => {
+                    broker::keys::create_token_key(&needs_pkcs11()?).await?;
+                    eprintln!("created the wrapping key in the token");
+                }
+                KeysCommand::Wrap { from_file, .. } => {
+                    let to = needs_pkcs11()?;
+                    let store = broker::store::AnyStore::open(&settings.store).await?;
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    broker::keys::wrap_master_key(
+                        &broker::config::MasterKeySource::File(from_file.clone()),
+                        &to,
+                        &store,
+                        &format!(
+                            "operator (local: broker keys wrap --from-file {})",
+                            from_file.display()
+                        ),
+                        now,
+                    )
+                    .await?;
+                    eprintln!(
+                        "the master key is now held wrapped by the token's key {:?}; {} is no longer needed: destroy it (and its backups) once every replica runs with the pkcs11 configuration",
+                        to.key,
+                        from_file.display()
+                    );
+                }
+                KeysCommand::Status { .. } => {
+                    let store = broker::store::AnyStore::open(&settings.store).await?;
+                    let recorded = store.master_key().await?;
+                    print_json(&serde_json::json!({
+                        "configured": settings.master_key.provider(),
+                        "recorded": recorded.as_ref().map(|r| r.provider.clone()),
+                        "recorded_at": recorded.as_ref().map(|r| r.created_at),
+                        "sealed_records": store.sealed_records().await?,
+                    }))?;
                 }
             }
             Ok(Outcome::Done)

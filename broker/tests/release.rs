@@ -144,6 +144,20 @@ impl Store for Racing {
     async fn query_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.query_audit(query).await
     }
+    async fn master_key(&self) -> Result<Option<broker::store::MasterKeyRecord>, StoreError> {
+        self.inner.master_key().await
+    }
+    async fn put_master_key(
+        &self,
+        record: &broker::store::MasterKeyRecord,
+        replace: bool,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.put_master_key(record, replace, audit).await
+    }
+    async fn sealed_records(&self) -> Result<u64, StoreError> {
+        self.inner.sealed_records().await
+    }
     async fn broker_keys(&self, purpose: &str) -> Result<Vec<BrokerKey>, StoreError> {
         self.inner.broker_keys(purpose).await
     }

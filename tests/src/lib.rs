@@ -9,6 +9,7 @@
 pub mod azure;
 pub mod kbs;
 pub mod postgres;
+pub mod softhsm;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,8 @@ pub struct Broker {
     child: Option<Child>,
     log: PathBuf,
     replicas: Vec<(u16, Option<Child>)>,
+    /// Environment of the server and CLI processes (e.g. `SOFTHSM2_CONF`).
+    pub env: Vec<(String, PathBuf)>,
     _tmp: tempfile::TempDir,
 }
 
@@ -118,6 +121,15 @@ impl Broker {
         postgres: Option<&str>,
         edit: impl FnOnce(&Path, String) -> String,
     ) -> Broker {
+        Broker::start_with_env(postgres, Vec::new(), edit)
+    }
+
+    /// [`Broker::start_configured`] with `env` in the server's and the CLI's environment.
+    pub fn start_with_env(
+        postgres: Option<&str>,
+        env: Vec<(String, PathBuf)>,
+        edit: impl FnOnce(&Path, String) -> String,
+    ) -> Broker {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("dev");
         let port = free_port();
@@ -145,6 +157,7 @@ impl Broker {
             child: None,
             log,
             replicas: Vec::new(),
+            env,
             _tmp: tmp,
         };
         b.serve();
@@ -163,6 +176,7 @@ impl Broker {
             .args(["serve", "--config"])
             .arg(self.dir.join("broker.toml"))
             .env("RUST_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -359,6 +373,7 @@ impl Broker {
         Command::new(binary("broker").unwrap())
             .args(args)
             .env("BROKER_ADMIN_CONFIG", self.dir.join("admin.toml"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap()
     }

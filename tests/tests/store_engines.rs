@@ -134,6 +134,41 @@ async fn conformance(s: impl Store + Clone) {
             .count(),
         2
     );
+    // How the master key is held: one record, a second insert is a conflict (two replicas
+    // at their first start), a re-wrap replaces it; sealed records are counted.
+    assert_eq!(s.master_key().await.unwrap(), None);
+    let record = |provider: &str, wrapped: Option<Vec<u8>>| broker::store::MasterKeyRecord {
+        provider: provider.into(),
+        wrapped,
+        check: vec![7; 32],
+        created_at: 9,
+    };
+    assert!(matches!(
+        s.put_master_key(&record("pkcs11", None), true, &audit("master-key.wrap"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.put_master_key(&record("file", None), false, &audit("master-key.adopt"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put_master_key(&record("file", None), false, &audit("master-key.adopt"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.put_master_key(
+        &record("pkcs11", Some(vec![1; 60])),
+        true,
+        &audit("master-key.wrap"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.master_key().await.unwrap(),
+        Some(record("pkcs11", Some(vec![1; 60])))
+    );
+    // Two broker keys so far, and the secrets inserted above.
+    assert!(s.sealed_records().await.unwrap() >= 2);
     s.cache_put("k", b"v1", 1).await.unwrap();
     s.cache_put("k", b"v2", 2).await.unwrap();
     assert_eq!(s.cache_get("k").await.unwrap(), Some((b"v2".to_vec(), 2)));
@@ -459,8 +494,8 @@ async fn postgres_engine() {
         exec(&url, "INSERT INTO schema_version (version) VALUES (99)").await;
         let versions = sqlx_helper::count(&url, "SELECT COUNT(*) FROM schema_version").await;
         assert_eq!(
-            versions, 5,
-            "four migrations, each applied once, and the planted 99"
+            versions, 6,
+            "five migrations, each applied once, and the planted 99"
         );
     }
     let e = PgStore::open(&pg_settings(url)).await.unwrap_err();

@@ -141,16 +141,12 @@ impl TeeKey {
                 let mut point = vec![4u8];
                 point.extend_from_slice(&x);
                 point.extend_from_slice(&y);
-                // On the curve: an ECDH with it succeeds (aws-lc checks the point).
-                let probe = EphemeralPrivateKey::generate(curve.agreement(), &SystemRandom::new())
-                    .map_err(|_| bad("no randomness"))?;
-                agreement::agree_ephemeral(
-                    probe,
-                    UnparsedPublicKey::new(curve.agreement(), &point),
-                    (),
-                    |_| Ok(()),
-                )
-                .map_err(|()| bad(format!("not a point on {}", curve.name())))?;
+                // On the curve: aws-lc parses and checks the point.
+                agreement::ParsedPublicKey::try_from(UnparsedPublicKey::new(
+                    curve.agreement(),
+                    &point,
+                ))
+                .map_err(|_| bad(format!("not a point on {}", curve.name())))?;
                 Ok(TeeKey::Ec { curve, point })
             }
             Some("RSA") => {

@@ -26,13 +26,12 @@ use tokio::sync::Semaphore;
 
 use crate::Error;
 use crate::audit;
-use crate::config::{Settings, StoreSettings};
-use crate::keys::MasterKey;
+use crate::config::Settings;
 use crate::nonce::NonceAuthority;
 use crate::release::{Broker, Refusal};
 use crate::secrets::SecretKind;
 use crate::store::sql::now as now_i64;
-use crate::store::{AnyStore, AuditQuery, AuditRecord, PgStore, SqliteStore, Store};
+use crate::store::{AnyStore, AuditQuery, AuditRecord, Store};
 
 pub mod conn;
 mod drain;
@@ -815,11 +814,8 @@ async fn audit_prune<S: Store>(
 pub async fn build(
     settings: &Settings,
 ) -> Result<(Arc<AppState<AnyStore>>, Arc<tls::TlsState>), Error> {
-    let master = MasterKey::load(&settings.master_key)?;
-    let store = match &settings.store {
-        StoreSettings::Sqlite(path) => AnyStore::Sqlite(SqliteStore::open(path).await?),
-        StoreSettings::Postgres(pg) => AnyStore::Postgres(PgStore::open(pg).await?),
-    };
+    let store = AnyStore::open(&settings.store).await?;
+    let master = crate::keys::open_master_key(&settings.master_key, &store, now_i64()).await?;
     let mut anchors = TrustAnchors::amd()?;
     if let Some(root) = &settings.dangerous_trust_simulated_root {
         // The first certificate is the simulated ARK; any others are intermediates (its ASK,

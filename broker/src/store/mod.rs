@@ -90,6 +90,29 @@ impl std::fmt::Debug for BrokerKey {
     }
 }
 
+/// How the store's master key is held: which provider, a check value, and (pkcs11) the key
+/// wrapped by the token's key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MasterKeyRecord {
+    /// `file` or `pkcs11`.
+    pub provider: String,
+    /// The wrapped key (pkcs11 only).
+    pub wrapped: Option<Vec<u8>>,
+    /// [`crate::keys::MasterKey::check_value`].
+    pub check: Vec<u8>,
+    /// When it was recorded (seconds since the epoch).
+    pub created_at: i64,
+}
+
+impl std::fmt::Debug for MasterKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterKeyRecord")
+            .field("provider", &self.provider)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Metadata of a secret's current version, for listings.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SecretInfo {
@@ -284,6 +307,21 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// How the master key is held, once recorded.
+    fn master_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<MasterKeyRecord>, StoreError>> + Send;
+    /// Records how the master key is held, with its audit record: `Conflict` if a record
+    /// exists (another replica recorded it first) unless `replace` (a re-wrap).
+    fn put_master_key(
+        &self,
+        record: &MasterKeyRecord,
+        replace: bool,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// How many records are sealed under the master key (secret versions and broker keys).
+    fn sealed_records(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// A cached AMD certificate or CRL.
     fn cache_get(
         &self,
@@ -305,6 +343,20 @@ pub enum AnyStore {
     Sqlite(SqliteStore),
     /// The engine for several replicas.
     Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// Opens (and migrates) the configured store.
+    pub async fn open(settings: &crate::config::StoreSettings) -> Result<AnyStore, StoreError> {
+        Ok(match settings {
+            crate::config::StoreSettings::Sqlite(path) => {
+                AnyStore::Sqlite(SqliteStore::open(path).await?)
+            }
+            crate::config::StoreSettings::Postgres(pg) => {
+                AnyStore::Postgres(PgStore::open(pg).await?)
+            }
+        })
+    }
 }
 
 macro_rules! dispatch {
@@ -417,6 +469,20 @@ impl Store for AnyStore {
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
         dispatch!(self, s => s.insert_broker_key(key, audit).await)
+    }
+    async fn master_key(&self) -> Result<Option<MasterKeyRecord>, StoreError> {
+        dispatch!(self, s => s.master_key().await)
+    }
+    async fn put_master_key(
+        &self,
+        record: &MasterKeyRecord,
+        replace: bool,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.put_master_key(record, replace, audit).await)
+    }
+    async fn sealed_records(&self) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.sealed_records().await)
     }
     async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         dispatch!(self, s => s.cache_get(key).await)

@@ -74,6 +74,15 @@ const MIGRATIONS: &[&str] = &[
         sealed BYTEA NOT NULL,
         PRIMARY KEY (purpose, version)
     );",
+    // 5: which provider holds the master key, its check value, and (pkcs11) the key wrapped
+    // by the token's key. One row.
+    "CREATE TABLE master_key (
+        id INTEGER PRIMARY KEY,
+        provider TEXT NOT NULL,
+        wrapped BYTEA,
+        key_check BYTEA NOT NULL,
+        created_at BIGINT NOT NULL
+    );",
 ];
 
 /// The advisory lock key that serialises migrations across replicas ("snpkbmig").

@@ -330,6 +330,64 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            async fn master_key(
+                &self,
+            ) -> Result<Option<$crate::store::MasterKeyRecord>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT provider, wrapped, key_check, created_at FROM master_key WHERE id = 1",
+                )
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| {
+                    Ok($crate::store::MasterKeyRecord {
+                        provider: r.try_get("provider")?,
+                        wrapped: r.try_get("wrapped")?,
+                        check: r.try_get("key_check")?,
+                        created_at: r.try_get("created_at")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn put_master_key(
+                &self,
+                record: &$crate::store::MasterKeyRecord,
+                replace: bool,
+                audit: &AuditRecord,
+            ) -> Result<(), StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                let sql = if replace {
+                    "UPDATE master_key SET provider = $1, wrapped = $2, key_check = $3, created_at = $4
+                     WHERE id = 1"
+                } else {
+                    "INSERT INTO master_key (id, provider, wrapped, key_check, created_at)
+                     VALUES (1, $1, $2, $3, $4)"
+                };
+                let done = sqlx::query(sql)
+                    .bind(&record.provider)
+                    .bind(&record.wrapped)
+                    .bind(&record.check)
+                    .bind(record.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() != 1 {
+                    return Err(StoreError::Conflict("no master key record to replace".into()));
+                }
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn sealed_records(&self) -> Result<u64, StoreError> {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT (SELECT COUNT(*) FROM secrets WHERE sealed IS NOT NULL)
+                          + (SELECT COUNT(*) FROM broker_keys)",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(to_u64(n))
+            }
+
             async fn broker_keys(
                 &self,
                 purpose: &str,

@@ -73,6 +73,15 @@ const MIGRATIONS: &[&str] = &[
         sealed BLOB NOT NULL,
         PRIMARY KEY (purpose, version)
     );",
+    // 5: which provider holds the master key, its check value, and (pkcs11) the key wrapped
+    // by the token's key. One row.
+    "CREATE TABLE master_key (
+        id INTEGER PRIMARY KEY,
+        provider TEXT NOT NULL,
+        wrapped BLOB,
+        key_check BLOB NOT NULL,
+        created_at BIGINT NOT NULL
+    );",
 ];
 
 /// The SQLite store.
