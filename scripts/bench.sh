@@ -203,4 +203,46 @@ print(f"{cert:10} {label:22} {v['connections_per_second']:6.0f}/s {v['connection
 PY
   done <<< "$setups"
 done
+# The master key's providers: time from start to accepting connections, and release
+# throughput, with the key in a file and with it wrapped in a PKCS#11 token (SoftHSM2). The
+# unwrapped key is cached in memory, so the ratio should be ~1.
+if [ -f /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util > /dev/null; then
+  echo "== master key providers: start-up and keep-alive c=16 (8 s each)"
+  hsm="$work/hsm"
+  mkdir -p "$hsm/tokens"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$hsm/tokens" > "$hsm/softhsm2.conf"
+  export SOFTHSM2_CONF="$hsm/softhsm2.conf"
+  softhsm2-util --init-token --free --label bench --pin bench-pin --so-pin bench-so > /dev/null
+  printf 'bench-pin\n' > "$hsm/pin" && chmod 600 "$hsm/pin"
+  hdev="$work/dev-hsm"
+  "$B" init --dev "$hdev" --listen "127.0.0.1:$port" > /dev/null
+  rm "$hdev/master.key"
+  python3 - "$hdev/broker.toml" "$hsm/pin" <<'PY'
+import re, sys
+path, pin = sys.argv[1], sys.argv[2]
+text = open(path).read()
+section = ('[master_key]\npkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"\npkcs11_token = "bench"\n'
+           f'pkcs11_key = "bench-kek"\npkcs11_pin_file = "{pin}"\n')
+open(path, "w").write(re.sub(r"\[master_key\]\n[^\[]*", section + "\n", text))
+PY
+  "$B" keys create-kek --config "$hdev/broker.toml" 2> /dev/null
+  # start_timed CONFIG: starts a broker and prints the milliseconds until it accepts.
+  start_timed() {
+    local t0; t0=$(date +%s%N)
+    start_broker "$1" "${pin_broker[@]}"
+    echo $(( ($(date +%s%N) - t0) / 1000000 ))
+  }
+  for provider in file pkcs11; do
+    stop_broker
+    if [ "$provider" = file ]; then cfg="$dev/broker.toml" d="$dev"; else cfg="$hdev/broker.toml" d="$hdev"; fi
+    ms=$(start_timed "$cfg")
+    BROKER_ADMIN_CONFIG="$d/admin.toml" "$B" secret generate db-key > /dev/null
+    BROKER_ADMIN_CONFIG="$d/admin.toml" "$B" policy set "$d/policy.json" > /dev/null
+    v=$("${pin_load[@]}" "$L" run --url "$url" --ca "$d/ca.pem" --sim-dir "$d/sim" --broker-pid "$pid" --json \
+          --mode keepalive --concurrency 16 --duration 8)
+    record provider "$v" "{\"provider\": \"$provider\", \"startup_ms\": $ms}"
+    show "$provider c=16" "$v"
+    echo "$provider: ready in $ms ms"
+  done
+fi
 echo "results: $results (make bench-report: tables and plots)"

@@ -295,12 +295,13 @@ fn rebuild(r: &ReportJson) -> Result<[u8; REPORT_LEN], Error> {
     Ok(b)
 }
 
-/// Decodes `tee: "snp"` evidence (the `sev` crate's JSON report and certificate table) into
-/// the broker's evidence: the rebuilt report bytes, parsed once here so that a report that
-/// does not parse is refused for that, and its certificates.
-pub fn snp_evidence(primary: &Value) -> Result<Evidence, Error> {
-    let json = SnpEvidenceJson::deserialize(primary)
-        .map_err(|e| evidence_err(format!("SNP evidence: {e}")))?;
+/// Decodes `tee: "snp"` evidence (the `sev` crate's JSON report and certificate table, as
+/// the JSON text received) into the broker's evidence: the rebuilt report bytes, parsed once
+/// here so that a report that does not parse is refused for that, and its certificates.
+pub fn snp_evidence(primary: &str) -> Result<Evidence, Error> {
+    // Straight from the text into the typed fields: no JSON tree of some 15 000 numbers.
+    let json: SnpEvidenceJson =
+        serde_json::from_str(primary).map_err(|e| evidence_err(format!("SNP evidence: {e}")))?;
     let report = rebuild(&json.attestation_report)?;
     crate::AttestationReport::parse(&report)?;
     let mut certificates = Vec::new();
@@ -351,8 +352,8 @@ struct AzEvidenceJson {
 
 /// Decodes `tee: "az-snp-vtpm"` evidence (version 2: hex quote, base64url HCL report and
 /// VCEK) into the broker's Azure evidence.
-pub fn az_snp_vtpm_evidence(primary: &Value) -> Result<Evidence, Error> {
-    let json = AzEvidenceJson::deserialize(primary)
+pub fn az_snp_vtpm_evidence(primary: &str) -> Result<Evidence, Error> {
+    let json: AzEvidenceJson = serde_json::from_str(primary)
         .map_err(|e| evidence_err(format!("az-snp-vtpm evidence: {e}")))?;
     if json.version != 2 {
         return Err(evidence_err(format!(
@@ -437,15 +438,16 @@ mod tests {
     #[test]
     fn malformed_snp_json_is_refused_with_its_reason() {
         let cases = [
-            (serde_json::json!({}), "missing field"),
+            ("{}", "missing field"),
             (
-                serde_json::json!({"attestation_report": 1, "cert_chain": null}),
+                r#"{"attestation_report": 1, "cert_chain": null}"#,
                 "SNP evidence",
             ),
-            (serde_json::json!([1, 2]), "SNP evidence"),
+            ("[1, 2]", "SNP evidence"),
+            ("{", "SNP evidence"),
         ];
         for (value, expected) in cases {
-            match snp_evidence(&value) {
+            match snp_evidence(value) {
                 Err(Error::KbsEvidence { detail }) => {
                     assert!(detail.contains(expected), "{detail}")
                 }

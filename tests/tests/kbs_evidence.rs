@@ -29,7 +29,7 @@ fn reports() -> Vec<(String, Vec<u8>)> {
 }
 
 fn rebuilt(evidence: &Value) -> Result<Vec<u8>, Error> {
-    match snp_evidence(evidence)? {
+    match snp_evidence(&evidence.to_string())? {
         Evidence::Snp { report, .. } => Ok(decode_b64(&report, "report").unwrap()),
         other => panic!("{other:?}"),
     }
@@ -41,7 +41,7 @@ fn genuine_reports_survive_the_json_form_byte_for_byte() {
         let vek = std::fs::read(e2e::vectors().join(&name).join("vek.der")).unwrap_or_default();
         let json = snp_primary_evidence(&bytes, &[("vcek", &vek)]);
         assert_eq!(rebuilt(&json).unwrap(), bytes, "{name}");
-        let Evidence::Snp { certificates, .. } = snp_evidence(&json).unwrap() else {
+        let Evidence::Snp { certificates, .. } = snp_evidence(&json.to_string()).unwrap() else {
             panic!()
         };
         assert_eq!(certificates.len(), 1);

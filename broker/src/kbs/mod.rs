@@ -239,7 +239,7 @@ struct RuntimeData {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TeeEvidence {
-    primary_evidence: Value,
+    primary_evidence: Box<serde_json::value::RawValue>,
     additional_evidence: String,
 }
 
@@ -288,8 +288,8 @@ fn translate(session: Session, body: AttestBody) -> Result<Translated, Problem> 
     TeeKey::from_jwk(&body.runtime_data.tee_pubkey)
         .map_err(|e| Problem::malformed(e.to_string()).with_check("kbs_tee_pubkey"))?;
     let evidence = match tee.as_str() {
-        "snp" => wire::snp_evidence(&body.tee_evidence.primary_evidence),
-        _ => wire::az_snp_vtpm_evidence(&body.tee_evidence.primary_evidence),
+        "snp" => wire::snp_evidence(body.tee_evidence.primary_evidence.get()),
+        _ => wire::az_snp_vtpm_evidence(body.tee_evidence.primary_evidence.get()),
     }
     .map_err(|e| Problem::malformed(e.to_string()).with_check(e.check()))?;
     let digest = |alg| {

@@ -258,6 +258,23 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let providers = kind("provider");
+    if !providers.is_empty() {
+        println!(
+            "\n| master key provider | ready after ms | flows/s | per broker CPU-second | p99 ms |"
+        );
+        println!("|---|---|---|---|---|");
+        for v in &providers {
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.1} |",
+                v["provider"].as_str().unwrap_or("?"),
+                v["startup_ms"],
+                f(v, &["flows_per_second"]),
+                f(v, &["flows_per_broker_cpu_second"]),
+                f(v, &["latency_ms", "p99"]),
+            );
+        }
+    }
     let shakes = kind("handshake");
     if !shakes.is_empty() {
         println!(
