@@ -536,6 +536,16 @@ async fn kbs_key_kinds_azure_evidence_and_broken_twins() {
     let mut bad_key = body.clone();
     bad_key["runtime-data"]["tee-pubkey"]["crv"] = json!("P-384");
     assert_error(&c.attest_raw(&bad_key).await, 400, "P-384");
+    // Refused before verification, and still audited (through the sampler's budget).
+    let refused = audit(&b, "attest");
+    for reason in ["kbs_evidence", "kbs_tee_pubkey"] {
+        assert!(
+            refused.iter().any(|r| r["outcome"] == "refused"
+                && r["detail"]["front_end"] == "kbs"
+                && r["detail"]["reason"] == reason),
+            "{reason}: {refused:?}"
+        );
+    }
     // A report that fails verification: a measurement the VCEK did not sign.
     let mut forged = body.clone();
     forged["tee-evidence"]["primary_evidence"]["attestation_report"]["measurement"][0] = json!(1);

@@ -361,7 +361,32 @@ async fn attest<S: Store>(
     let translated = match body.and_then(|ProblemJson(b)| translate(session, b)) {
         Ok(t) => t,
         Err(problem) => {
-            state.metrics.outcome("refused", "malformed");
+            // Refused before verification: audited like the native protocol's malformed
+            // requests, through the sampler's budget for unauthenticated refusals.
+            let reason = problem.check.clone().unwrap_or_else(|| "malformed".into());
+            state.metrics.outcome("refused", &reason);
+            let record = crate::store::AuditRecord {
+                id: 0,
+                at: i64::try_from(unix_now()).unwrap_or(i64::MAX),
+                actor: format!("guest {addr}"),
+                action: "attest".into(),
+                outcome: "refused".into(),
+                detail: json!({
+                    "front_end": "kbs",
+                    "reason": reason,
+                    "status": problem.status,
+                    "detail": crate::audit::truncate(&problem.detail),
+                }),
+            };
+            state
+                .broker
+                .audit_unauthenticated(
+                    crate::audit::Class::Anonymous,
+                    &addr,
+                    &format!("attest/{reason}"),
+                    &record,
+                )
+                .await;
             return problem.into_response();
         }
     };
@@ -494,7 +519,7 @@ async fn authorize<S: Store>(
             // Another replica may have rotated the key since this one loaded it.
             if let Err(e) = kbs
                 .tokens
-                .reload(state.broker.store(), state.broker.cipher())
+                .reload_prompted(state.broker.store(), state.broker.cipher())
                 .await
             {
                 tracing::warn!(error = %e, "token keys could not be reloaded");

@@ -92,9 +92,14 @@ fn load_key(cipher: &RecordCipher, record: &BrokerKey) -> Result<SigningKey, Err
     })
 }
 
+/// Least time between two reloads prompted by a token naming an unknown key: anyone can
+/// send such tokens, and each reload is a store query.
+const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The broker's token signing keys, newest first.
 pub struct TokenKeys {
     keys: RwLock<Vec<Arc<SigningKey>>>,
+    last_prompted: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -113,6 +118,7 @@ impl TokenKeys {
     ) -> Result<TokenKeys, Error> {
         let keys = TokenKeys {
             keys: RwLock::new(Vec::new()),
+            last_prompted: std::sync::Mutex::new(None),
         };
         if keys.reload(store, cipher).await? == 0 {
             match make_version(store, cipher, 1, "broker", now).await {
@@ -136,6 +142,26 @@ impl TokenKeys {
             *keys = loaded;
         }
         Ok(n)
+    }
+
+    /// Reloads because a token named a key this replica has not loaded (another replica may
+    /// have rotated), at most once per [`RELOAD_INTERVAL`]; whether it reloaded.
+    pub async fn reload_prompted<S: Store>(
+        &self,
+        store: &S,
+        cipher: &RecordCipher,
+    ) -> Result<bool, Error> {
+        let now = std::time::Instant::now();
+        {
+            let Ok(mut last) = self.last_prompted.lock() else {
+                return Ok(false);
+            };
+            if last.is_some_and(|t| now.duration_since(t) < RELOAD_INTERVAL) {
+                return Ok(false);
+            }
+            *last = Some(now);
+        }
+        self.reload(store, cipher).await.map(|_| true)
     }
 
     /// Makes a new version the signing key; returns it.
@@ -397,7 +423,10 @@ mod tests {
             again.verify(&t2, 150),
             Err(TokenError::UnknownKey { .. })
         ));
-        again.reload(&store, &cipher).await.unwrap();
+        // A prompted reload happens, then not again right away (anyone can send tokens
+        // naming unknown keys).
+        assert!(again.reload_prompted(&store, &cipher).await.unwrap());
+        assert!(!again.reload_prompted(&store, &cipher).await.unwrap());
         assert!(again.verify(&t2, 150).is_ok());
         // Offline, from the published key set.
         let published = jwks_keys(&keys.jwks()).unwrap();
