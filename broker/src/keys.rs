@@ -170,13 +170,16 @@ pub async fn open_master_key<S: crate::store::Store>(
                     Ok(key)
                 }
                 Some(r) => Err(Error::Config(format!(
-                    "this store's master key is held by the {} provider; move it under the token first:                      broker keys wrap --config <this config> --from-file <the current key file>",
+                    "this store's master key is held by the {} provider; move it under the token first: \
+                     broker keys wrap --config <this config> --from-file <the current key file>",
                     r.provider
                 ))),
                 None => {
                     if store.sealed_records().await? > 0 {
                         return Err(Error::Config(
-                            "this store has records sealed under a master key that is not recorded                              (written before providers were); move that key under the token first:                              broker keys wrap --config <this config> --from-file <the key file>"
+                            "this store has records sealed under a master key that is not recorded \
+                     (written before providers were); move that key under the token first: \
+                     broker keys wrap --config <this config> --from-file <the key file>"
                                 .into(),
                         ));
                     }
@@ -199,9 +202,7 @@ pub async fn open_master_key<S: crate::store::Store>(
                         Ok(()) => Ok(key),
                         // Another replica made one first: use that one.
                         Err(crate::store::StoreError::Conflict(_)) => {
-                            let r = store.master_key().await?.ok_or_else(|| {
-                                Error::Crypto("the master key record vanished".into())
-                            })?;
+                            let r = recorded_by_another(store).await?;
                             let wrapped = r.wrapped.clone().unwrap_or_default();
                             let key = blocking(move || hsm.unwrap(&wrapped)).await?;
                             verify_check(&key, &r)?;
@@ -220,7 +221,8 @@ pub async fn open_master_key<S: crate::store::Store>(
                     Ok(key)
                 }
                 Some(r) => Err(Error::Config(format!(
-                    "this store's master key is wrapped by the {} provider: configure it in [master_key]                      (a key file no longer opens this store)",
+                    "this store's master key is wrapped by the {} provider: configure it in [master_key] \
+                     (a key file no longer opens this store)",
                     r.provider
                 ))),
                 None => {
@@ -235,9 +237,7 @@ pub async fn open_master_key<S: crate::store::Store>(
                     {
                         Ok(()) => Ok(key),
                         Err(crate::store::StoreError::Conflict(_)) => {
-                            let r = store.master_key().await?.ok_or_else(|| {
-                                Error::Crypto("the master key record vanished".into())
-                            })?;
+                            let r = recorded_by_another(store).await?;
                             verify_check(&key, &r)?;
                             Ok(key)
                         }
@@ -315,6 +315,16 @@ fn record(
         check: key.check_value()?,
         created_at: now,
     })
+}
+
+/// The record another replica made while this one tried to (a conflicting insert).
+async fn recorded_by_another<S: crate::store::Store>(
+    store: &S,
+) -> Result<crate::store::MasterKeyRecord, Error> {
+    store
+        .master_key()
+        .await?
+        .ok_or_else(|| Error::Crypto("the master key record vanished".into()))
 }
 
 fn verify_check(key: &MasterKey, r: &crate::store::MasterKeyRecord) -> Result<(), Error> {

@@ -132,6 +132,17 @@ fn assert_error(answer: &(u16, Value), status: u16, text: &str) {
     );
 }
 
+async fn fetch_jwks(b: &Broker) -> Value {
+    b.guest_client(None)
+        .get(b.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn audit(b: &Broker, action: &str) -> Vec<Value> {
     let out = b.cli(&["audit", "--action", action, "--json", "--limit", "1000"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -214,15 +225,7 @@ async fn kbs_client_gets_its_resources_with_snp_evidence() {
     );
     assert_eq!(sub["ear_verifier_claims"]["rules"], json!(["sim-genoa"]));
     assert!(claims["exp"].as_u64().unwrap() > claims["iat"].as_u64().unwrap());
-    let jwks: Value = b
-        .guest_client(None)
-        .get(b.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = fetch_jwks(&b).await;
     let header: Value =
         serde_json::from_slice(&B64URL.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
     let jwk = jwks["keys"]
@@ -287,15 +290,7 @@ async fn kbs_client_gets_its_resources_with_snp_evidence() {
         open(&key, &passport.resource("default/key/db").await),
         DB_KEY
     );
-    let jwks: Value = b
-        .guest_client(None)
-        .get(b.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = fetch_jwks(&b).await;
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
     std::fs::write(&jwks_file, jwks.to_string()).unwrap();
     for t in [&token, new_token] {

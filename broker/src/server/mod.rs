@@ -433,17 +433,10 @@ async fn attest<S: Store>(
     let result = match state.broker.check(request, &addr, SystemTime::now()).await {
         Err(refusal) => Err(refusal),
         Ok(checked) => {
-            let task = {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    state.broker.release(checked, SystemTime::now()).await
-                })
-            };
-            match task.await {
-                Ok(r) => r,
-                Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
-            }
+            to_completion(state.clone(), slot, |state| async move {
+                state.broker.release(checked, SystemTime::now()).await
+            })
+            .await
         }
     };
     state.metrics.attest_latency(started.elapsed());
@@ -469,6 +462,30 @@ async fn attest<S: Store>(
     }
 }
 
+/// Runs the step that spends a nonce in its own task, holding `slot`, so that it completes
+/// (and its outcome is audited) even if the client goes away or the request times out.
+async fn to_completion<S, T, F, Fut>(
+    state: Arc<AppState<S>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    step: F,
+) -> Result<T, Refusal>
+where
+    S: Store,
+    T: Send + 'static,
+    F: FnOnce(Arc<AppState<S>>) -> Fut,
+    Fut: Future<Output = Result<T, Refusal>> + Send + 'static,
+{
+    let work = step(state);
+    let task = tokio::spawn(async move {
+        let _slot = slot;
+        work.await
+    });
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
+    }
+}
+
 /// Checks an appraise-only attempt (KBS attestations, native token requests) and, once its
 /// nonce is to be spent, appraises it to completion in its own task (its outcome is audited
 /// even if the client goes away), holding `slot` until then.
@@ -486,17 +503,10 @@ pub(crate) async fn appraise_to_completion<S: Store>(
     let result = match checked {
         Err(refusal) => Err(refusal),
         Ok(checked) => {
-            let task = {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    state.broker.appraise(checked, SystemTime::now()).await
-                })
-            };
-            match task.await {
-                Ok(r) => r,
-                Err(e) => Err(Refusal::Internal(format!("attestation task failed: {e}"))),
-            }
+            to_completion(state.clone(), slot, |state| async move {
+                state.broker.appraise(checked, SystemTime::now()).await
+            })
+            .await
         }
     };
     state.metrics.attest_latency(started.elapsed());
