@@ -433,94 +433,162 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-#[allow(clippy::print_stdout)]
 async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Serve { config } => {
-            let settings = broker::config::Settings::load(&config)?;
-            let listener = tokio::net::TcpListener::bind(settings.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
-            broker::server::run(listener, settings, shutdown_signal()).await?;
-            Ok(Outcome::Done)
+        Command::Serve { config } => serve(config).await,
+        Command::Init { dev, listen } => init(dev, listen),
+        Command::Secret(cmd) => secret(cmd).await,
+        Command::Policy(cmd) => policy(cmd).await,
+        Command::Audit {
+            command: Some(AuditCommand::Prune { before, admin }),
+            ..
+        } => audit_prune(before, admin).await,
+        Command::Audit {
+            command: None,
+            admin,
+            action,
+            outcome,
+            since,
+            limit,
+            before_id,
+            json,
+        } => {
+            audit_list(
+                admin,
+                audit_query(action, outcome, since, limit, before_id)?,
+                json,
+            )
+            .await
         }
-        Command::Init { dev, listen } => {
-            let setup = broker::init::dev(&dev, &listen)?;
-            let d = setup.dir.display();
-            println!(
-                "Wrote a development setup to {d} (it trusts a SIMULATED AMD root: never use it in production)."
-            );
-            println!();
-            println!("Next:");
-            println!("  broker serve --config {d}/broker.toml &");
-            println!("  export BROKER_ADMIN_CONFIG={d}/admin.toml");
-            println!("  broker secret put web-tls --file {d}/web-tls.pem --kind tls-key");
-            println!("  broker secret generate db-key --bytes 32");
-            println!("  broker policy set {d}/policy.json");
-            println!("  broker secret list");
-            println!("  broker audit");
-            Ok(Outcome::Done)
-        }
-        Command::Secret(cmd) => {
-            let v = match cmd {
-                SecretCommand::Put {
-                    name,
-                    file,
-                    kind,
-                    admin,
-                } => {
-                    let value = zeroize::Zeroizing::new(
-                        std::fs::read(&file)
-                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
-                    );
-                    admin.client()?.put_secret(&name, &kind, &value).await?
-                }
-                SecretCommand::Generate { name, bytes, admin } => {
-                    admin.client()?.generate_secret(&name, bytes).await?
-                }
-                SecretCommand::Rotate { name, admin } => {
-                    admin.client()?.rotate_secret(&name).await?
-                }
-                SecretCommand::Delete { name, admin } => {
-                    admin.client()?.delete_secret(&name).await?;
-                    println!("deleted {name}");
-                    return Ok(Outcome::Done);
-                }
-                SecretCommand::List { admin, json } => {
-                    let v = admin.client()?.list_secrets().await?;
-                    if json {
-                        print_json(&v)?;
-                    } else {
-                        println!(
-                            "{:<24} {:>7}  {:<9} {:<25} created by",
-                            "NAME", "VERSION", "KIND", "CREATED"
-                        );
-                        for s in v["secrets"].as_array().into_iter().flatten() {
-                            let at = s["created_at"]
-                                .as_u64()
-                                .map(|t| attestation::error::rfc3339(&t))
-                                .unwrap_or_default();
-                            println!(
-                                "{:<24} {:>7}  {:<9} {:<25} {}",
-                                s["name"].as_str().unwrap_or(""),
-                                s["version"],
-                                s["kind"].as_str().unwrap_or(""),
-                                at,
-                                s["created_by"].as_str().unwrap_or("")
-                            );
-                        }
-                    }
-                    return Ok(Outcome::Done);
-                }
+        Command::Keys(cmd) => keys(cmd).await,
+        Command::Token(cmd) => token(cmd).await,
+        Command::Verify { evidence, json } => verify(evidence, json),
+        Command::Measure {
+            ovmf,
+            ovmf_hash,
+            kernel,
+            initrd,
+            append,
+            vcpus,
+            vcpu_type,
+            find,
+            max_vcpus,
+            vmm_type,
+            guest_features,
+            json,
+        } => {
+            let inputs = broker::measure::MeasureInputs {
+                ovmf,
+                ovmf_hash,
+                kernel,
+                initrd,
+                append,
+                vcpus: vcpus.unwrap_or(1),
+                vcpu_type: vcpu_type.unwrap_or_else(|| "EPYC".into()),
+                vmm: vmm_type,
+                guest_features,
             };
-            println!(
-                "{} version {}",
-                v["name"].as_str().unwrap_or(""),
-                v["version"]
-            );
-            Ok(Outcome::Done)
+            measure(inputs, find, max_vcpus, json)
         }
-        Command::Policy(PolicyCommand::Set { file, admin }) => {
+    }
+}
+
+/// `broker serve`.
+async fn serve(config: PathBuf) -> anyhow::Result<Outcome> {
+    let settings = broker::config::Settings::load(&config)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+    broker::server::run(listener, settings, shutdown_signal()).await?;
+    Ok(Outcome::Done)
+}
+
+/// `broker init --dev`.
+#[allow(clippy::print_stdout)]
+fn init(dev: PathBuf, listen: String) -> anyhow::Result<Outcome> {
+    let setup = broker::init::dev(&dev, &listen)?;
+    let d = setup.dir.display();
+    println!(
+        "Wrote a development setup to {d} (it trusts a SIMULATED AMD root: never use it in production)."
+    );
+    println!();
+    println!("Next:");
+    println!("  broker serve --config {d}/broker.toml &");
+    println!("  export BROKER_ADMIN_CONFIG={d}/admin.toml");
+    println!("  broker secret put web-tls --file {d}/web-tls.pem --kind tls-key");
+    println!("  broker secret generate db-key --bytes 32");
+    println!("  broker policy set {d}/policy.json");
+    println!("  broker secret list");
+    println!("  broker audit");
+    Ok(Outcome::Done)
+}
+
+/// `broker secret …` (admin API).
+#[allow(clippy::print_stdout)]
+async fn secret(cmd: SecretCommand) -> anyhow::Result<Outcome> {
+    let v = match cmd {
+        SecretCommand::Put {
+            name,
+            file,
+            kind,
+            admin,
+        } => {
+            let value = zeroize::Zeroizing::new(
+                std::fs::read(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+            );
+            admin.client()?.put_secret(&name, &kind, &value).await?
+        }
+        SecretCommand::Generate { name, bytes, admin } => {
+            admin.client()?.generate_secret(&name, bytes).await?
+        }
+        SecretCommand::Rotate { name, admin } => admin.client()?.rotate_secret(&name).await?,
+        SecretCommand::Delete { name, admin } => {
+            admin.client()?.delete_secret(&name).await?;
+            println!("deleted {name}");
+            return Ok(Outcome::Done);
+        }
+        SecretCommand::List { admin, json } => {
+            let v = admin.client()?.list_secrets().await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "{:<24} {:>7}  {:<9} {:<25} created by",
+                    "NAME", "VERSION", "KIND", "CREATED"
+                );
+                for s in v["secrets"].as_array().into_iter().flatten() {
+                    let at = s["created_at"]
+                        .as_u64()
+                        .map(|t| attestation::error::rfc3339(&t))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<24} {:>7}  {:<9} {:<25} {}",
+                        s["name"].as_str().unwrap_or(""),
+                        s["version"],
+                        s["kind"].as_str().unwrap_or(""),
+                        at,
+                        s["created_by"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            return Ok(Outcome::Done);
+        }
+    };
+    println!(
+        "{} version {}",
+        v["name"].as_str().unwrap_or(""),
+        v["version"]
+    );
+    Ok(Outcome::Done)
+}
+
+/// `broker policy …`: the admin API's set/get/history, and the offline schema, check and
+/// drafts.
+#[allow(clippy::print_stdout)]
+async fn policy(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        PolicyCommand::Set { file, admin } => {
             // Checked locally first, for an error that names the file and the JSON path.
             policy_cmd::load(&file)?;
             let doc = std::fs::read_to_string(&file)
@@ -529,7 +597,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             println!("policy version {}", v["version"]);
             Ok(Outcome::Done)
         }
-        Command::Policy(PolicyCommand::Get { admin }) => {
+        PolicyCommand::Get { admin } => {
             let v = admin.client()?.get_policy().await?;
             let doc: serde_json::Value =
                 serde_json::from_str(v["document"].as_str().unwrap_or("null")).unwrap_or_default();
@@ -541,7 +609,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             print_json(&doc)?;
             Ok(Outcome::Done)
         }
-        Command::Policy(PolicyCommand::History { admin }) => {
+        PolicyCommand::History { admin } => {
             let v = admin.client()?.policy_history().await?;
             for p in v["versions"].as_array().into_iter().flatten() {
                 let at = p["created_at"]
@@ -557,130 +625,211 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
-        Command::Audit {
-            command: Some(AuditCommand::Prune { before, admin }),
-            ..
-        } => {
-            let before = time_arg(&before)?.unix_timestamp();
-            let v = admin.client()?.prune_audit(before).await?;
+        PolicyCommand::Schema => {
             println!(
-                "deleted {} audit records before {}",
-                v["deleted"],
-                attestation::error::rfc3339(&u64::try_from(before).unwrap_or(0))
+                "{}",
+                serde_json::to_string_pretty(&attestation::policy::json_schema())?
             );
             Ok(Outcome::Done)
         }
-        Command::Audit {
-            command: None,
+        PolicyCommand::Check {
+            evidence,
+            policy,
             admin,
-            action,
-            outcome,
-            since,
-            limit,
-            before_id,
+            secret,
             json,
         } => {
-            let mut q = Vec::new();
-            if let Some(a) = action {
-                q.push(("action", a));
-            }
-            if let Some(o) = outcome {
-                q.push(("outcome", o));
-            }
-            if let Some(s) = since {
-                q.push(("since", time_arg(&s)?.unix_timestamp().to_string()));
-            }
-            if let Some(l) = limit {
-                q.push(("limit", l.to_string()));
-            }
-            if let Some(b) = before_id {
-                q.push(("before_id", b.to_string()));
-            }
-            let v = admin.client()?.audit(&q).await?;
-            if json {
-                print_json(&v)?;
-            } else {
-                for r in v["records"].as_array().into_iter().flatten() {
-                    let at = r["at"]
-                        .as_u64()
-                        .map(|t| attestation::error::rfc3339(&t))
-                        .unwrap_or_default();
-                    println!(
-                        "{:>6}  {}  {:<14} {:<9} {}  {}",
-                        r["id"],
-                        at,
-                        r["action"].as_str().unwrap_or(""),
-                        r["outcome"].as_str().unwrap_or(""),
-                        r["actor"].as_str().unwrap_or(""),
-                        r["detail"]
-                    );
+            let policy = match policy {
+                Some(path) => policy_cmd::load(&path)?,
+                None => {
+                    let active = admin.client()?.get_policy().await?;
+                    let doc = active["document"].as_str().unwrap_or_default();
+                    attestation::policy::Policy::from_json(doc)
+                        .map_err(|e| anyhow::anyhow!("active policy: {e}"))?
                 }
+            };
+            match policy_cmd::check(&evidence.request()?, &policy, &secret) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        print!("{}", policy_cmd::render(&report));
+                    }
+                    let all = report.decisions.iter().all(|d| d.released);
+                    Ok(if all { Outcome::Done } else { Outcome::Refused })
+                }
+                Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
+                Err(e) => Err(e.into()),
             }
+        }
+        PolicyCommand::SuggestMeasured {
+            measurement,
+            product,
+            min_tcb,
+            vmpl,
+            secret,
+        } => {
+            let draft =
+                policy_cmd::suggest_measured(&measurement, &product, &min_tcb, vmpl, &secret)?;
+            println!("{}", serde_json::to_string_pretty(&draft)?);
             Ok(Outcome::Done)
         }
-        Command::Keys(cmd) => {
-            let config = match &cmd {
-                KeysCommand::CreateKek { config }
-                | KeysCommand::Wrap { config, .. }
-                | KeysCommand::Status { config } => config.clone(),
-            };
-            let settings = broker::config::Settings::load(&config)?;
-            let pkcs11 = match &settings.master_key {
-                broker::config::MasterKeySource::Pkcs11(p) => Some(p.clone()),
-                _ => None,
-            };
-            let needs_pkcs11 = || {
-                pkcs11.clone().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{}: [master_key] does not name a pkcs11 provider (pkcs11_module, pkcs11_token, pkcs11_key, pkcs11_pin_file)",
-                        config.display()
-                    )
-                })
-            };
-            match cmd {
-                KeysCommand::CreateKek { .. } => {
-                    broker::keys::create_token_key(&needs_pkcs11()?).await?;
-                    eprintln!("created the wrapping key in the token");
+        PolicyCommand::Suggest { evidence, secret } => {
+            match policy_cmd::suggest(&evidence.request()?, &secret) {
+                Ok(draft) => {
+                    println!("{}", serde_json::to_string_pretty(&draft)?);
+                    if secret.is_empty() {
+                        eprintln!(
+                            "note: the draft maps no secrets; add them under \"secrets\" or pass --secret NAME"
+                        );
+                    }
+                    Ok(Outcome::Done)
                 }
-                KeysCommand::Wrap { from_file, .. } => {
-                    let to = needs_pkcs11()?;
-                    let store = broker::store::AnyStore::open(&settings.store).await?;
-                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                    broker::keys::wrap_master_key(
-                        &broker::config::MasterKeySource::File(from_file.clone()),
-                        &to,
-                        &store,
-                        &format!(
-                            "operator (local: broker keys wrap --from-file {})",
-                            from_file.display()
-                        ),
-                        now,
-                    )
-                    .await?;
-                    eprintln!(
-                        "the master key is now held wrapped by the token's key {:?}; {} is no longer needed: destroy it (and its backups) once every replica runs with the pkcs11 configuration",
-                        to.key,
-                        from_file.display()
-                    );
-                }
-                KeysCommand::Status { .. } => {
-                    let store = broker::store::AnyStore::open(&settings.store).await?;
-                    let recorded = store.master_key().await?;
-                    print_json(&serde_json::json!({
-                        "configured": settings.master_key.provider(),
-                        "recorded": recorded.as_ref().map(|r| r.provider.clone()),
-                        "recorded_at": recorded.as_ref().map(|r| r.created_at),
-                        "sealed_records": store.sealed_records().await?,
-                    }))?;
-                }
+                Err(broker::Error::Refused(e)) => Ok(refused(&e, false)),
+                Err(e) => Err(e.into()),
             }
-            Ok(Outcome::Done)
         }
-        Command::Token(TokenCommand::RotateKey { admin }) => {
+    }
+}
+
+/// `broker audit prune`.
+#[allow(clippy::print_stdout)]
+async fn audit_prune(before: String, admin: AdminArgs) -> anyhow::Result<Outcome> {
+    let before = time_arg(&before)?.unix_timestamp();
+    let v = admin.client()?.prune_audit(before).await?;
+    println!(
+        "deleted {} audit records before {}",
+        v["deleted"],
+        attestation::error::rfc3339(&u64::try_from(before).unwrap_or(0))
+    );
+    Ok(Outcome::Done)
+}
+
+/// The query string of `broker audit`.
+fn audit_query(
+    action: Option<String>,
+    outcome: Option<String>,
+    since: Option<String>,
+    limit: Option<u32>,
+    before_id: Option<i64>,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut q = Vec::new();
+    if let Some(a) = action {
+        q.push(("action", a));
+    }
+    if let Some(o) = outcome {
+        q.push(("outcome", o));
+    }
+    if let Some(s) = since {
+        q.push(("since", time_arg(&s)?.unix_timestamp().to_string()));
+    }
+    if let Some(l) = limit {
+        q.push(("limit", l.to_string()));
+    }
+    if let Some(b) = before_id {
+        q.push(("before_id", b.to_string()));
+    }
+    Ok(q)
+}
+
+/// `broker audit` (list).
+#[allow(clippy::print_stdout)]
+async fn audit_list(
+    admin: AdminArgs,
+    q: Vec<(&'static str, String)>,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let v = admin.client()?.audit(&q).await?;
+    if json {
+        print_json(&v)?;
+    } else {
+        for r in v["records"].as_array().into_iter().flatten() {
+            let at = r["at"]
+                .as_u64()
+                .map(|t| attestation::error::rfc3339(&t))
+                .unwrap_or_default();
+            println!(
+                "{:>6}  {}  {:<14} {:<9} {}  {}",
+                r["id"],
+                at,
+                r["action"].as_str().unwrap_or(""),
+                r["outcome"].as_str().unwrap_or(""),
+                r["actor"].as_str().unwrap_or(""),
+                r["detail"]
+            );
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// `broker keys …`: the master key's provider.
+async fn keys(cmd: KeysCommand) -> anyhow::Result<Outcome> {
+    let config = match &cmd {
+        KeysCommand::CreateKek { config }
+        | KeysCommand::Wrap { config, .. }
+        | KeysCommand::Status { config } => config.clone(),
+    };
+    let settings = broker::config::Settings::load(&config)?;
+    let pkcs11 = match &settings.master_key {
+        broker::config::MasterKeySource::Pkcs11(p) => Some(p.clone()),
+        _ => None,
+    };
+    let needs_pkcs11 = || {
+        pkcs11.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: [master_key] does not name a pkcs11 provider (pkcs11_module, pkcs11_token, pkcs11_key, pkcs11_pin_file)",
+                    config.display()
+                )
+            })
+    };
+    match cmd {
+        KeysCommand::CreateKek { .. } => {
+            broker::keys::create_token_key(&needs_pkcs11()?).await?;
+            eprintln!("created the wrapping key in the token");
+        }
+        KeysCommand::Wrap { from_file, .. } => {
+            let to = needs_pkcs11()?;
+            let store = broker::store::AnyStore::open(&settings.store).await?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            broker::keys::wrap_master_key(
+                &broker::config::MasterKeySource::File(from_file.clone()),
+                &to,
+                &store,
+                &format!(
+                    "operator (local: broker keys wrap --from-file {})",
+                    from_file.display()
+                ),
+                now,
+            )
+            .await?;
+            eprintln!(
+                "the master key is now held wrapped by the token's key {:?}; {} is no longer needed: destroy it (and its backups) once every replica runs with the pkcs11 configuration",
+                to.key,
+                from_file.display()
+            );
+        }
+        KeysCommand::Status { .. } => {
+            let store = broker::store::AnyStore::open(&settings.store).await?;
+            let recorded = store.master_key().await?;
+            print_json(&serde_json::json!({
+                "configured": settings.master_key.provider(),
+                "recorded": recorded.as_ref().map(|r| r.provider.clone()),
+                "recorded_at": recorded.as_ref().map(|r| r.created_at),
+                "sealed_records": store.sealed_records().await?,
+            }))?;
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// `broker token …`.
+async fn token(cmd: TokenCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        TokenCommand::RotateKey { admin } => {
             print_json(&admin.client()?.rotate_token_key().await?)?;
             Ok(Outcome::Done)
         }
-        Command::Token(TokenCommand::Verify { token, jwks, at }) => {
+        TokenCommand::Verify { token, jwks, at } => {
             let token = if token == "-" {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
@@ -712,144 +861,69 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        Command::Verify { evidence, json } => match verify_cmd::run(&evidence.request()?) {
-            Ok(claims) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&claims.to_json())?);
-                } else {
-                    print!("{}", verify_cmd::summary(&claims));
-                }
-                Ok(Outcome::Done)
-            }
-            Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
-            Err(e) => Err(e.into()),
-        },
-        Command::Measure {
-            ovmf,
-            ovmf_hash,
-            kernel,
-            initrd,
-            append,
-            vcpus,
-            vcpu_type,
-            find,
-            max_vcpus,
-            vmm_type,
-            guest_features,
-            json,
-        } => {
-            let inputs = broker::measure::MeasureInputs {
-                ovmf,
-                ovmf_hash,
-                kernel,
-                initrd,
-                append,
-                vcpus: vcpus.unwrap_or(1),
-                vcpu_type: vcpu_type.unwrap_or_else(|| "EPYC".into()),
-                vmm: vmm_type,
-                guest_features,
-            };
-            if let Some(target) = find {
-                let found = broker::measure::find_platform(&inputs, &target, max_vcpus)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&found)?);
-                } else if found.is_empty() {
-                    println!(
-                        "no match: no vCPU count from 1 to {max_vcpus}, CPU family or common guest \
-                         features gives this measurement with this firmware and kernel; the \
-                         firmware, kernel, initrd or command line differ (or the VMM)"
-                    );
-                }
-                for m in &found {
-                    if !json {
-                        println!(
-                            "match: {} vCPUs, {} (signature {}), guest features {}",
-                            m.vcpus,
-                            m.vcpu_types.join(" / "),
-                            m.vcpu_signature,
-                            m.guest_features
-                        );
-                    }
-                }
-                return Ok(if found.is_empty() {
-                    Outcome::Refused
-                } else {
-                    Outcome::Done
-                });
-            }
-            let m = broker::measure::measure(&inputs)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
-            } else {
-                println!("{}", m.measurement);
-            }
-            Ok(Outcome::Done)
-        }
-        Command::Policy(PolicyCommand::Schema) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&attestation::policy::json_schema())?
-            );
-            Ok(Outcome::Done)
-        }
-        Command::Policy(PolicyCommand::Check {
-            evidence,
-            policy,
-            admin,
-            secret,
-            json,
-        }) => {
-            let policy = match policy {
-                Some(path) => policy_cmd::load(&path)?,
-                None => {
-                    let active = admin.client()?.get_policy().await?;
-                    let doc = active["document"].as_str().unwrap_or_default();
-                    attestation::policy::Policy::from_json(doc)
-                        .map_err(|e| anyhow::anyhow!("active policy: {e}"))?
-                }
-            };
-            match policy_cmd::check(&evidence.request()?, &policy, &secret) {
-                Ok(report) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        print!("{}", policy_cmd::render(&report));
-                    }
-                    let all = report.decisions.iter().all(|d| d.released);
-                    Ok(if all { Outcome::Done } else { Outcome::Refused })
-                }
-                Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
-                Err(e) => Err(e.into()),
-            }
-        }
-        Command::Policy(PolicyCommand::SuggestMeasured {
-            measurement,
-            product,
-            min_tcb,
-            vmpl,
-            secret,
-        }) => {
-            let draft =
-                policy_cmd::suggest_measured(&measurement, &product, &min_tcb, vmpl, &secret)?;
-            println!("{}", serde_json::to_string_pretty(&draft)?);
-            Ok(Outcome::Done)
-        }
-        Command::Policy(PolicyCommand::Suggest { evidence, secret }) => {
-            match policy_cmd::suggest(&evidence.request()?, &secret) {
-                Ok(draft) => {
-                    println!("{}", serde_json::to_string_pretty(&draft)?);
-                    if secret.is_empty() {
-                        eprintln!(
-                            "note: the draft maps no secrets; add them under \"secrets\" or pass --secret NAME"
-                        );
-                    }
-                    Ok(Outcome::Done)
-                }
-                Err(broker::Error::Refused(e)) => Ok(refused(&e, false)),
-                Err(e) => Err(e.into()),
-            }
-        }
     }
+}
+
+/// `broker verify`.
+#[allow(clippy::print_stdout)]
+fn verify(evidence: EvidenceArgs, json: bool) -> anyhow::Result<Outcome> {
+    match verify_cmd::run(&evidence.request()?) {
+        Ok(claims) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&claims.to_json())?);
+            } else {
+                print!("{}", verify_cmd::summary(&claims));
+            }
+            Ok(Outcome::Done)
+        }
+        Err(broker::Error::Refused(e)) => Ok(refused(&e, json)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `broker measure`.
+#[allow(clippy::print_stdout)]
+fn measure(
+    inputs: broker::measure::MeasureInputs,
+    find: Option<String>,
+    max_vcpus: u32,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    if let Some(target) = find {
+        let found = broker::measure::find_platform(&inputs, &target, max_vcpus)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&found)?);
+        } else if found.is_empty() {
+            println!(
+                "no match: no vCPU count from 1 to {max_vcpus}, CPU family or common guest \
+                     features gives this measurement with this firmware and kernel; the \
+                     firmware, kernel, initrd or command line differ (or the VMM)"
+            );
+        }
+        for m in &found {
+            if !json {
+                println!(
+                    "match: {} vCPUs, {} (signature {}), guest features {}",
+                    m.vcpus,
+                    m.vcpu_types.join(" / "),
+                    m.vcpu_signature,
+                    m.guest_features
+                );
+            }
+        }
+        return Ok(if found.is_empty() {
+            Outcome::Refused
+        } else {
+            Outcome::Done
+        });
+    }
+    let m = broker::measure::measure(&inputs)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!("{}", m.measurement);
+    }
+    Ok(Outcome::Done)
 }
 
 /// A number in hex (`0x…`) or decimal.
