@@ -44,6 +44,15 @@ impl HashAlgorithm {
             HashAlgorithm::Sha512 => "sha512",
         }
     }
+
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> Vec<u8> {
+        let algorithm = match self {
+            HashAlgorithm::Sha384 => &digest::SHA384,
+            HashAlgorithm::Sha512 => &digest::SHA512,
+        };
+        digest::digest(algorithm, data).as_ref().to_vec()
+    }
 }
 
 fn evidence_err(detail: impl Into<String>) -> Error {
@@ -61,18 +70,23 @@ pub fn runtime_digest(
     tee_pubkey: &Value,
     hash: HashAlgorithm,
 ) -> Result<Vec<u8>, Error> {
+    Ok(hash.digest(&runtime_data(additional_evidence, nonce, tee_pubkey)?))
+}
+
+/// The runtime data a KBS client binds, in RFC 8785 canonical form (hash it with
+/// [`HashAlgorithm::digest`]; canonicalize once for several hashes).
+pub fn runtime_data(
+    additional_evidence: &str,
+    nonce: &str,
+    tee_pubkey: &Value,
+) -> Result<Vec<u8>, Error> {
     let document = serde_json::json!({
         "additional-evidence": additional_evidence,
         "nonce": nonce,
         "tee-pubkey": tee_pubkey,
     });
-    let canonical = serde_json_canonicalizer::to_vec(&document)
-        .map_err(|e| evidence_err(format!("runtime data cannot be canonicalized: {e}")))?;
-    let algorithm = match hash {
-        HashAlgorithm::Sha384 => &digest::SHA384,
-        HashAlgorithm::Sha512 => &digest::SHA512,
-    };
-    Ok(digest::digest(algorithm, &canonical).as_ref().to_vec())
+    serde_json_canonicalizer::to_vec(&document)
+        .map_err(|e| evidence_err(format!("runtime data cannot be canonicalized: {e}")))
 }
 
 /// A digest as the 64 bytes of REPORT_DATA: SHA-512 fills it, SHA-384 is zero-padded (as

@@ -132,6 +132,18 @@ fn assert_error(answer: &(u16, Value), status: u16, text: &str) {
     );
 }
 
+async fn native_nonce(b: &Broker) -> String {
+    b.guest_client(None)
+        .post(b.url("/v1/challenge"))
+        .send()
+        .await
+        .unwrap()
+        .json::<attestation::protocol::ChallengeResponse>()
+        .await
+        .unwrap()
+        .nonce
+}
+
 async fn fetch_jwks(b: &Broker) -> Value {
     b.guest_client(None)
         .get(b.url("/.well-known/jwks.json"))
@@ -301,15 +313,7 @@ async fn kbs_client_gets_its_resources_with_snp_evidence() {
     // The same token for native evidence: POST /v1/token appraises and releases nothing;
     // the token names the native key the evidence bound.
     let http = b.guest_client(None);
-    let nonce = http
-        .post(b.url("/v1/challenge"))
-        .send()
-        .await
-        .unwrap()
-        .json::<attestation::protocol::ChallengeResponse>()
-        .await
-        .unwrap()
-        .nonce;
+    let nonce = native_nonce(&b).await;
     let native_key =
         attestation::protocol::EphemeralKey::generate(attestation::protocol::Kem::X25519);
     let request = guest.request(&nonce, &native_key, &[], None);
@@ -356,15 +360,7 @@ async fn kbs_client_gets_its_resources_with_snp_evidence() {
         "do not check out",
     );
     // Evidence bound to another key than the one named: refused for the binding.
-    let nonce = http
-        .post(b.url("/v1/challenge"))
-        .send()
-        .await
-        .unwrap()
-        .json::<attestation::protocol::ChallengeResponse>()
-        .await
-        .unwrap()
-        .nonce;
+    let nonce = native_nonce(&b).await;
     let other = attestation::protocol::EphemeralKey::generate(attestation::protocol::Kem::X25519);
     let request = guest.request(&nonce, &native_key, &[], Some(&other));
     let r = http

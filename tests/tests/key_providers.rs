@@ -116,27 +116,22 @@ async fn a_broker_whose_master_key_is_wrapped_by_the_token() {
         std::fs::write(&p, text).unwrap();
         p
     };
+    // Starts on `config` with its [master_key] replaced by `section`, expecting a refusal.
+    let refused_with = |name: &str, section: &str| {
+        refused_start(&write(name, with_master_key(&config, section)), &env)
+    };
     let wrong_pin = b.dir.join("wrong.pin");
     std::fs::write(&wrong_pin, "not-the-pin\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrong_pin, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let e = refused_start(
-        &write(
-            "bad-pin.toml",
-            with_master_key(&config, &hsm.master_key_config("broker-kek", &wrong_pin)),
-        ),
-        &env,
+    let e = refused_with(
+        "bad-pin.toml",
+        &hsm.master_key_config("broker-kek", &wrong_pin),
     );
     assert!(e.contains("logging in to token"), "{e}");
-    let e = refused_start(
-        &write(
-            "no-key.toml",
-            with_master_key(
-                &config,
-                &hsm.master_key_config("no-such-key", &hsm.pin_file),
-            ),
-        ),
-        &env,
+    let e = refused_with(
+        "no-key.toml",
+        &hsm.master_key_config("no-such-key", &hsm.pin_file),
     );
     assert!(
         e.contains("has no secret key labelled \"no-such-key\""),
@@ -144,12 +139,9 @@ async fn a_broker_whose_master_key_is_wrapped_by_the_token() {
     );
     // A key that can leave the token protects nothing.
     make_extractable_key(&hsm, "loose-key");
-    let e = refused_start(
-        &write(
-            "loose.toml",
-            with_master_key(&config, &hsm.master_key_config("loose-key", &hsm.pin_file)),
-        ),
-        &env,
+    let e = refused_with(
+        "loose.toml",
+        &hsm.master_key_config("loose-key", &hsm.pin_file),
     );
     assert!(e.contains("must be sensitive and never extractable"), "{e}");
     // A PIN file others can read.
@@ -161,30 +153,18 @@ async fn a_broker_whose_master_key_is_wrapped_by_the_token() {
     let key_file = b.dir.join("other.key");
     std::fs::write(&key_file, format!("{}\n", "ab".repeat(31) + "cd")).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let e = refused_start(
-        &write(
-            "file.toml",
-            with_master_key(
-                &config,
-                &format!("[master_key]\nfile = \"{}\"\n", key_file.display()),
-            ),
-        ),
-        &env,
+    let e = refused_with(
+        "file.toml",
+        &format!("[master_key]\nfile = \"{}\"\n", key_file.display()),
     );
     assert!(e.contains("wrapped by the pkcs11 provider"), "{e}");
     // A PIN on the command line or in the environment is not an option: only a file or a
     // systemd credential (without $CREDENTIALS_DIRECTORY, the credential is refused).
-    let e = refused_start(
-        &write(
-            "cred.toml",
-            with_master_key(
-                &config,
-                &format!(
-                    "[master_key]\npkcs11_module = \"{MODULE}\"\npkcs11_token = \"broker\"\npkcs11_key = \"broker-kek\"\npkcs11_pin_credential = \"hsm-pin\"\n"
-                ),
-            ),
+    let e = refused_with(
+        "cred.toml",
+        &format!(
+            "[master_key]\npkcs11_module = \"{MODULE}\"\npkcs11_token = \"broker\"\npkcs11_key = \"broker-kek\"\npkcs11_pin_credential = \"hsm-pin\"\n"
         ),
-        &env,
     );
     assert!(e.contains("CREDENTIALS_DIRECTORY"), "{e}");
 

@@ -292,15 +292,13 @@ fn translate(session: Session, body: AttestBody) -> Result<Translated, Problem> 
         _ => wire::az_snp_vtpm_evidence(body.tee_evidence.primary_evidence.get()),
     }
     .map_err(|e| Problem::malformed(e.to_string()).with_check(e.check()))?;
-    let digest = |alg| {
-        wire::runtime_digest(
-            &body.tee_evidence.additional_evidence,
-            &nonce,
-            &body.runtime_data.tee_pubkey,
-            alg,
-        )
-        .map_err(|e| Problem::malformed(e.to_string()))
-    };
+    let runtime_data = wire::runtime_data(
+        &body.tee_evidence.additional_evidence,
+        &nonce,
+        &body.runtime_data.tee_pubkey,
+    )
+    .map_err(|e| Problem::malformed(e.to_string()))?;
+    let digest = |alg: HashAlgorithm| alg.digest(&runtime_data);
     let expected = |d: Vec<u8>, label| ExpectedBinding {
         report_data: wire::report_data(&d),
         qualifying: d,
@@ -308,14 +306,14 @@ fn translate(session: Session, body: AttestBody) -> Result<Translated, Problem> 
     };
     let mut bindings = Vec::new();
     if hash == HashAlgorithm::Sha512.name() {
-        bindings.push(expected(digest(HashAlgorithm::Sha512)?, "sha512"));
+        bindings.push(expected(digest(HashAlgorithm::Sha512), "sha512"));
         // A client that did not honour the selection binds with SHA-384 (zero-padded).
         bindings.push(expected(
-            digest(HashAlgorithm::Sha384)?,
+            digest(HashAlgorithm::Sha384),
             "sha384 (the client ignored the selected sha512)",
         ));
     } else {
-        bindings.push(expected(digest(HashAlgorithm::Sha384)?, "sha384"));
+        bindings.push(expected(digest(HashAlgorithm::Sha384), "sha384"));
     }
     Ok(Translated {
         attempt: Attempt {
@@ -565,13 +563,9 @@ async fn authorize<S: Store>(
             Err(e) => return Err(no_session(e)),
         }
     };
-    // Both are the broker's own (sealed or signed); the digest check guards the encoding.
-    let recomputed = hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        claims.to_string().as_bytes(),
-    ));
-    let key = TeeKey::from_jwk(&jwk).ok().filter(|_| recomputed == digest);
-    let Some(key) = key else {
+    // Both are the broker's own (sealed or signed), so the claims and digest are as issued;
+    // the key is parsed again for encryption (a native token's key is no JWK: refused).
+    let Ok(key) = TeeKey::from_jwk(&jwk) else {
         return Err(Problem::new(
             StatusCode::UNAUTHORIZED,
             "kbs-session",
