@@ -242,4 +242,13 @@ PY
     echo "$provider: ready in $ms ms"
   done
 fi
+
+# Reference measurements (issue #15): broker measure beside sev-snp-measure on the same 4 MiB
+# firmware, 15 MiB kernel and 50 MiB initrd, best of 5 whole processes each (both must agree).
+echo "== broker measure vs sev-snp-measure"
+make -s measure-deps
+m=$(MEASURE_BROKER="$PWD/$B" cargo test -q -p e2e --test measure -- --ignored --nocapture \
+      measurement_time_beside_sev_snp_measure 2>/dev/null | grep '"kind":"measure"')
+echo "$m" >> "$results"
+echo "$m"
 echo "results: $results (make bench-report: tables and plots)"

@@ -71,6 +71,8 @@ pub struct Firmware {
     pub reset_eip: u32,
     /// Whether the firmware measures a direct-boot kernel (hash table and its section).
     pub kernel_hashes: bool,
+    /// Where the kernel hashes table sits (guest physical address), when there is one.
+    pub hash_table_gpa: Option<u32>,
 }
 
 fn le_u16(b: &[u8], at: usize) -> Option<u16> {
@@ -202,6 +204,7 @@ pub fn parse(image: &[u8]) -> Result<Firmware, Error> {
         sections,
         reset_eip,
         kernel_hashes,
+        hash_table_gpa: hash_table.filter(|&g| g != 0),
     })
 }
 

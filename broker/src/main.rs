@@ -68,7 +68,7 @@ enum Command {
         /// The largest vCPU count --match tries.
         #[arg(long, default_value_t = 64)]
         max_vcpus: u32,
-        /// The VMM: qemu (ec2 and gce are refused for now: docs/measurement.md).
+        /// The VMM: qemu, ec2 or gce (docs/measurement.md).
         #[arg(long, default_value = "qemu")]
         vmm_type: String,
         /// The guest's SEV features (VMSA SEV_FEATURES), hex or decimal.

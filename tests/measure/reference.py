@@ -3,7 +3,7 @@ the broker's, for tests/tests/measure.rs.
 
 Reads one JSON case per line on stdin and writes one line per case: the 96-hex-digit launch
 digest, or "error: ..." when sev-snp-measure refuses the inputs. A case is
-{"ovmf": PATH, "vcpus": N, "vcpu_type": NAME, "vmm": "qemu"|"ec2", "guest_features": INT,
+{"ovmf": PATH, "vcpus": N, "vcpu_type": NAME, "vmm": "qemu"|"ec2"|"gce", "guest_features": INT,
  "ovmf_hash": HEX or null, "kernel": PATH or null, "initrd": PATH or null,
  "append": STR or null}, or {"ovmf_hash_of": PATH} for the firmware pages' digest alone.
 """

@@ -275,6 +275,20 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let measures = kind("measure");
+    if !measures.is_empty() {
+        println!("\n| reference measurement | broker measure ms | sev-snp-measure ms | speed-up |");
+        println!("|---|---|---|---|");
+        for v in &measures {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.2}× |",
+                v["inputs"].as_str().unwrap_or("?"),
+                f(v, &["broker_ms"]),
+                f(v, &["sev_snp_measure_ms"]),
+                f(v, &["speedup"]),
+            );
+        }
+    }
     let shakes = kind("handshake");
     if !shakes.is_empty() {
         println!(

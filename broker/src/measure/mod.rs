@@ -5,10 +5,15 @@
 //! The firmware file is parsed first with bounds checks (`attestation::ovmf`: its OVMF table,
 //! SEV metadata and sections, present, in range, not overlapping; a fuzz target of its own)
 //! so that a broken file gets a one-line error rather than reaching code that assumes a
-//! well-formed image; the digest itself is computed by the `sev` crate's measurement module
-//! (page-by-page SHA-384 chaining of the firmware pages, metadata pages and VMSAs, as the SNP
-//! firmware specification defines it). `tests/tests/measure.rs` checks every result byte for
-//! byte against `sev-snp-measure`, an independent implementation.
+//! well-formed image. The `sev` crate's measurement module computes the firmware pages'
+//! digest and the kernel hashes page; the rest of the chain (metadata pages and one VMSA per
+//! vCPU, as the SNP firmware ABI defines them) is `launch`, the broker's own model of QEMU,
+//! EC2 and GCE, because the crate has no GCE, an outdated EC2, and re-reads the kernel and
+//! initrd for every platform it is asked about. `tests/tests/measure.rs` checks every result
+//! byte for byte against `sev-snp-measure`, an independent implementation, and a unit test
+//! below against the crate's own QEMU computation.
+
+mod launch;
 
 use std::path::{Path, PathBuf};
 
@@ -95,7 +100,7 @@ pub struct MeasureInputs {
     pub vcpus: u32,
     /// vCPU type: a QEMU model name or a CPUID signature (`0x…`).
     pub vcpu_type: String,
-    /// The VMM: `qemu` (`ec2` and `gce` are refused for now).
+    /// The VMM: `qemu`, `ec2` or `gce`.
     pub vmm: String,
     /// SEV_FEATURES of the guest's VMSAs (what the guest kernel enables).
     pub guest_features: u64,
@@ -144,30 +149,48 @@ fn computation(e: sev::error::MeasurementError) -> MeasureError {
     MeasureError::Computation(e.to_string())
 }
 
-/// The launch digest (hex) of `inputs`' firmware and kernel on one platform.
-fn launch_digest(
-    inputs: &MeasureInputs,
-    ovmf_hash: &str,
-    vmm: sev::measurement::vmsa::VMMType,
-    vcpu_type: sev::measurement::vcpu_types::CpuType,
-    vcpus: u32,
-    guest_features: u64,
-) -> Result<String, MeasureError> {
-    use sev::measurement::snp::{SnpMeasurementArgs, snp_calc_launch_digest};
-    use sev::measurement::vmsa::GuestFeatures;
-    Ok(snp_calc_launch_digest(SnpMeasurementArgs {
-        vcpus,
-        vcpu_type,
-        ovmf_file: inputs.ovmf.clone(),
-        guest_features: GuestFeatures(guest_features),
-        kernel_file: inputs.kernel.clone(),
-        initrd_file: inputs.initrd.clone(),
-        append: inputs.append.as_deref(),
-        ovmf_hash_str: Some(ovmf_hash),
-        vmm_type: Some(vmm),
-    })
-    .map_err(computation)?
-    .get_hex_ld())
+/// Inputs checked and read once, ready to be measured on any number of platforms.
+struct Prepared {
+    vmm: launch::Vmm,
+    firmware: attestation::ovmf::Firmware,
+    /// The firmware pages' launch digest, hex.
+    ovmf_hash: String,
+    /// The kernel hashes page, when a kernel is given.
+    kernel_hashes_page: Option<Vec<u8>>,
+    /// SHA-256 of each input.
+    files: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Prepared {
+    /// The launch digest (hex) on one platform, chained by the broker's own model
+    /// (`launch`) from the prepared firmware digest and kernel hashes page: one read of
+    /// each input, however many platforms are tried. (The `sev` crate's
+    /// `snp_calc_launch_digest` reads and hashes the kernel and initrd again on every call,
+    /// and it has no GCE and an outdated EC2; the tests hold this model to it on QEMU and to
+    /// sev-snp-measure on every VMM.)
+    fn digest(
+        &self,
+        vcpu_type: sev::measurement::vcpu_types::CpuType,
+        vcpus: u32,
+        guest_features: u64,
+    ) -> Result<String, MeasureError> {
+        let mut firmware_digest = [0u8; 48];
+        hex::decode_to_slice(&self.ovmf_hash, &mut firmware_digest)
+            .map_err(|_| MeasureError::BadOvmfHash)?;
+        let cpu_signature = u32::try_from(vcpu_type.sig())
+            .map_err(|_| MeasureError::UnknownCpuType(format!("{:#x}", vcpu_type.sig())))?;
+        let digest = launch::Launch {
+            firmware: &self.firmware,
+            firmware_digest,
+            kernel_hashes_page: self.kernel_hashes_page.as_deref(),
+            vmm: self.vmm,
+            vcpus,
+            cpu_signature,
+            features: guest_features,
+        }
+        .digest();
+        Ok(hex::encode(digest))
+    }
 }
 
 /// A platform that gives a sought measurement.
@@ -212,9 +235,7 @@ pub fn find_platform(
     if target.len() != 96 || hex::decode(&target).is_err() {
         return Err(MeasureError::BadMeasurement);
     }
-    // Validates every input and yields the firmware digest once.
-    let base = measure(inputs)?;
-    let vmm = sev::measurement::vmsa::VMMType::QEMU;
+    let prepared = prepare(inputs)?;
     let mut features = vec![inputs.guest_features, 0x1, 0x21];
     features.sort_unstable();
     features.dedup();
@@ -223,7 +244,7 @@ pub fn find_platform(
         let cpu = cpu_type(family[0])?;
         for vcpus in 1..=max_vcpus.clamp(1, MAX_VCPUS) {
             for &f in &features {
-                if launch_digest(inputs, &base.ovmf_hash, vmm, cpu, vcpus, f)? == target {
+                if prepared.digest(cpu, vcpus, f)? == target {
                     found.push(PlatformMatch {
                         vcpus,
                         vcpu_types: family.iter().map(|s| s.to_string()).collect(),
@@ -239,29 +260,41 @@ pub fn find_platform(
 
 /// Computes the launch measurement of `inputs`.
 pub fn measure(inputs: &MeasureInputs) -> Result<Measurement, MeasureError> {
+    let vcpu_type = cpu_type(&inputs.vcpu_type)?;
+    let prepared = prepare(inputs)?;
+    let digest = prepared.digest(vcpu_type, inputs.vcpus, inputs.guest_features)?;
+    Ok(Measurement {
+        measurement: digest,
+        ovmf_hash: prepared.ovmf_hash,
+        inputs: prepared.files.into(),
+        platform: serde_json::json!({
+            "vcpus": inputs.vcpus,
+            "vcpu_type": inputs.vcpu_type,
+            "vcpu_signature": format!("{:#x}", vcpu_type.sig()),
+            "vmm": inputs.vmm.to_ascii_lowercase(),
+            "guest_features": format!("{:#x}", inputs.guest_features),
+        }),
+    })
+}
+
+/// Checks every input, parses the firmware and computes the firmware pages' digest.
+fn prepare(inputs: &MeasureInputs) -> Result<Prepared, MeasureError> {
     use sev::measurement::snp::calc_snp_ovmf_hash;
-    use sev::measurement::vmsa::VMMType;
 
     if inputs.vcpus == 0 || inputs.vcpus > MAX_VCPUS {
         return Err(MeasureError::VcpuCount(inputs.vcpus));
     }
-    let vcpu_type = cpu_type(&inputs.vcpu_type)?;
+    cpu_type(&inputs.vcpu_type)?;
     let vmm = match inputs.vmm.to_ascii_lowercase().as_str() {
-        "qemu" => VMMType::QEMU,
-        // The sev crate's EC2 VMSA (RDX 0 at reset) predates EC2's current one (RDX 0x600,
-        // as sev-snp-measure 0.0.13 computes and live c6a instances report), and it has no
-        // GCE type: until the broker computes those VMSAs itself, refuse rather than print
-        // a measurement no guest will have.
-        "ec2" | "gce" => {
-            return Err(MeasureError::UnsupportedVmm {
-                vmm: inputs.vmm.clone(),
-                reason: "not supported yet (qemu is); see docs/measurement.md",
-            });
-        }
+        "qemu" => launch::Vmm::Qemu,
+        // Not the crate's EC2: its reset state (RDX 0) predates EC2's current one (RDX 0x600,
+        // as live c6a guests report).
+        "ec2" => launch::Vmm::Ec2,
+        "gce" => launch::Vmm::Gce,
         _ => {
             return Err(MeasureError::UnsupportedVmm {
                 vmm: inputs.vmm.clone(),
-                reason: "unknown; use qemu",
+                reason: "unknown; use qemu, ec2 or gce",
             });
         }
     };
@@ -286,6 +319,44 @@ pub fn measure(inputs: &MeasureInputs) -> Result<Measurement, MeasureError> {
             path: inputs.ovmf.clone(),
         });
     }
+    // Two passes over the (large) kernel and initrd, one per core: the `sev` crate's for
+    // the hashes page, and ours for `--json`'s input digests, with the firmware's digest.
+    let (kernel_hashes_page, files, ovmf_hash) = std::thread::scope(|scope| {
+        let page = scope.spawn(|| {
+            inputs
+                .kernel
+                .as_deref()
+                .map(|kernel| kernel_hashes_page(inputs, &firmware, kernel))
+                .transpose()
+        });
+        let digests = input_digests(inputs);
+        let ovmf_hash = match &inputs.ovmf_hash {
+            Some(h) => Ok(h.to_ascii_lowercase()),
+            None => calc_snp_ovmf_hash(inputs.ovmf.clone())
+                .map(|d| d.get_hex_ld())
+                .map_err(computation),
+        };
+        let page = page.join().unwrap_or_else(|_| {
+            Err(MeasureError::Computation(
+                "hashing the kernel failed".into(),
+            ))
+        });
+        (page, digests, ovmf_hash)
+    });
+    let (kernel_hashes_page, files, ovmf_hash) = (kernel_hashes_page?, files?, ovmf_hash?);
+    Ok(Prepared {
+        vmm,
+        firmware,
+        ovmf_hash,
+        kernel_hashes_page,
+        files,
+    })
+}
+
+/// SHA-256 of each input, for `--json`.
+fn input_digests(
+    inputs: &MeasureInputs,
+) -> Result<serde_json::Map<String, serde_json::Value>, MeasureError> {
     let mut files = serde_json::Map::new();
     files.insert("ovmf".into(), sha256_file(&inputs.ovmf)?.into());
     for (key, file) in [("kernel", &inputs.kernel), ("initrd", &inputs.initrd)] {
@@ -303,30 +374,96 @@ pub fn measure(inputs: &MeasureInputs) -> Result<Measurement, MeasureError> {
             .into(),
         );
     }
-    let ovmf_hash = match &inputs.ovmf_hash {
-        Some(h) => h.to_ascii_lowercase(),
-        None => calc_snp_ovmf_hash(inputs.ovmf.clone())
-            .map_err(computation)?
-            .get_hex_ld(),
+    Ok(files)
+}
+
+/// The page holding the kernel, initrd and command-line hashes table, as QEMU fills it. The
+/// section must be that one page (the `sev` crate would otherwise stop on an assertion).
+fn kernel_hashes_page(
+    inputs: &MeasureInputs,
+    firmware: &attestation::ovmf::Firmware,
+    kernel: &Path,
+) -> Result<Vec<u8>, MeasureError> {
+    let firmware_error = |error| MeasureError::Firmware {
+        path: inputs.ovmf.clone(),
+        error,
     };
-    let digest = launch_digest(
-        inputs,
-        &ovmf_hash,
-        vmm,
-        vcpu_type,
-        inputs.vcpus,
-        inputs.guest_features,
-    )?;
-    Ok(Measurement {
-        measurement: digest,
-        ovmf_hash,
-        inputs: files.into(),
-        platform: serde_json::json!({
-            "vcpus": inputs.vcpus,
-            "vcpu_type": inputs.vcpu_type,
-            "vcpu_signature": format!("{:#x}", vcpu_type.sig()),
-            "vmm": inputs.vmm.to_ascii_lowercase(),
-            "guest_features": format!("{:#x}", inputs.guest_features),
-        }),
-    })
+    let (index, section) = firmware
+        .sections
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.kind == 0x10)
+        .ok_or_else(|| MeasureError::KernelWithoutHashes {
+            path: inputs.ovmf.clone(),
+        })?;
+    if section.size != 4096 {
+        return Err(firmware_error(
+            attestation::Error::FirmwareSectionOutOfRange {
+                index,
+                kind: section.kind,
+                gpa: section.gpa,
+                size: section.size,
+                reason: "is not the one page a kernel hashes table is measured in",
+            },
+        ));
+    }
+    let offset = firmware.hash_table_gpa.unwrap_or_default() & 0xfff;
+    let hashes = sev::measurement::sev_hashes::SevHashes::new(
+        kernel.to_path_buf(),
+        inputs.initrd.clone(),
+        inputs.append.as_deref(),
+    )
+    .map_err(computation)?;
+    hashes.construct_page(offset as usize).map_err(computation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The broker's own VMSA and section model, run as QEMU, agrees with the `sev` crate's
+    /// (which agrees with sev-snp-measure: tests/tests/measure.rs) on Debian's OVMF, which
+    /// `make measure-deps` unpacks into target/ovmf.
+    #[test]
+    fn own_qemu_model_agrees_with_the_sev_crate() {
+        use sev::measurement::snp::{SnpMeasurementArgs, snp_calc_launch_digest};
+        use sev::measurement::vmsa::{GuestFeatures, VMMType};
+        let ovmf =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ovmf/usr/share/ovmf/OVMF.fd");
+        assert!(ovmf.exists(), "{}: run `make measure-deps`", ovmf.display());
+        let inputs = MeasureInputs {
+            ovmf,
+            ovmf_hash: None,
+            kernel: None,
+            initrd: None,
+            append: None,
+            vcpus: 1,
+            vcpu_type: "EPYC-Milan".into(),
+            vmm: "qemu".into(),
+            guest_features: DEFAULT_GUEST_FEATURES,
+        };
+        let prepared = prepare(&inputs).unwrap();
+        for family in FAMILIES {
+            let cpu = cpu_type(family[0]).unwrap();
+            for vcpus in [1, 2, 5] {
+                for features in [0x1, 0x21, 0x3f] {
+                    let own = prepared.digest(cpu, vcpus, features).unwrap();
+                    let by_crate = snp_calc_launch_digest(SnpMeasurementArgs {
+                        vcpus,
+                        vcpu_type: cpu,
+                        ovmf_file: inputs.ovmf.clone(),
+                        guest_features: GuestFeatures(features),
+                        kernel_file: None,
+                        initrd_file: None,
+                        append: None,
+                        ovmf_hash_str: Some(&prepared.ovmf_hash),
+                        vmm_type: Some(VMMType::QEMU),
+                    })
+                    .unwrap()
+                    .get_hex_ld();
+                    assert_eq!(own, by_crate, "{} {vcpus} {features:#x}", family[0]);
+                }
+            }
+        }
+    }
 }
