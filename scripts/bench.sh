@@ -251,4 +251,10 @@ m=$(MEASURE_BROKER="$PWD/$B" cargo test -q -p e2e --test measure -- --ignored --
       measurement_time_beside_sev_snp_measure 2>/dev/null | grep '"kind":"measure"')
 echo "$m" >> "$results"
 echo "$m"
+
+# Data-key rotation (issue #16): broker keys rotate over 100 000 records, SQLite and PostgreSQL
+# (fsync on), release build, default batch.
+echo "== broker keys rotate, 100 000 records"
+ROTATE_BROKER="$PWD/$B" cargo test -q -p e2e --test key_rotation -- --ignored --nocapture \
+    rotation_speed_over_100k_records 2>/dev/null | grep '"kind":"rotation"' | tee -a "$results"
 echo "results: $results (make bench-report: tables and plots)"

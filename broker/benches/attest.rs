@@ -15,7 +15,6 @@ use attestation::{AttestationReport, Product, TrustAnchors, Verifier, binding};
 use aws_lc_rs::signature;
 use base64::Engine;
 use broker::keys::MasterKey;
-use broker::nonce::NonceAuthority;
 use broker::release::Broker;
 use broker::secrets::SecretKind;
 use broker::store::SqliteStore;
@@ -45,8 +44,9 @@ fn bench(c: &mut Criterion) {
     let broker = Broker::new(
         store,
         Verifier::new(anchors),
-        NonceAuthority::new(master.nonce_key().unwrap()),
-        master.record_cipher().unwrap(),
+        std::sync::Arc::new(
+            broker::keyring::Keyring::new(master, Duration::from_secs(600)).unwrap(),
+        ),
         Duration::from_secs(600),
     );
     let policy = serde_json::json!({

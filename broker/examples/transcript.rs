@@ -12,7 +12,6 @@ use attestation::sim::{ReportFields, SimulatedAmd};
 use attestation::{Product, TrustAnchors, Verifier, binding};
 use base64::Engine;
 use broker::keys::MasterKey;
-use broker::nonce::NonceAuthority;
 use broker::release::Broker;
 use broker::secrets::SecretKind;
 use broker::server::Problem;
@@ -56,8 +55,9 @@ async fn main() {
     let broker = Broker::new(
         store,
         Verifier::new(anchors),
-        NonceAuthority::new(master.nonce_key().unwrap()),
-        master.record_cipher().unwrap(),
+        std::sync::Arc::new(
+            broker::keyring::Keyring::new(master, Duration::from_secs(60)).unwrap(),
+        ),
         Duration::from_secs(60),
     );
     let policy = serde_json::json!({

@@ -1,6 +1,7 @@
-//! The master key and what is derived from it: the key that encrypts secrets at rest and
-//! the key that authenticates challenge nonces. Every replica that shares the master key
-//! can read the store and check any replica's nonces.
+//! The master key, its providers (`file`, `env`, `pkcs11`) and what is derived from it: the
+//! record and nonce keys of data-key version 1 (the master key itself, see `keyring`), the key
+//! that wraps later data-key versions, and the KBS session key. Every replica that shares the
+//! master key can read the store and check any replica's nonces.
 
 use std::path::Path;
 
@@ -116,7 +117,12 @@ impl MasterKey {
 
     /// The AEAD that encrypts secrets at rest.
     pub fn record_cipher(&self) -> Result<RecordCipher, Error> {
-        let k = self.derive(b"secrets at rest")?;
+        self.cipher_for(b"secrets at rest")
+    }
+
+    /// An AEAD over records, keyed by the derivation `label`.
+    pub(crate) fn cipher_for(&self, label: &[u8]) -> Result<RecordCipher, Error> {
+        let k = self.derive(label)?;
         let key = UnboundKey::new(&AES_256_GCM, &k[..])
             .map_err(|_| Error::Crypto("AES-256-GCM key".into()))?;
         Ok(RecordCipher {
@@ -195,6 +201,7 @@ pub async fn open_master_key<S: crate::store::Store>(
                         .put_master_key(
                             &record,
                             false,
+                            &[],
                             &key_audit("master-key.create", &record, now),
                         )
                         .await
@@ -231,6 +238,7 @@ pub async fn open_master_key<S: crate::store::Store>(
                         .put_master_key(
                             &record,
                             false,
+                            &[],
                             &key_audit("master-key.adopt", &record, now),
                         )
                         .await
@@ -279,8 +287,32 @@ pub async fn wrap_master_key<S: crate::store::Store>(
     let mut audit = key_audit("master-key.wrap", &record, now);
     audit.actor = actor.to_string();
     Ok(store
-        .put_master_key(&record, recorded.is_some(), &audit)
+        .put_master_key(&record, recorded.is_some(), &[], &audit)
         .await?)
+}
+
+/// A new master key from `source` and the record that says how the store will hold it: a
+/// `pkcs11` provider makes a random key and wraps it in the token; a `file` or `env` source
+/// is read. For moving a store to another master key (`broker keys rotate --from-config`).
+pub async fn new_master_key(
+    source: &MasterKeySource,
+    now: i64,
+) -> Result<(MasterKey, crate::store::MasterKeyRecord), Error> {
+    match source {
+        MasterKeySource::Pkcs11(settings) => {
+            let hsm = open_hsm(settings).await?;
+            let key = MasterKey::generate()?;
+            let copy = MasterKey::from_bytes(key.expose())?;
+            let wrapped = blocking(move || hsm.wrap(&copy)).await?;
+            let record = record("pkcs11", Some(wrapped), &key, now)?;
+            Ok((key, record))
+        }
+        other => {
+            let key = MasterKey::load(other)?;
+            let record = record("file", None, &key, now)?;
+            Ok((key, record))
+        }
+    }
 }
 
 /// `broker keys create-kek`: makes the token's wrapping key.

@@ -16,6 +16,7 @@ pub mod hsm;
 pub mod init;
 pub mod kbs;
 pub mod kds;
+pub mod keyring;
 pub mod keys;
 pub mod limit;
 pub mod measure;

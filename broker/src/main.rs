@@ -153,6 +153,24 @@ enum KeysCommand {
         #[arg(long)]
         from_file: PathBuf,
     },
+    /// Rotate the data key online: make a new version (wrapped by the master key), re-encrypt
+    /// every sealed record under it in small transactions while brokers keep serving, then
+    /// retire the older versions. Interrupted (even by SIGKILL), run it again: it resumes.
+    Rotate {
+        /// The broker configuration (its `[store]` and `[master_key]`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Records re-encrypted per transaction.
+        #[arg(long, default_value_t = broker::keyring::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+        /// Move to a new master key first: the configuration the store was opened with until
+        /// now (its `[master_key]`: a key file, or a token). `--config`'s `[master_key]` names
+        /// the new one (a new token key makes a new random master key). Only re-wraps the data
+        /// keys; restart every replica with `--config`, then run `keys rotate` again to
+        /// re-encrypt every record under a new data key.
+        #[arg(long)]
+        from_config: Option<PathBuf>,
+    },
     /// Show which provider holds the store's master key.
     Status {
         /// The broker configuration.
@@ -767,6 +785,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<Outcome> {
     let config = match &cmd {
         KeysCommand::CreateKek { config }
         | KeysCommand::Wrap { config, .. }
+        | KeysCommand::Rotate { config, .. }
         | KeysCommand::Status { config } => config.clone(),
     };
     let settings = broker::config::Settings::load(&config)?;
@@ -808,6 +827,61 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<Outcome> {
                 from_file.display()
             );
         }
+        KeysCommand::Rotate {
+            from_config: Some(from),
+            ..
+        } => {
+            let store = broker::store::AnyStore::open(&settings.store).await?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let old_settings = broker::config::Settings::load(&from)?;
+            let old = broker::keys::open_master_key(&old_settings.master_key, &store, now).await?;
+            let moved = broker::keyring::move_master_key(
+                &store,
+                old,
+                &settings.master_key,
+                &format!(
+                    "operator (local: broker keys rotate --from-config {})",
+                    from.display()
+                ),
+                now,
+            )
+            .await?;
+            print_json(&serde_json::to_value(&moved)?)?;
+            eprintln!(
+                "the store's master key is now held by the {} provider and wraps every data key; \
+                 restart every replica with {}, then run `broker keys rotate --config {}` to \
+                 re-encrypt every record under a new data key (until then, the old master key \
+                 still opens records sealed under the versions it wrapped)",
+                moved.to,
+                config.display(),
+                config.display()
+            );
+        }
+        KeysCommand::Rotate { batch, .. } => {
+            let store = broker::store::AnyStore::open(&settings.store).await?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let master = broker::keys::open_master_key(&settings.master_key, &store, now).await?;
+            let mut last_shown: Option<std::time::Instant> = None;
+            let rotation = broker::keyring::rotate(
+                &store,
+                master,
+                "operator (local: broker keys rotate)",
+                now,
+                batch,
+                |done, total| {
+                    // Progress on standard error: after the first batch, then about twice a
+                    // second.
+                    if last_shown
+                        .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(500))
+                    {
+                        last_shown = Some(std::time::Instant::now());
+                        eprintln!("re-encrypted {done} of {total} records");
+                    }
+                },
+            )
+            .await?;
+            print_json(&serde_json::to_value(&rotation)?)?;
+        }
         KeysCommand::Status { .. } => {
             let store = broker::store::AnyStore::open(&settings.store).await?;
             let recorded = store.master_key().await?;
@@ -816,6 +890,18 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<Outcome> {
                 "recorded": recorded.as_ref().map(|r| r.provider.clone()),
                 "recorded_at": recorded.as_ref().map(|r| r.created_at),
                 "sealed_records": store.sealed_records().await?,
+                "data_keys": store.data_keys().await?.iter().map(|k| serde_json::json!({
+                    "version": k.version,
+                    "created_at": k.created_at,
+                    "retired_at": k.retired_at,
+                })).collect::<Vec<_>>(),
+                "records_under_older_keys": !store
+                    .records_under_old_keys(
+                        store.data_keys().await?.last().map_or(1, |k| k.version),
+                        1,
+                    )
+                    .await?
+                    .is_empty(),
             }))?;
         }
     }

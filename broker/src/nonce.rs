@@ -47,9 +47,10 @@ impl CheckedNonce {
     }
 }
 
-/// Mints and checks nonces with the broker's nonce key.
+/// Mints and checks nonces with the nonce keys of the broker's data keys: mints under the
+/// current one, accepts a superseded one for its grace period (`keyring`).
 pub struct NonceAuthority {
-    key: hmac::Key,
+    keyring: std::sync::Arc<crate::keyring::Keyring>,
 }
 
 impl std::fmt::Debug for NonceAuthority {
@@ -59,9 +60,9 @@ impl std::fmt::Debug for NonceAuthority {
 }
 
 impl NonceAuthority {
-    /// An authority over `key`.
-    pub fn new(key: hmac::Key) -> NonceAuthority {
-        NonceAuthority { key }
+    /// An authority over `keyring`'s nonce keys.
+    pub fn new(keyring: std::sync::Arc<crate::keyring::Keyring>) -> NonceAuthority {
+        NonceAuthority { keyring }
     }
 
     /// Mints a nonce that expires at `expires_at` (seconds since the epoch).
@@ -72,7 +73,7 @@ impl NonceAuthority {
         SystemRandom::new()
             .fill(&mut body[9..])
             .map_err(|_| Error::Crypto("no randomness".into()))?;
-        let tag = hmac::sign(&self.key, &body);
+        let tag = hmac::sign(&self.keyring.nonce_key()?, &body);
         let mut raw = body.to_vec();
         raw.extend_from_slice(tag.as_ref());
         Ok(URL_SAFE_NO_PAD.encode(raw))
@@ -90,7 +91,14 @@ impl NonceAuthority {
             return Err(NonceError::Malformed);
         }
         let (body, tag) = raw.split_at(BODY_LEN);
-        hmac::verify(&self.key, body, tag).map_err(|_| NonceError::NotIssuedHere)?;
+        if !self
+            .keyring
+            .nonce_keys(now)
+            .iter()
+            .any(|key| hmac::verify(key, body, tag).is_ok())
+        {
+            return Err(NonceError::NotIssuedHere);
+        }
         let mut expiry = [0u8; 8];
         expiry.copy_from_slice(body.get(1..9).ok_or(NonceError::Malformed)?);
         let expires_at = u64::from_be_bytes(expiry);
@@ -110,7 +118,13 @@ mod tests {
     use crate::keys::MasterKey;
 
     fn authority() -> NonceAuthority {
-        NonceAuthority::new(MasterKey::generate().unwrap().nonce_key().unwrap())
+        NonceAuthority::new(std::sync::Arc::new(
+            crate::keyring::Keyring::new(
+                MasterKey::generate().unwrap(),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap(),
+        ))
     }
 
     #[test]

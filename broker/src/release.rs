@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::Error;
 use crate::kds::{Kds, KdsError};
-use crate::keys::RecordCipher;
+use crate::keyring::Keyring;
 use crate::nonce::{NonceAuthority, NonceError};
 use crate::secrets::{self, SecretKind};
 use crate::store::{
@@ -101,7 +101,7 @@ pub struct Broker<S: Store> {
     store: S,
     verifier: Verifier,
     nonces: NonceAuthority,
-    cipher: RecordCipher,
+    keyring: Arc<Keyring>,
     nonce_ttl: Duration,
     chains: Mutex<HashMap<[u8; 32], VerifiedChain>>,
     /// The newest parsed policy versions (at most two: a decision that read the previous
@@ -152,15 +152,14 @@ impl<S: Store> Broker<S> {
     pub fn new(
         store: S,
         verifier: Verifier,
-        nonces: NonceAuthority,
-        cipher: RecordCipher,
+        keyring: Arc<Keyring>,
         nonce_ttl: Duration,
     ) -> Broker<S> {
         Broker {
             store,
             verifier,
-            nonces,
-            cipher,
+            nonces: NonceAuthority::new(keyring.clone()),
+            keyring,
             nonce_ttl,
             chains: Mutex::new(HashMap::new()),
             policy: RwLock::new(Vec::new()),
@@ -294,9 +293,9 @@ impl<S: Store> Broker<S> {
         self.nonce_ttl
     }
 
-    /// The record cipher (for the broker's own keys, sealed like secrets).
-    pub(crate) fn cipher(&self) -> &RecordCipher {
-        &self.cipher
+    /// The data keys (for the broker's own keys, sealed like secrets).
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
     }
 
     /// The store.
@@ -439,10 +438,21 @@ impl<S: Store> Broker<S> {
     ) -> Result<Checked, (Refusal, Option<String>)> {
         let bare = |r: Refusal| (r, None);
         check_secret_names(&attempt.secrets, !attempt.appraise_only).map_err(bare)?;
-        let nonce = self
-            .nonces
-            .check(&attempt.nonce, unix(now))
-            .map_err(|e| bare(Refusal::Nonce(e)))?;
+        let nonce = match self.nonces.check(&attempt.nonce, unix(now)) {
+            // Perhaps minted by a replica that has seen a data-key rotation this one has
+            // not: reload (rate-limited) and check again.
+            Err(NonceError::NotIssuedHere)
+                if self
+                    .keyring
+                    .refresh_prompted(&self.store)
+                    .await
+                    .unwrap_or(false) =>
+            {
+                self.nonces.check(&attempt.nonce, unix(now))
+            }
+            other => other,
+        }
+        .map_err(|e| bare(Refusal::Nonce(e)))?;
         let evidence = decode_evidence(&attempt.evidence).map_err(bare)?;
         let (chain, crl) = self
             .endorse(&evidence.parsed, evidence.certificates, peer, now)
@@ -617,7 +627,22 @@ impl<S: Store> Broker<S> {
             .read()
             .ok()
             .and_then(|g| g.first().map(|(v, _)| *v));
-        Ok(self.store.decision_inputs(secrets, cached).await?)
+        let inputs = self.store.decision_inputs(secrets, cached).await?;
+        // The decision opens the records without I/O: learn of a newer data key first.
+        let newest = inputs
+            .secrets
+            .iter()
+            .flatten()
+            .map(|s| s.key_version)
+            .max()
+            .unwrap_or(0);
+        if newest > self.keyring.current() {
+            self.keyring
+                .refresh(&self.store)
+                .await
+                .map_err(|e| Refusal::Internal(e.to_string()))?;
+        }
+        Ok(inputs)
     }
 
     /// Releases one secret on claims an earlier attestation established and a front end
@@ -680,8 +705,13 @@ impl<S: Store> Broker<S> {
             });
         }
         let plaintext = self
-            .cipher
-            .open(&record.name, record.version, &record.sealed)
+            .keyring
+            .open(
+                record.key_version,
+                &record.name,
+                record.version,
+                &record.sealed,
+            )
             .map_err(|e| Refusal::Internal(e.to_string()))?;
         Ok((plaintext, record.version))
     }
@@ -733,8 +763,13 @@ impl<S: Store> Broker<S> {
         let mut released = Vec::new();
         for record in &records {
             let plaintext = self
-                .cipher
-                .open(&record.name, record.version, &record.sealed)
+                .keyring
+                .open(
+                    record.key_version,
+                    &record.name,
+                    record.version,
+                    &record.sealed,
+                )
                 .map_err(|e| Refusal::Internal(e.to_string()))?;
             let s = attestation::protocol::seal(
                 public_key,
@@ -826,8 +861,15 @@ impl<S: Store> Broker<S> {
                 continue;
             };
             let plaintext = self
-                .cipher
-                .open(&record.name, record.version, &record.sealed)?;
+                .keyring
+                .open_fresh(
+                    &self.store,
+                    record.key_version,
+                    &record.name,
+                    record.version,
+                    &record.sealed,
+                )
+                .await?;
             out.push((record.name, secrets::certificate_chain(&plaintext)));
         }
         Ok(out)
@@ -847,12 +889,14 @@ impl<S: Store> Broker<S> {
         let mut last_err = None;
         for _ in 0..3 {
             let version = self.store.last_secret_version(name).await? + 1;
+            let sealed = self.keyring.seal(name, version, value)?;
             let record = StoredSecret {
                 name: name.to_string(),
                 version,
                 kind: kind.as_str().to_string(),
                 meta: meta.clone(),
-                sealed: self.cipher.seal(name, version, value)?,
+                sealed: sealed.bytes,
+                key_version: sealed.key_version,
             };
             let audit = admin_record(
                 actor,
@@ -867,6 +911,11 @@ impl<S: Store> Broker<S> {
             {
                 Ok(()) => return Ok(version),
                 Err(StoreError::Conflict(e)) => last_err = Some(StoreError::Conflict(e)),
+                // A data-key rotation began: seal again under the new key.
+                Err(e @ StoreError::OldDataKey { .. }) => {
+                    self.keyring.refresh(&self.store).await?;
+                    last_err = Some(e);
+                }
                 Err(e) => return Err(e.into()),
             }
         }

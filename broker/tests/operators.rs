@@ -272,6 +272,7 @@ async fn no_certificate_the_broker_serves_or_releases_may_be_an_operator_credent
         kind: "tls-key".into(),
         meta: serde_json::json!({}),
         sealed,
+        key_version: 1,
     };
     let audit = broker::store::AuditRecord {
         id: 0,

@@ -13,7 +13,6 @@ use attestation::sim::{ReportFields, SimulatedAmd};
 use attestation::{Product, TrustAnchors, Verifier, binding};
 use base64::Engine;
 use broker::keys::MasterKey;
-use broker::nonce::NonceAuthority;
 use broker::release::{Broker, Refusal};
 use broker::secrets::SecretKind;
 use broker::store::{
@@ -151,12 +150,46 @@ impl Store for Racing {
         &self,
         record: &broker::store::MasterKeyRecord,
         replace: bool,
+        data_keys: &[broker::store::DataKeyRecord],
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
-        self.inner.put_master_key(record, replace, audit).await
+        self.inner
+            .put_master_key(record, replace, data_keys, audit)
+            .await
     }
     async fn sealed_records(&self) -> Result<u64, StoreError> {
         self.inner.sealed_records().await
+    }
+    async fn data_keys(&self) -> Result<Vec<broker::store::DataKeyRecord>, StoreError> {
+        self.inner.data_keys().await
+    }
+    async fn insert_data_key(
+        &self,
+        key: &broker::store::DataKeyRecord,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.insert_data_key(key, audit).await
+    }
+    async fn records_under_old_keys(
+        &self,
+        current: u64,
+        limit: u32,
+    ) -> Result<Vec<broker::store::SealedRecord>, StoreError> {
+        self.inner.records_under_old_keys(current, limit).await
+    }
+    async fn reseal(
+        &self,
+        records: &[(broker::store::SealedRecord, Vec<u8>, u64)],
+    ) -> Result<u64, StoreError> {
+        self.inner.reseal(records).await
+    }
+    async fn retire_data_keys(
+        &self,
+        current: u64,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> Result<u64, StoreError> {
+        self.inner.retire_data_keys(current, at, audit).await
     }
     async fn broker_keys(&self, purpose: &str) -> Result<Vec<BrokerKey>, StoreError> {
         self.inner.broker_keys(purpose).await
@@ -220,8 +253,9 @@ async fn setup() -> Setup {
     let broker = Broker::new(
         store,
         Verifier::new(anchors),
-        NonceAuthority::new(master.nonce_key().unwrap()),
-        master.record_cipher().unwrap(),
+        std::sync::Arc::new(
+            broker::keyring::Keyring::new(master, Duration::from_secs(60)).unwrap(),
+        ),
         Duration::from_secs(60),
     );
     broker

@@ -107,7 +107,12 @@ async fn release_and_every_refusal_over_real_tls() {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let ours = broker::nonce::NonceAuthority::new(master.nonce_key().unwrap());
+    let ring = |m| {
+        std::sync::Arc::new(
+            broker::keyring::Keyring::new(m, std::time::Duration::from_secs(60)).unwrap(),
+        )
+    };
+    let ours = broker::nonce::NonceAuthority::new(ring(master));
     let expired = ours.mint(now - 10).unwrap();
     let (status, v) = post(
         &client,
@@ -117,12 +122,8 @@ async fn release_and_every_refusal_over_real_tls() {
     .await;
     expect_problem(status, &v, 403, "nonce-refused");
     assert_eq!(v["check"], "nonce_expired");
-    let theirs = broker::nonce::NonceAuthority::new(
-        broker::keys::MasterKey::generate()
-            .unwrap()
-            .nonce_key()
-            .unwrap(),
-    );
+    let theirs =
+        broker::nonce::NonceAuthority::new(ring(broker::keys::MasterKey::generate().unwrap()));
     let foreign = theirs.mint(now + 60).unwrap();
     let (status, v) = post(
         &client,

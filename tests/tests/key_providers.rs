@@ -300,3 +300,101 @@ async fn a_key_file_store_moves_under_the_token_and_keeps_its_secrets() {
         stderr(&out)
     );
 }
+
+/// `broker keys rotate --from-config`: a key-file store moves to a new random master key made
+/// and wrapped in the token (not the file's key, as `keys wrap` keeps), then every record is
+/// re-encrypted under a new data key; afterwards the old key file and the database together
+/// open nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_moves_a_key_file_store_to_a_new_key_in_the_token() {
+    let hsm = SoftHsm::new("broker", "user-pin-2");
+    let env = hsm_env(&hsm);
+    let mut b = Broker::start_with_env(None, env.clone(), |_, c| c);
+    provision(&b);
+    let before = b.attest_once("db-key").await.unwrap();
+    let file_path = b.dir.join("broker-file.toml");
+    let file_config = std::fs::read_to_string(b.dir.join("broker.toml")).unwrap();
+    std::fs::write(&file_path, &file_config).unwrap();
+    let pkcs11 = with_master_key(
+        &file_config,
+        &hsm.master_key_config("broker-kek", &hsm.pin_file),
+    );
+    let pkcs11_path = b.dir.join("broker-pkcs11.toml");
+    std::fs::write(&pkcs11_path, &pkcs11).unwrap();
+    let pkcs11_arg = pkcs11_path.to_str().unwrap();
+    let out = b.cli(&["keys", "create-kek", "--config", pkcs11_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // From the key file to the same key file: nothing to move.
+    let file_arg = file_path.to_str().unwrap();
+    let out = b.cli(&[
+        "keys",
+        "rotate",
+        "--config",
+        file_arg,
+        "--from-config",
+        file_arg,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nothing to move"), "{}", stderr(&out));
+
+    // Step 1, while the file-configured broker keeps serving: the data keys re-wrapped.
+    let out = b.cli(&[
+        "keys",
+        "rotate",
+        "--config",
+        pkcs11_arg,
+        "--from-config",
+        file_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(moved["from"], "file");
+    assert_eq!(moved["to"], "pkcs11");
+    assert_eq!(moved["rewrapped"], serde_json::json!([1]));
+    assert!(
+        stderr(&out).contains("restart every replica"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(b.attest_once("db-key").await.unwrap(), before);
+
+    // Step 2: restarted on the token, then every record re-encrypted.
+    b.stop();
+    let e = refused_start(&file_path, &env);
+    assert!(e.contains("wrapped by the pkcs11 provider"), "{e}");
+    std::fs::write(b.dir.join("broker.toml"), &pkcs11).unwrap();
+    b.serve();
+    assert_eq!(b.attest_once("db-key").await.unwrap(), before);
+    let out = b.cli(&["keys", "rotate", "--config", pkcs11_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rotation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rotation["version"], 2, "{rotation}");
+    assert_eq!(b.attest_once("db-key").await.unwrap(), before);
+
+    // The old key file with the database: every data key is wrapped under the token's
+    // master key now, so it unwraps none of them.
+    let settings = broker::config::Settings::load(&file_path).unwrap();
+    let store = broker::store::AnyStore::open(&settings.store)
+        .await
+        .unwrap();
+    let old = broker::keys::MasterKey::load(&settings.master_key).unwrap();
+    let e = broker::keyring::Keyring::load(old, &store, std::time::Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("does not unwrap"), "{e}");
+    use broker::store::Store;
+    assert!(
+        store
+            .records_under_old_keys(2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let out = b.cli(&["audit", "--action", "master-key.rekey", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pkcs11"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -30,6 +30,7 @@ fn secret(name: &str, version: u64) -> StoredSecret {
         kind: "opaque".into(),
         meta: serde_json::json!({"bytes": 3}),
         sealed: vec![version as u8; 40],
+        key_version: 1,
     }
 }
 
@@ -105,6 +106,7 @@ async fn conformance(s: impl Store + Clone) {
         created_at: 5,
         public: serde_json::json!({"kty": "EC", "kid": format!("k{version}")}),
         sealed: vec![version as u8; 48],
+        key_version: 1,
     };
     assert!(s.broker_keys("ear-es256").await.unwrap().is_empty());
     s.insert_broker_key(&key(1), &audit("token-key.create"))
@@ -126,6 +128,7 @@ async fn conformance(s: impl Store + Clone) {
     assert_eq!(keys[1].public["kid"], "k1");
     assert_eq!(keys[1].sealed, vec![1u8; 48]);
     assert!(s.broker_keys("other").await.unwrap().is_empty());
+
     assert_eq!(
         actions(&s)
             .await
@@ -144,21 +147,37 @@ async fn conformance(s: impl Store + Clone) {
         created_at: 9,
     };
     assert!(matches!(
-        s.put_master_key(&record("pkcs11", None), true, &audit("master-key.wrap"))
-            .await,
+        s.put_master_key(
+            &record("pkcs11", None),
+            true,
+            &[],
+            &audit("master-key.wrap")
+        )
+        .await,
         Err(StoreError::Conflict(_))
     ));
-    s.put_master_key(&record("file", None), false, &audit("master-key.adopt"))
-        .await
-        .unwrap();
+    s.put_master_key(
+        &record("file", None),
+        false,
+        &[],
+        &audit("master-key.adopt"),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
-        s.put_master_key(&record("file", None), false, &audit("master-key.adopt"))
-            .await,
+        s.put_master_key(
+            &record("file", None),
+            false,
+            &[],
+            &audit("master-key.adopt")
+        )
+        .await,
         Err(StoreError::Conflict(_))
     ));
     s.put_master_key(
         &record("pkcs11", Some(vec![1; 60])),
         true,
+        &[],
         &audit("master-key.wrap"),
     )
     .await
@@ -341,6 +360,111 @@ async fn conformance(s: impl Store + Clone) {
     }
     assert_eq!(paged, all);
 
+    // Data keys: versions in order, a version taken twice is a conflict (two rotations at
+    // once); once version 2 exists a record sealed under 1 is refused; re-encryption is a
+    // compare-and-set on the record's key version; retiring waits for the last record.
+    use broker::store::{DataKeyRecord, SealedTable};
+    assert!(s.data_keys().await.unwrap().is_empty());
+    let dk = DataKeyRecord {
+        version: 2,
+        wrapped: vec![2; 60],
+        created_at: 7,
+        retired_at: None,
+    };
+    s.insert_data_key(&dk, &audit("data-key.create"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.insert_data_key(&dk, &audit("data-key.create")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.data_keys().await.unwrap()[0].wrapped, vec![2; 60]);
+    let e = s
+        .insert_secret(&secret("late", 1), 1, "a", &audit("secret.put"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::OldDataKey {
+                sealed_under: 1,
+                current: 2
+            }
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        s.insert_broker_key(&key(3), &audit("token-key.create"))
+            .await,
+        Err(StoreError::OldDataKey { .. })
+    ));
+    let old = s.records_under_old_keys(2, 1_000).await.unwrap();
+    let secrets_old = old
+        .iter()
+        .filter(|r| r.table == SealedTable::Secret)
+        .count();
+    let keys_old = old
+        .iter()
+        .filter(|r| r.table == SealedTable::BrokerKey)
+        .count();
+    assert_eq!(
+        (keys_old, old.len() as u64),
+        (2, s.sealed_records().await.unwrap())
+    );
+    assert!(secrets_old > 0);
+    assert_eq!(s.records_under_old_keys(2, 1).await.unwrap().len(), 1);
+    assert!(matches!(
+        s.retire_data_keys(2, 8, &audit("data-key.retire")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let resealed: Vec<_> = old.iter().map(|r| (r.clone(), vec![9u8; 44], 2)).collect();
+    // A record re-encrypted meanwhile (its key version no longer 1) is left alone.
+    let mut moved = old[0].clone();
+    moved.key_version = 5;
+    assert_eq!(s.reseal(&[(moved, vec![1], 2)]).await.unwrap(), 0);
+    assert_eq!(s.reseal(&resealed).await.unwrap(), old.len() as u64);
+    assert!(s.records_under_old_keys(2, 1_000).await.unwrap().is_empty());
+    assert_eq!(s.broker_keys("ear-es256").await.unwrap()[0].key_version, 2);
+    assert_eq!(
+        s.retire_data_keys(2, 8, &audit("data-key.retire"))
+            .await
+            .unwrap(),
+        0,
+        "version 1 is the master key, not a stored row"
+    );
+    let mut late = secret("late", 1);
+    late.key_version = 2;
+    s.insert_secret(&late, 1, "a", &audit("secret.put"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.current_secret("late").await.unwrap().unwrap().key_version,
+        2
+    );
+    // A new master key: its record and the data keys re-wrapped under it, in one transaction
+    // (version 1, the old master key itself, becomes a stored row).
+    let rekeyed = |version: u64, byte: u8| DataKeyRecord {
+        version,
+        wrapped: vec![byte; 60],
+        created_at: 0,
+        retired_at: None,
+    };
+    s.put_master_key(
+        &record("file", None),
+        true,
+        &[rekeyed(1, 0xa1), rekeyed(2, 0xa2)],
+        &audit("master-key.rekey"),
+    )
+    .await
+    .unwrap();
+    let keys = s.data_keys().await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.version, k.wrapped[0], k.created_at))
+            .collect::<Vec<_>>(),
+        [(1, 0xa1, 0), (2, 0xa2, 7)]
+    );
+
     // Pruning records itself.
     let n = s
         .prune_audit(i64::MAX, &audit("audit.prune"))
@@ -494,8 +618,8 @@ async fn postgres_engine() {
         exec(&url, "INSERT INTO schema_version (version) VALUES (99)").await;
         let versions = sqlx_helper::count(&url, "SELECT COUNT(*) FROM schema_version").await;
         assert_eq!(
-            versions, 6,
-            "five migrations, each applied once, and the planted 99"
+            versions, 7,
+            "six migrations, each applied once, and the planted 99"
         );
     }
     let e = PgStore::open(&pg_settings(url)).await.unwrap_err();

@@ -517,7 +517,7 @@ async fn authorize<S: Store>(
             // Another replica may have rotated the key since this one loaded it.
             if let Err(e) = kbs
                 .tokens
-                .reload_prompted(state.broker.store(), state.broker.cipher())
+                .reload_prompted(state.broker.store(), state.broker.keyring())
                 .await
             {
                 tracing::warn!(error = %e, "token keys could not be reloaded");

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::{Value, json};
 
 use crate::Error;
-use crate::keys::RecordCipher;
+use crate::keyring::Keyring;
 use crate::store::{AuditRecord, BrokerKey, Store, StoreError};
 
 /// The store purpose of the token signing key.
@@ -52,7 +52,7 @@ pub enum TokenError {
 }
 
 fn record_name() -> String {
-    format!("broker-key/{PURPOSE}")
+    crate::store::broker_key_sealed_name(PURPOSE)
 }
 
 /// One version of the signing key.
@@ -79,8 +79,13 @@ fn public_jwk(point: &[u8]) -> Result<(String, Value), Error> {
     Ok((kid, jwk))
 }
 
-fn load_key(cipher: &RecordCipher, record: &BrokerKey) -> Result<SigningKey, Error> {
-    let pkcs8 = cipher.open(&record_name(), record.version, &record.sealed)?;
+fn load_key(cipher: &Keyring, record: &BrokerKey) -> Result<SigningKey, Error> {
+    let pkcs8 = cipher.open(
+        record.key_version,
+        &record_name(),
+        record.version,
+        &record.sealed,
+    )?;
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
         .map_err(|e| Error::Crypto(format!("token key v{}: {e}", record.version)))?;
     let (kid, jwk) = public_jwk(pair.public_key().as_ref())?;
@@ -111,11 +116,7 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     /// Loads the keys from the store, making the first version when there is none (on
     /// several replicas at once, one insert wins and the others load it).
-    pub async fn load<S: Store>(
-        store: &S,
-        cipher: &RecordCipher,
-        now: i64,
-    ) -> Result<TokenKeys, Error> {
+    pub async fn load<S: Store>(store: &S, cipher: &Keyring, now: i64) -> Result<TokenKeys, Error> {
         let keys = TokenKeys {
             keys: RwLock::new(Vec::new()),
             last_prompted: std::sync::Mutex::new(None),
@@ -131,8 +132,11 @@ impl TokenKeys {
     }
 
     /// Re-reads the keys (another replica may have rotated); returns how many there are.
-    pub async fn reload<S: Store>(&self, store: &S, cipher: &RecordCipher) -> Result<usize, Error> {
+    pub async fn reload<S: Store>(&self, store: &S, cipher: &Keyring) -> Result<usize, Error> {
         let records = store.broker_keys(PURPOSE).await?;
+        if records.iter().any(|r| r.key_version > cipher.current()) {
+            cipher.refresh(store).await?;
+        }
         let loaded = records
             .iter()
             .map(|r| load_key(cipher, r).map(Arc::new))
@@ -149,7 +153,7 @@ impl TokenKeys {
     pub async fn reload_prompted<S: Store>(
         &self,
         store: &S,
-        cipher: &RecordCipher,
+        cipher: &Keyring,
     ) -> Result<bool, Error> {
         let now = std::time::Instant::now();
         {
@@ -168,7 +172,7 @@ impl TokenKeys {
     pub async fn rotate<S: Store>(
         &self,
         store: &S,
-        cipher: &RecordCipher,
+        cipher: &Keyring,
         actor: &str,
         now: i64,
     ) -> Result<u64, Error> {
@@ -261,7 +265,7 @@ impl TokenKeys {
 
 async fn make_version<S: Store>(
     store: &S,
-    cipher: &RecordCipher,
+    cipher: &Keyring,
     version: u64,
     actor: &str,
     now: i64,
@@ -272,13 +276,16 @@ async fn make_version<S: Store>(
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
         .map_err(|_| Error::Crypto("token key generation".into()))?;
     let (kid, jwk) = public_jwk(pair.public_key().as_ref())?;
-    let sealed = cipher.seal(&record_name(), version, pkcs8.as_ref())?;
-    let record = BrokerKey {
-        purpose: PURPOSE.into(),
-        version,
-        created_at: now,
-        public: jwk,
-        sealed,
+    let seal = || -> Result<BrokerKey, Error> {
+        let sealed = cipher.seal(&record_name(), version, pkcs8.as_ref())?;
+        Ok(BrokerKey {
+            purpose: PURPOSE.into(),
+            version,
+            created_at: now,
+            public: jwk.clone(),
+            sealed: sealed.bytes,
+            key_version: sealed.key_version,
+        })
     };
     let audit = AuditRecord {
         id: 0,
@@ -288,7 +295,14 @@ async fn make_version<S: Store>(
         outcome: "ok".into(),
         detail: json!({ "purpose": PURPOSE, "version": version, "kid": kid }),
     };
-    Ok(store.insert_broker_key(&record, &audit).await?)
+    match store.insert_broker_key(&seal()?, &audit).await {
+        // A data-key rotation began: seal again under the new key.
+        Err(crate::store::StoreError::OldDataKey { .. }) => {
+            cipher.refresh(store).await?;
+            Ok(store.insert_broker_key(&seal()?, &audit).await?)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// The `kid` in a token's header, without verifying anything.
@@ -397,10 +411,11 @@ mod tests {
         let store = crate::store::SqliteStore::open(&dir.path().join("b.db"))
             .await
             .unwrap();
-        let cipher = crate::keys::MasterKey::generate()
-            .unwrap()
-            .record_cipher()
-            .unwrap();
+        let cipher = Keyring::new(
+            crate::keys::MasterKey::generate().unwrap(),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
         let keys = TokenKeys::load(&store, &cipher, 100).await.unwrap();
         let claims = json!({"eat_profile": EAR_PROFILE, "exp": 200, "iat": 100});
         let t1 = keys.sign(&claims).unwrap();
@@ -454,10 +469,11 @@ mod tests {
         let stored = store.broker_keys(PURPOSE).await.unwrap();
         assert_eq!(stored.len(), 2);
         assert!(!format!("{:?}", stored[0]).contains("sealed"));
-        let other = crate::keys::MasterKey::generate()
-            .unwrap()
-            .record_cipher()
-            .unwrap();
+        let other = Keyring::new(
+            crate::keys::MasterKey::generate().unwrap(),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
         assert!(TokenKeys::load(&store, &other, 130).await.is_err());
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use crate::Error;
 use crate::audit;
 use crate::config::Settings;
-use crate::nonce::NonceAuthority;
+use crate::keyring::Keyring;
 use crate::release::{Broker, Refusal};
 use crate::secrets::SecretKind;
 use crate::store::sql::now as now_i64;
@@ -677,7 +677,7 @@ async fn rotate_token_key<S: Store>(
     };
     let version = kbs
         .tokens()
-        .rotate(state.broker.store(), state.broker.cipher(), &op, now_i64())
+        .rotate(state.broker.store(), state.broker.keyring(), &op, now_i64())
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -852,15 +852,11 @@ pub async fn build(
         tracing::warn!("{warning}");
     }
     let tls_state = Arc::new(tls::TlsState::load(&settings.tls)?);
-    let broker = Broker::new(
-        store,
-        Verifier::new(anchors),
-        NonceAuthority::new(master.nonce_key()?),
-        master.record_cipher()?,
-        settings.nonce_ttl,
-    )
-    .with_kds(crate::kds::Kds::new(&settings.kds)?)
-    .with_audit_budget(settings.audit.budget);
+    let sessions_key = master.kbs_session_key()?;
+    let keyring = Arc::new(Keyring::load(master, &store, settings.nonce_ttl).await?);
+    let broker = Broker::new(store, Verifier::new(anchors), keyring, settings.nonce_ttl)
+        .with_kds(crate::kds::Kds::new(&settings.kds)?)
+        .with_audit_budget(settings.audit.budget);
     let mut metrics = metrics::Metrics::new();
     metrics.register_store(broker.store().commit_metrics());
     metrics.set_simulated_root(settings.dangerous_trust_simulated_root.is_some());
@@ -877,9 +873,9 @@ pub async fn build(
     }
     let kbs = if settings.kbs.enabled {
         let tokens =
-            crate::kbs::token::TokenKeys::load(broker.store(), broker.cipher(), now_i64()).await?;
+            crate::kbs::token::TokenKeys::load(broker.store(), broker.keyring(), now_i64()).await?;
         Some(Arc::new(crate::kbs::Kbs::new(
-            crate::kbs::session::Sessions::new(master.kbs_session_key()?),
+            crate::kbs::session::Sessions::new(sessions_key),
             tokens,
             settings.kbs.clone(),
         )))
@@ -955,6 +951,22 @@ pub async fn serve<S: Store>(
                     Err(e) => {
                         tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
                     }
+                }
+            }
+        })
+    };
+    // Data keys: pick up a rotation another replica or `broker keys rotate` began, so that new
+    // records and nonces move to the new key and superseded nonce keys age out.
+    let refresh_keys = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::keyring::REFRESH_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let broker = &state.broker;
+                if let Err(e) = broker.keyring().refresh(broker.store()).await {
+                    tracing::warn!(error = %e, "data key refresh failed");
                 }
             }
         })
@@ -1048,6 +1060,7 @@ pub async fn serve<S: Store>(
     tracing::info!("shutting down: draining connections");
     reload.abort();
     purge.abort();
+    refresh_keys.abort();
     drop(listener);
     let _ = shutdown_tx.send(true);
     let all = u32::try_from(settings.limits.max_connections).unwrap_or(u32::MAX);

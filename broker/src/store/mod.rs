@@ -26,6 +26,15 @@ pub enum StoreError {
     /// A concurrent writer took the same key; try again.
     #[error("store conflict: {0}")]
     Conflict(String),
+    /// A record sealed under an older data key than the store's current one (a rotation
+    /// began): reload the data keys and seal again.
+    #[error("record sealed under data key {sealed_under}, the store's current one is {current}")]
+    OldDataKey {
+        /// The version the record was sealed under.
+        sealed_under: u64,
+        /// The store's current data-key version.
+        current: u64,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -52,6 +61,8 @@ pub struct StoredSecret {
     pub meta: serde_json::Value,
     /// `nonce || ciphertext || tag` under the record key.
     pub sealed: Vec<u8>,
+    /// The data-key version it is sealed under.
+    pub key_version: u64,
 }
 
 impl std::fmt::Debug for StoredSecret {
@@ -78,6 +89,82 @@ pub struct BrokerKey {
     pub public: serde_json::Value,
     /// The sealed private key.
     pub sealed: Vec<u8>,
+    /// The data-key version it is sealed under.
+    pub key_version: u64,
+}
+
+/// A data-key version as stored: wrapped by the master key.
+#[derive(Clone)]
+pub struct DataKeyRecord {
+    /// Version (2, 3, …; 1 is the master key itself).
+    pub version: u64,
+    /// The key, wrapped by the master key.
+    pub wrapped: Vec<u8>,
+    /// When it was made.
+    pub created_at: i64,
+    /// When every record had moved to a newer version, if they have.
+    pub retired_at: Option<i64>,
+}
+
+impl std::fmt::Debug for DataKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKeyRecord")
+            .field("version", &self.version)
+            .field("created_at", &self.created_at)
+            .field("retired_at", &self.retired_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which table a sealed record lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealedTable {
+    /// `secrets`: keyed by name and version.
+    Secret,
+    /// `broker_keys`: keyed by purpose and version.
+    BrokerKey,
+}
+
+/// A sealed record, for re-encryption under a new data key.
+#[derive(Clone)]
+pub struct SealedRecord {
+    /// Its table.
+    pub table: SealedTable,
+    /// The secret's name or the broker key's purpose.
+    pub name: String,
+    /// The record's version.
+    pub version: u64,
+    /// The data-key version it is sealed under.
+    pub key_version: u64,
+    /// The sealed bytes.
+    pub sealed: Vec<u8>,
+}
+
+impl SealedRecord {
+    /// The name its seal is bound to (associated data): a secret's name, or
+    /// `broker-key/<purpose>` for the broker's own keys.
+    pub fn sealed_name(&self) -> String {
+        match self.table {
+            SealedTable::Secret => self.name.clone(),
+            SealedTable::BrokerKey => broker_key_sealed_name(&self.name),
+        }
+    }
+}
+
+/// The name a broker key of `purpose` is sealed under.
+pub fn broker_key_sealed_name(purpose: &str) -> String {
+    format!("broker-key/{purpose}")
+}
+
+impl std::fmt::Debug for SealedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedRecord")
+            .field("table", &self.table)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for BrokerKey {
@@ -312,15 +399,47 @@ pub trait Store: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<Option<MasterKeyRecord>, StoreError>> + Send;
     /// Records how the master key is held, with its audit record: `Conflict` if a record
-    /// exists (another replica recorded it first) unless `replace` (a re-wrap).
+    /// exists (another replica recorded it first) unless `replace` (a re-wrap), and in the
+    /// same transaction stores `data_keys` (re-wrapped under a new master key: each row's
+    /// wrapped bytes are replaced, or the row added).
     fn put_master_key(
         &self,
         record: &MasterKeyRecord,
         replace: bool,
+        data_keys: &[DataKeyRecord],
         audit: &AuditRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// How many records are sealed under the master key (secret versions and broker keys).
     fn sealed_records(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The data-key versions, oldest first (version 1, the master key itself, is not stored).
+    fn data_keys(&self) -> impl Future<Output = Result<Vec<DataKeyRecord>, StoreError>> + Send;
+    /// Adds a data-key version (a conflict if it exists), with its audit record.
+    fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Up to `limit` sealed records under a data key older than `current`.
+    fn records_under_old_keys(
+        &self,
+        current: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<SealedRecord>, StoreError>> + Send;
+    /// Replaces records with their re-encryption, in one transaction that also starts a new
+    /// generation; a record whose key version changed meanwhile is left alone. How many were
+    /// replaced.
+    fn reseal(
+        &self,
+        records: &[(SealedRecord, Vec<u8>, u64)],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Marks every data key older than `current` retired, if no record is sealed under one
+    /// any more (a conflict otherwise), with its audit record. How many were retired.
+    fn retire_data_keys(
+        &self,
+        current: u64,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// A cached AMD certificate or CRL.
     fn cache_get(
@@ -477,12 +596,41 @@ impl Store for AnyStore {
         &self,
         record: &MasterKeyRecord,
         replace: bool,
+        data_keys: &[DataKeyRecord],
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.put_master_key(record, replace, audit).await)
+        dispatch!(self, s => s.put_master_key(record, replace, data_keys, audit).await)
     }
     async fn sealed_records(&self) -> Result<u64, StoreError> {
         dispatch!(self, s => s.sealed_records().await)
+    }
+    async fn data_keys(&self) -> Result<Vec<DataKeyRecord>, StoreError> {
+        dispatch!(self, s => s.data_keys().await)
+    }
+    async fn insert_data_key(
+        &self,
+        key: &DataKeyRecord,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.insert_data_key(key, audit).await)
+    }
+    async fn records_under_old_keys(
+        &self,
+        current: u64,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        dispatch!(self, s => s.records_under_old_keys(current, limit).await)
+    }
+    async fn reseal(&self, records: &[(SealedRecord, Vec<u8>, u64)]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.reseal(records).await)
+    }
+    async fn retire_data_keys(
+        &self,
+        current: u64,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.retire_data_keys(current, at, audit).await)
     }
     async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         dispatch!(self, s => s.cache_get(key).await)

@@ -82,7 +82,23 @@ macro_rules! sql_store {
                 sealed: row
                     .try_get::<Option<Vec<u8>>, _>("sealed")?
                     .unwrap_or_default(),
+                key_version: to_u64(row.try_get("key_version")?),
             })
+        }
+
+        /// Refuses a record sealed under an older data key than the store's current one.
+        async fn check_key_version(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            sealed_under: u64,
+        ) -> Result<(), StoreError> {
+            let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM data_keys")
+                .fetch_one(conn)
+                .await?;
+            let current = to_u64(current.unwrap_or(1));
+            if sealed_under < current {
+                return Err(StoreError::OldDataKey { sealed_under, current });
+            }
+            Ok(())
         }
 
         fn policy_from_row(row: &<$db as sqlx::Database>::Row) -> Result<PolicyVersion, StoreError> {
@@ -131,10 +147,11 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                check_key_version(&mut tx, s.key_version).await?;
                 bump_generation(&mut tx).await?;
                 sqlx::query(
-                    "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta, key_version)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&s.name)
                 .bind(to_i64(s.version))
@@ -143,6 +160,7 @@ macro_rules! sql_store {
                 .bind(created_by)
                 .bind(&s.sealed)
                 .bind(s.meta.to_string())
+                .bind(to_i64(s.key_version))
                 .execute(&mut *tx)
                 .await?;
                 insert_audit(&mut tx, audit).await?;
@@ -153,7 +171,7 @@ macro_rules! sql_store {
 
             async fn current_secret(&self, name: &str) -> Result<Option<StoredSecret>, StoreError> {
                 let row = sqlx::query(
-                    "SELECT name, version, kind, sealed, meta FROM secrets
+                    "SELECT name, version, kind, sealed, meta, key_version FROM secrets
                      WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
                 )
                 .bind(name)
@@ -353,6 +371,7 @@ macro_rules! sql_store {
                 &self,
                 record: &$crate::store::MasterKeyRecord,
                 replace: bool,
+                data_keys: &[$crate::store::DataKeyRecord],
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
@@ -372,6 +391,17 @@ macro_rules! sql_store {
                     .await?;
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict("no master key record to replace".into()));
+                }
+                for key in data_keys {
+                    sqlx::query(
+                        "INSERT INTO data_keys (version, wrapped, created_at) VALUES ($1, $2, $3)
+                         ON CONFLICT (version) DO UPDATE SET wrapped = excluded.wrapped",
+                    )
+                    .bind(to_i64(key.version))
+                    .bind(&key.wrapped)
+                    .bind(key.created_at)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 insert_audit(&mut tx, audit).await?;
                 tx.commit().await?;
@@ -393,7 +423,7 @@ macro_rules! sql_store {
                 purpose: &str,
             ) -> Result<Vec<$crate::store::BrokerKey>, StoreError> {
                 let rows = sqlx::query(
-                    "SELECT purpose, version, created_at, public, sealed FROM broker_keys
+                    "SELECT purpose, version, created_at, public, sealed, key_version FROM broker_keys
                      WHERE purpose = $1 ORDER BY version DESC",
                 )
                 .bind(purpose)
@@ -410,6 +440,7 @@ macro_rules! sql_store {
                                 StoreError::Unavailable(format!("stored public key: {e}"))
                             })?,
                             sealed: r.try_get("sealed")?,
+                            key_version: to_u64(r.try_get("key_version")?),
                         })
                     })
                     .collect()
@@ -421,20 +452,167 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                check_key_version(&mut tx, key.key_version).await?;
                 sqlx::query(
-                    "INSERT INTO broker_keys (purpose, version, created_at, public, sealed)
-                     VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO broker_keys (purpose, version, created_at, public, sealed, key_version)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(&key.purpose)
                 .bind(to_i64(key.version))
                 .bind(key.created_at)
                 .bind(key.public.to_string())
                 .bind(&key.sealed)
+                .bind(to_i64(key.key_version))
                 .execute(&mut *tx)
                 .await?;
                 insert_audit(&mut tx, audit).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn data_keys(&self) -> Result<Vec<$crate::store::DataKeyRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT version, wrapped, created_at, retired_at FROM data_keys ORDER BY version",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok($crate::store::DataKeyRecord {
+                            version: to_u64(r.try_get("version")?),
+                            wrapped: r.try_get("wrapped")?,
+                            created_at: r.try_get("created_at")?,
+                            retired_at: r.try_get("retired_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn insert_data_key(
+                &self,
+                key: &$crate::store::DataKeyRecord,
+                audit: &AuditRecord,
+            ) -> Result<(), StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                sqlx::query(
+                    "INSERT INTO data_keys (version, wrapped, created_at) VALUES ($1, $2, $3)",
+                )
+                .bind(to_i64(key.version))
+                .bind(&key.wrapped)
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await?;
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn records_under_old_keys(
+                &self,
+                current: u64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::SealedRecord>, StoreError> {
+                use $crate::store::{SealedRecord, SealedTable};
+                let mut out = Vec::new();
+                for (table, sql) in [
+                    (
+                        SealedTable::Secret,
+                        // Any order: the key-version index finds the next batch at once.
+                        "SELECT name, version, key_version, sealed FROM secrets
+                         WHERE key_version < $1 AND sealed IS NOT NULL LIMIT $2",
+                    ),
+                    (
+                        SealedTable::BrokerKey,
+                        "SELECT purpose AS name, version, key_version, sealed FROM broker_keys
+                         WHERE key_version < $1 LIMIT $2",
+                    ),
+                ] {
+                    let left = i64::from(limit) - out.len() as i64;
+                    if left <= 0 {
+                        break;
+                    }
+                    let rows = sqlx::query(sql)
+                        .bind(to_i64(current))
+                        .bind(left)
+                        .fetch_all(&self.pool)
+                        .await?;
+                    for r in &rows {
+                        out.push(SealedRecord {
+                            table,
+                            name: r.try_get("name")?,
+                            version: to_u64(r.try_get("version")?),
+                            key_version: to_u64(r.try_get("key_version")?),
+                            sealed: r.try_get("sealed")?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn reseal(
+                &self,
+                records: &[($crate::store::SealedRecord, Vec<u8>, u64)],
+            ) -> Result<u64, StoreError> {
+                use $crate::store::SealedTable;
+                let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
+                let mut replaced = 0;
+                for (old, sealed, key_version) in records {
+                    let sql = match old.table {
+                        SealedTable::Secret => {
+                            "UPDATE secrets SET sealed = $1, key_version = $2
+                             WHERE name = $3 AND version = $4 AND key_version = $5"
+                        }
+                        SealedTable::BrokerKey => {
+                            "UPDATE broker_keys SET sealed = $1, key_version = $2
+                             WHERE purpose = $3 AND version = $4 AND key_version = $5"
+                        }
+                    };
+                    replaced += sqlx::query(sql)
+                        .bind(sealed)
+                        .bind(to_i64(*key_version))
+                        .bind(&old.name)
+                        .bind(to_i64(old.version))
+                        .bind(to_i64(old.key_version))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                self.decisions.cache.invalidate();
+                Ok(replaced)
+            }
+
+            async fn retire_data_keys(
+                &self,
+                current: u64,
+                at: i64,
+                audit: &AuditRecord,
+            ) -> Result<u64, StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT (SELECT COUNT(*) FROM secrets WHERE key_version < $1 AND sealed IS NOT NULL)
+                          + (SELECT COUNT(*) FROM broker_keys WHERE key_version < $1)",
+                )
+                .bind(to_i64(current))
+                .fetch_one(&mut *tx)
+                .await?;
+                if left > 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "{left} records are still sealed under data keys older than {current}"
+                    )));
+                }
+                let retired = sqlx::query(
+                    "UPDATE data_keys SET retired_at = $1 WHERE version < $2 AND retired_at IS NULL",
+                )
+                .bind(at)
+                .bind(to_i64(current))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(retired)
             }
 
             async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
@@ -544,7 +722,7 @@ macro_rules! sql_store {
                 }
                 for name in misses.names {
                     let row = sqlx::query(
-                        "SELECT name, version, kind, sealed, meta FROM secrets
+                        "SELECT name, version, kind, sealed, meta, key_version FROM secrets
                          WHERE name = $1 AND deleted_at IS NULL ORDER BY version DESC LIMIT 1",
                     )
                     .bind(&name)

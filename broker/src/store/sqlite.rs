@@ -82,6 +82,17 @@ const MIGRATIONS: &[&str] = &[
         key_check BLOB NOT NULL,
         created_at BIGINT NOT NULL
     );",
+    // 6: data-key versions (version 1 is the master key itself, not stored): each wrapped
+    // by the master key; every sealed record names the version it is sealed under.
+    "CREATE TABLE data_keys (
+        version BIGINT PRIMARY KEY,
+        wrapped BLOB NOT NULL,
+        created_at BIGINT NOT NULL,
+        retired_at BIGINT
+    );
+    ALTER TABLE secrets ADD COLUMN key_version BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE broker_keys ADD COLUMN key_version BIGINT NOT NULL DEFAULT 1;
+    CREATE INDEX secrets_key_version ON secrets (key_version) WHERE sealed IS NOT NULL;",
 ];
 
 /// The SQLite store.
@@ -329,6 +340,7 @@ mod tests {
             kind: "opaque".into(),
             meta: serde_json::json!({"bytes": 3}),
             sealed: vec![version as u8; 40],
+            key_version: 1,
         }
     }
 

@@ -289,6 +289,21 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let rotations = kind("rotation");
+    if !rotations.is_empty() {
+        println!("\n| data-key rotation | records | batch | seconds | records/s |");
+        println!("|---|---|---|---|---|");
+        for v in &rotations {
+            println!(
+                "| {} | {} | {} | {:.1} | {:.0} |",
+                v["engine"].as_str().unwrap_or("?"),
+                v["records"],
+                v["batch"],
+                f(v, &["seconds"]),
+                f(v, &["records_per_second"]),
+            );
+        }
+    }
     let shakes = kind("handshake");
     if !shakes.is_empty() {
         println!(
