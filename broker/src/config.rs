@@ -27,6 +27,16 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     kbs: RawKbs,
+    #[serde(default)]
+    platform: RawPlatform,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlatform {
+    dangerous_simulated: Option<PathBuf>,
+    simulated_measurement: Option<String>,
+    simulated_chip_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +96,10 @@ struct RawMasterKey {
     pkcs11_key: Option<String>,
     pkcs11_pin_file: Option<PathBuf>,
     pkcs11_pin_credential: Option<String>,
+    snp_sealed: Option<Vec<String>>,
+    snp_sealed_vmpl: Option<u32>,
+    snp_sealed_guest_svn: Option<u32>,
+    snp_sealed_tcb_version: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +138,14 @@ pub enum MasterKeySource {
     Env(String),
     /// The store holds the key wrapped by a non-extractable AES key in a PKCS#11 token.
     Pkcs11(crate::hsm::Pkcs11Settings),
+    /// The store holds the key sealed to the SEV-SNP VM the broker runs in (a key the AMD
+    /// secure processor derives from the chip and the selected launch fields).
+    SnpSealed {
+        /// What the key is sealed to.
+        sealing: crate::platform::Sealing,
+        /// Where the broker runs (`[platform]`).
+        platform: crate::platform::PlatformChoice,
+    },
 }
 
 impl MasterKeySource {
@@ -132,6 +154,7 @@ impl MasterKeySource {
         match self {
             MasterKeySource::File(_) | MasterKeySource::Env(_) => "file",
             MasterKeySource::Pkcs11(_) => "pkcs11",
+            MasterKeySource::SnpSealed { .. } => "snp-sealed",
         }
     }
 }
@@ -245,12 +268,96 @@ pub struct Settings {
     pub kbs: KbsSettings,
 }
 
-fn master_key_source(m: RawMasterKey, base: &Path) -> Result<MasterKeySource, String> {
+fn platform_choice(p: RawPlatform, base: &Path) -> Result<crate::platform::PlatformChoice, String> {
+    use crate::platform::PlatformChoice;
+    let hex_field =
+        |value: Option<String>, what: &str, len: usize| -> Result<Option<Vec<u8>>, String> {
+            value
+                .map(|h| {
+                    hex::decode(h.trim())
+                        .ok()
+                        .filter(|b| b.len() == len)
+                        .ok_or_else(|| format!("platform.{what}: {} hex digits", 2 * len))
+                })
+                .transpose()
+        };
+    match p.dangerous_simulated {
+        None if p.simulated_measurement.is_some() || p.simulated_chip_id.is_some() => Err(
+            "platform: simulated_measurement and simulated_chip_id need dangerous_simulated".into(),
+        ),
+        None => Ok(PlatformChoice::SevGuest),
+        Some(dir) => Ok(PlatformChoice::DangerousSimulated {
+            dir: resolve(base, dir),
+            measurement: hex_field(p.simulated_measurement, "simulated_measurement", 48)?,
+            chip_id: hex_field(p.simulated_chip_id, "simulated_chip_id", 64)?,
+        }),
+    }
+}
+
+fn sealing(m: &RawMasterKey) -> Result<Option<crate::platform::Sealing>, String> {
+    use crate::platform::{SealField, Sealing};
+    let Some(names) = &m.snp_sealed else {
+        if m.snp_sealed_vmpl.is_some()
+            || m.snp_sealed_guest_svn.is_some()
+            || m.snp_sealed_tcb_version.is_some()
+        {
+            return Err("master_key: snp_sealed_* settings need snp_sealed (the fields)".into());
+        }
+        return Ok(None);
+    };
+    let mut fields = Vec::new();
+    for name in names {
+        let field = SealField::ALL
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                format!(
+                    "master_key.snp_sealed: unknown field {name:?} (policy, image_id, family_id, measurement, guest_svn, tcb_version)"
+                )
+            })?;
+        fields.push(field);
+    }
+    fields.sort_unstable();
+    fields.dedup();
+    if fields.is_empty() {
+        return Err(
+            "master_key.snp_sealed: name at least one field (e.g. [\"measurement\", \"policy\"]): \
+             with none, any VM on the chip derives the key"
+                .into(),
+        );
+    }
+    let vmpl = m.snp_sealed_vmpl.unwrap_or(0);
+    if vmpl > 3 {
+        return Err("master_key.snp_sealed_vmpl: 0 to 3".into());
+    }
+    Ok(Some(Sealing {
+        fields,
+        vmpl,
+        guest_svn: m.snp_sealed_guest_svn.unwrap_or(0),
+        tcb_version: m.snp_sealed_tcb_version.unwrap_or(0),
+    }))
+}
+
+fn master_key_source(
+    m: RawMasterKey,
+    base: &Path,
+    platform: crate::platform::PlatformChoice,
+) -> Result<MasterKeySource, String> {
     let pkcs11 = m.pkcs11_module.is_some()
         || m.pkcs11_token.is_some()
         || m.pkcs11_key.is_some()
         || m.pkcs11_pin_file.is_some()
         || m.pkcs11_pin_credential.is_some();
+    if let Some(sealing) = sealing(&m)? {
+        if m.file.is_some() || m.env.is_some() || pkcs11 {
+            return Err(
+                "master_key: set exactly one provider: file, env, pkcs11_module or snp_sealed"
+                    .into(),
+            );
+        }
+        return Ok(MasterKeySource::SnpSealed { sealing, platform });
+    }
     match (m.file, m.env, pkcs11) {
         (Some(f), None, false) => Ok(MasterKeySource::File(resolve(base, f))),
         (None, Some(e), false) => Ok(MasterKeySource::Env(e)),
@@ -262,7 +369,9 @@ fn master_key_source(m: RawMasterKey, base: &Path) -> Result<MasterKeySource, St
                     crate::hsm::PinSource::Credential(c)
                 }
                 (None, Some(_)) => {
-                    return Err("master_key.pkcs11_pin_credential: a credential name (no '/')".into());
+                    return Err(
+                        "master_key.pkcs11_pin_credential: a credential name (no '/')".into(),
+                    );
                 }
                 _ => {
                     return Err(
@@ -280,8 +389,8 @@ fn master_key_source(m: RawMasterKey, base: &Path) -> Result<MasterKeySource, St
             }))
         }
         _ => Err(
-            "master_key: set exactly one provider: file, env, or pkcs11_module (with pkcs11_token, \
-             pkcs11_key and a PIN source)"
+            "master_key: set exactly one provider: file, env, pkcs11_module (with pkcs11_token, \
+             pkcs11_key and a PIN source), or snp_sealed"
                 .into(),
         ),
     }
@@ -339,7 +448,8 @@ impl Settings {
             .parse()
             .map_err(|_| format!("listen: {:?} is not an address:port", raw.listen))?;
         let store = store_settings(raw.store, base)?;
-        let master_key = master_key_source(raw.master_key, base)?;
+        let platform = platform_choice(raw.platform, base)?;
+        let master_key = master_key_source(raw.master_key, base, platform)?;
         let nonce_ttl = raw.attestation.nonce_ttl_secs.unwrap_or(60);
         if !(5..=3600).contains(&nonce_ttl) {
             return Err("attestation.nonce_ttl_secs: must be between 5 and 3600".into());
@@ -626,9 +736,70 @@ file = "master.key"
                 "a credential name",
             ),
             ("[master_key]\npkcs11_pin = \"1234\"", "unknown field"),
+            ("[master_key]\nsnp_sealed = []", "name at least one field"),
+            (
+                "[master_key]\nsnp_sealed = [\"measurment\"]",
+                "unknown field \"measurment\"",
+            ),
+            (
+                "[master_key]\nsnp_sealed = [\"measurement\"]\nfile = \"k\"",
+                "exactly one provider",
+            ),
+            (
+                "[master_key]\nsnp_sealed_vmpl = 1\nfile = \"k\"",
+                "need snp_sealed",
+            ),
+            (
+                "[master_key]\nsnp_sealed = [\"policy\"]\nsnp_sealed_vmpl = 4",
+                "0 to 3",
+            ),
         ] {
             let e = Settings::parse(&with(section), Path::new("/")).unwrap_err();
             assert!(e.contains(error), "{section}: {e}");
+        }
+        // snp-sealed: the fields sorted, the real platform unless a simulated one is named.
+        let s = Settings::parse(
+            &with("[master_key]\nsnp_sealed = [\"measurement\", \"policy\", \"measurement\"]\nsnp_sealed_vmpl = 1"),
+            Path::new("/etc/broker"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.master_key,
+            MasterKeySource::SnpSealed {
+                sealing: crate::platform::Sealing {
+                    fields: vec![
+                        crate::platform::SealField::Policy,
+                        crate::platform::SealField::Measurement
+                    ],
+                    vmpl: 1,
+                    guest_svn: 0,
+                    tcb_version: 0,
+                },
+                platform: crate::platform::PlatformChoice::SevGuest,
+            }
+        );
+        assert_eq!(s.master_key.provider(), "snp-sealed");
+        let s = Settings::parse(
+            &format!(
+                "{}[platform]\ndangerous_simulated = \"sim\"\nsimulated_measurement = \"{}\"\n",
+                with("[master_key]\nsnp_sealed = [\"measurement\"]"),
+                "ab".repeat(48)
+            ),
+            Path::new("/etc/broker"),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.master_key,
+            MasterKeySource::SnpSealed {
+                platform: crate::platform::PlatformChoice::DangerousSimulated { ref dir, .. },
+                ..
+            } if dir == Path::new("/etc/broker/sim")
+        ));
+        for platform in [
+            "[platform]\nsimulated_measurement = \"ab\"",
+            "[platform]\ndangerous_simulated = \"sim\"\nsimulated_chip_id = \"ab\"",
+        ] {
+            assert!(Settings::parse(&format!("{GOOD}{platform}\n"), Path::new("/")).is_err());
         }
         // KBS: off by default; its settings checked.
         let s = Settings::parse(GOOD, Path::new("/")).unwrap();

@@ -42,9 +42,12 @@ impl MasterKey {
     /// store, wrapped: see [`open_master_key`].
     pub fn load(source: &MasterKeySource) -> Result<MasterKey, Error> {
         match source {
-            MasterKeySource::Pkcs11(_) => Err(Error::Config(
-                "a pkcs11 master key is unwrapped from the store (open_master_key)".into(),
-            )),
+            MasterKeySource::Pkcs11(_) | MasterKeySource::SnpSealed { .. } => {
+                Err(Error::Config(format!(
+                    "a {} master key is unwrapped from the store (open_master_key)",
+                    source.provider()
+                )))
+            }
             MasterKeySource::File(path) => {
                 check_private_file(path)?;
                 let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
@@ -148,110 +151,153 @@ impl MasterKey {
     }
 }
 
+/// A provider that holds the master key wrapped in the store: a PKCS#11 token, or the
+/// SEV-SNP VM the broker runs in.
+#[derive(Clone)]
+enum Wrapper {
+    Token(std::sync::Arc<crate::hsm::Hsm>),
+    Sealed(std::sync::Arc<(Box<dyn crate::platform::Platform>, crate::platform::Sealing)>),
+}
+
+impl Wrapper {
+    async fn open(source: &MasterKeySource) -> Result<Option<Wrapper>, Error> {
+        Ok(match source {
+            MasterKeySource::Pkcs11(settings) => Some(Wrapper::Token(std::sync::Arc::new(
+                open_hsm(settings).await?,
+            ))),
+            MasterKeySource::SnpSealed { sealing, platform } => Some(Wrapper::Sealed(
+                std::sync::Arc::new((platform.open()?, sealing.clone())),
+            )),
+            MasterKeySource::File(_) | MasterKeySource::Env(_) => None,
+        })
+    }
+
+    async fn wrap(&self, key: &MasterKey) -> Result<Vec<u8>, Error> {
+        let copy = MasterKey::from_bytes(key.expose())?;
+        match self.clone() {
+            Wrapper::Token(hsm) => blocking(move || hsm.wrap(&copy)).await,
+            Wrapper::Sealed(s) => blocking(move || crate::platform::seal(&*s.0, &s.1, &copy)).await,
+        }
+    }
+
+    async fn unwrap(&self, wrapped: Vec<u8>) -> Result<MasterKey, Error> {
+        match self.clone() {
+            Wrapper::Token(hsm) => blocking(move || hsm.unwrap(&wrapped)).await,
+            Wrapper::Sealed(s) => {
+                blocking(move || crate::platform::unseal(&*s.0, &s.1, &wrapped)).await
+            }
+        }
+    }
+}
+
 /// The master key of a store, from its configured provider, checked against what the store
 /// recorded:
 ///
 /// - `file` / `env`: the key is read from its source. The first start on a store records the
 ///   provider and the key's check value (a store written before that record existed is
 ///   adopted); later starts refuse a key whose check value differs, and a store whose key is
-///   wrapped by a token.
-/// - `pkcs11`: the store holds the key wrapped by the token's key and it is unwrapped there.
-///   The first start on an empty store makes a random key and stores it wrapped; a store with
-///   records sealed under a file key is refused until `broker keys wrap` moves that key under
-///   the token (the key itself, and so every record, stays the same).
+///   wrapped by another provider.
+/// - `pkcs11` / `snp-sealed`: the store holds the key wrapped by the token's key (sealed to
+///   the VM) and it is unwrapped there. The first start on an empty store makes a random key
+///   and stores it wrapped; a store with records sealed under another provider's key is
+///   refused until that key is moved (`broker keys wrap`, `broker keys rotate --from-config`).
 pub async fn open_master_key<S: crate::store::Store>(
     source: &MasterKeySource,
     store: &S,
     now: i64,
 ) -> Result<MasterKey, Error> {
     let recorded = store.master_key().await?;
-    match (source, recorded) {
-        (MasterKeySource::Pkcs11(settings), recorded) => {
-            let hsm = open_hsm(settings).await?;
-            match recorded {
-                Some(r) if r.provider == "pkcs11" => {
-                    let wrapped = r.wrapped.clone().unwrap_or_default();
-                    let key = blocking(move || hsm.unwrap(&wrapped)).await?;
+    let Some(wrapper) = Wrapper::open(source).await? else {
+        return open_file_key(source, recorded, store, now).await;
+    };
+    let provider = source.provider();
+    let move_hint = if provider == "pkcs11" {
+        "move it under the token first: broker keys wrap --config <this config> --from-file <the current key file>"
+    } else {
+        "move it first: broker keys rotate --config <this config> --from-config <the current config>"
+    };
+    match recorded {
+        Some(r) if r.provider == provider => {
+            let key = wrapper
+                .unwrap(r.wrapped.clone().unwrap_or_default())
+                .await?;
+            verify_check(&key, &r)?;
+            Ok(key)
+        }
+        Some(r) => Err(Error::Config(format!(
+            "this store's master key is held by the {} provider; {move_hint}",
+            r.provider
+        ))),
+        None => {
+            if store.sealed_records().await? > 0 {
+                return Err(Error::Config(format!(
+                    "this store has records sealed under a master key that is not recorded \
+                     (written before providers were); {move_hint}"
+                )));
+            }
+            let key = MasterKey::generate()?;
+            let record = record(provider, Some(wrapper.wrap(&key).await?), &key, now)?;
+            match store
+                .put_master_key(
+                    &record,
+                    false,
+                    &[],
+                    &key_audit("master-key.create", &record, now),
+                )
+                .await
+            {
+                Ok(()) => Ok(key),
+                // Another replica made one first: use that one.
+                Err(crate::store::StoreError::Conflict(_)) => {
+                    let r = recorded_by_another(store).await?;
+                    let key = wrapper
+                        .unwrap(r.wrapped.clone().unwrap_or_default())
+                        .await?;
                     verify_check(&key, &r)?;
                     Ok(key)
                 }
-                Some(r) => Err(Error::Config(format!(
-                    "this store's master key is held by the {} provider; move it under the token first: \
-                     broker keys wrap --config <this config> --from-file <the current key file>",
-                    r.provider
-                ))),
-                None => {
-                    if store.sealed_records().await? > 0 {
-                        return Err(Error::Config(
-                            "this store has records sealed under a master key that is not recorded \
-                     (written before providers were); move that key under the token first: \
-                     broker keys wrap --config <this config> --from-file <the key file>"
-                                .into(),
-                        ));
-                    }
-                    let key = MasterKey::generate()?;
-                    let copy = MasterKey::from_bytes(key.expose())?;
-                    let (hsm, wrapped) = blocking(move || {
-                        let w = hsm.wrap(&copy);
-                        w.map(|w| (hsm, w))
-                    })
-                    .await?;
-                    let record = record("pkcs11", Some(wrapped), &key, now)?;
-                    match store
-                        .put_master_key(
-                            &record,
-                            false,
-                            &[],
-                            &key_audit("master-key.create", &record, now),
-                        )
-                        .await
-                    {
-                        Ok(()) => Ok(key),
-                        // Another replica made one first: use that one.
-                        Err(crate::store::StoreError::Conflict(_)) => {
-                            let r = recorded_by_another(store).await?;
-                            let wrapped = r.wrapped.clone().unwrap_or_default();
-                            let key = blocking(move || hsm.unwrap(&wrapped)).await?;
-                            verify_check(&key, &r)?;
-                            Ok(key)
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                }
+                Err(e) => Err(e.into()),
             }
         }
-        (source, recorded) => {
-            let key = MasterKey::load(source)?;
-            match recorded {
-                Some(r) if r.provider == "file" => {
+    }
+}
+
+/// [`open_master_key`] for a key read from a file or the environment.
+async fn open_file_key<S: crate::store::Store>(
+    source: &MasterKeySource,
+    recorded: Option<crate::store::MasterKeyRecord>,
+    store: &S,
+    now: i64,
+) -> Result<MasterKey, Error> {
+    let key = MasterKey::load(source)?;
+    match recorded {
+        Some(r) if r.provider == "file" => {
+            verify_check(&key, &r)?;
+            Ok(key)
+        }
+        Some(r) => Err(Error::Config(format!(
+            "this store's master key is wrapped by the {} provider: configure it in [master_key] \
+             (a key file no longer opens this store)",
+            r.provider
+        ))),
+        None => {
+            let record = record("file", None, &key, now)?;
+            match store
+                .put_master_key(
+                    &record,
+                    false,
+                    &[],
+                    &key_audit("master-key.adopt", &record, now),
+                )
+                .await
+            {
+                Ok(()) => Ok(key),
+                Err(crate::store::StoreError::Conflict(_)) => {
+                    let r = recorded_by_another(store).await?;
                     verify_check(&key, &r)?;
                     Ok(key)
                 }
-                Some(r) => Err(Error::Config(format!(
-                    "this store's master key is wrapped by the {} provider: configure it in [master_key] \
-                     (a key file no longer opens this store)",
-                    r.provider
-                ))),
-                None => {
-                    let record = record("file", None, &key, now)?;
-                    match store
-                        .put_master_key(
-                            &record,
-                            false,
-                            &[],
-                            &key_audit("master-key.adopt", &record, now),
-                        )
-                        .await
-                    {
-                        Ok(()) => Ok(key),
-                        Err(crate::store::StoreError::Conflict(_)) => {
-                            let r = recorded_by_another(store).await?;
-                            verify_check(&key, &r)?;
-                            Ok(key)
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                }
+                Err(e) => Err(e.into()),
             }
         }
     }
@@ -292,23 +338,25 @@ pub async fn wrap_master_key<S: crate::store::Store>(
 }
 
 /// A new master key from `source` and the record that says how the store will hold it: a
-/// `pkcs11` provider makes a random key and wraps it in the token; a `file` or `env` source
-/// is read. For moving a store to another master key (`broker keys rotate --from-config`).
+/// `pkcs11` (`snp-sealed`) provider makes a random key and wraps it in the token (seals it to
+/// the VM); a `file` or `env` source is read. For moving a store to another master key (`broker keys rotate --from-config`).
 pub async fn new_master_key(
     source: &MasterKeySource,
     now: i64,
 ) -> Result<(MasterKey, crate::store::MasterKeyRecord), Error> {
-    match source {
-        MasterKeySource::Pkcs11(settings) => {
-            let hsm = open_hsm(settings).await?;
+    match Wrapper::open(source).await? {
+        Some(wrapper) => {
             let key = MasterKey::generate()?;
-            let copy = MasterKey::from_bytes(key.expose())?;
-            let wrapped = blocking(move || hsm.wrap(&copy)).await?;
-            let record = record("pkcs11", Some(wrapped), &key, now)?;
+            let record = record(
+                source.provider(),
+                Some(wrapper.wrap(&key).await?),
+                &key,
+                now,
+            )?;
             Ok((key, record))
         }
-        other => {
-            let key = MasterKey::load(other)?;
+        None => {
+            let key = MasterKey::load(source)?;
             let record = record("file", None, &key, now)?;
             Ok((key, record))
         }

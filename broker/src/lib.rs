@@ -21,6 +21,7 @@ pub mod keys;
 pub mod limit;
 pub mod measure;
 pub mod nonce;
+pub mod platform;
 pub mod policy_cmd;
 pub mod release;
 pub mod secrets;

@@ -398,3 +398,99 @@ async fn rotation_moves_a_key_file_store_to_a_new_key_in_the_token() {
         stderr(&out)
     );
 }
+
+/// `broker.toml` with its master key sealed to the simulated VM (the simulator's default
+/// measurement), `[platform]` its last section.
+fn sealed_config(config: &str) -> String {
+    let mut text = with_master_key(
+        config,
+        "[master_key]\nsnp_sealed = [\"measurement\", \"policy\"]\n",
+    );
+    text.push_str("\n[platform]\ndangerous_simulated = \"sim\"\n");
+    text
+}
+/// The `snp-sealed` provider on the simulated platform: the store holds the master key only
+/// sealed to the broker's VM; the same VM opens it again, an upgraded image (another
+/// measurement) or another selection of fields does not; the upgrade path moves the key
+/// through a key file to the new image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_key_sealed_to_the_brokers_vm() {
+    let mut b = Broker::start_configured(None, |_, c| sealed_config(&c));
+    provision(&b);
+    let before = b.attest_once("db-key").await.unwrap();
+    let out = b.cli(&["audit", "--action", "master-key.create", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("snp-sealed"));
+    b.serve();
+    assert_eq!(b.attest_once("db-key").await.unwrap(), before);
+    b.stop();
+
+    let config_path = b.dir.join("broker.toml");
+    let sealed = std::fs::read_to_string(&config_path).unwrap();
+    // An upgraded broker image: another measurement (the simulator's default is 5a…)
+    // derives another key.
+    let upgraded_path = b.dir.join("broker-upgraded.toml");
+    // ([platform] is the configuration's last section.)
+    let upgraded = format!("{sealed}simulated_measurement = \"{}\"\n", "a5".repeat(48));
+    std::fs::write(&upgraded_path, &upgraded).unwrap();
+    let e = refused_start(&upgraded_path, &[]);
+    assert!(e.contains("does not open the store's master key"), "{e}");
+    assert!(
+        e.contains("measurement, policy") || e.contains("policy, measurement"),
+        "{e}"
+    );
+    // Another selection of fields than the key was sealed with: said before deriving.
+    let other_fields = b.dir.join("broker-fields.toml");
+    std::fs::write(
+        &other_fields,
+        sealed.replace(
+            "snp_sealed = [\"measurement\", \"policy\"]",
+            "snp_sealed = [\"measurement\"]",
+        ),
+    )
+    .unwrap();
+    let e = refused_start(&other_fields, &[]);
+    assert!(e.contains("sealed to fields [policy, measurement]"), "{e}");
+
+    // The upgrade: the old VM moves the key to a recovery key file, the new VM seals it.
+    let recovery_key = b.dir.join("recovery.key");
+    std::fs::write(&recovery_key, format!("{}\n", "3c".repeat(31) + "c3")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&recovery_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let recovery_path = b.dir.join("broker-recovery.toml");
+    std::fs::write(
+        &recovery_path,
+        with_master_key(
+            &sealed,
+            &format!(
+                "[master_key]\nfile = {:?}\n",
+                recovery_key.display().to_string()
+            ),
+        ),
+    )
+    .unwrap();
+    let config = |p: &Path| p.to_str().unwrap().to_string();
+    for (to, from) in [
+        (&recovery_path, &config_path),
+        (&upgraded_path, &recovery_path),
+    ] {
+        let out = b.cli(&[
+            "keys",
+            "rotate",
+            "--config",
+            &config(to),
+            "--from-config",
+            &config(from),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = b.cli(&["keys", "rotate", "--config", &config(&upgraded_path)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(&config_path, &upgraded).unwrap();
+    b.serve();
+    assert_eq!(b.attest_once("db-key").await.unwrap(), before);
+    // The old image's configuration no longer opens the store.
+    b.stop();
+    std::fs::write(b.dir.join("broker-old.toml"), &sealed).unwrap();
+    let e = refused_start(&b.dir.join("broker-old.toml"), &[]);
+    assert!(e.contains("does not open the store's master key"), "{e}");
+}
