@@ -309,6 +309,13 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// A broker's own evidence did not prove it (`broker_evidence`): not verifiable, not
+    /// bound to the connection's TLS key and the caller's nonce, or refused by the policy.
+    #[error("{detail}")]
+    UntrustedBroker {
+        /// Why.
+        detail: String,
+    },
     /// An input (PEM, time, trust anchor) given by the caller is not usable.
     #[error("invalid input: {detail}")]
     InvalidInput {
@@ -410,6 +417,7 @@ impl Error {
             Error::QuoteMissing => "tpm_quote_missing",
             Error::InvalidInput { .. } => "invalid_input",
             Error::KbsEvidence { .. } => "kbs_evidence",
+            Error::UntrustedBroker { .. } => "untrusted_broker",
             Error::FirmwareNotOvmf { .. } => "firmware_not_ovmf",
             Error::FirmwareNoSevMetadata => "firmware_no_sev_metadata",
             Error::FirmwareSevMetadata { .. } => "firmware_sev_metadata",

@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod binding;
+pub mod broker_evidence;
 pub mod cert_table;
 pub mod certs;
 pub mod chain;

@@ -1,5 +1,7 @@
 //! The operator CLI's client for the admin API: mutual TLS with the operator's certificate,
-//! the broker's CA pinned.
+//! the broker's CA pinned; with [`AdminClient::require_attested_broker`], nothing is sent
+//! before the broker proved itself (`crate::attested`), and afterwards only its TLS key is
+//! accepted.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +31,73 @@ struct RawAdmin {
 pub struct AdminClient {
     base: String,
     http: reqwest::Client,
+    server: Arc<PinnedServer>,
+    require: Option<Arc<crate::attested::BrokerPolicy>>,
+    attested: Arc<tokio::sync::OnceCell<()>>,
+}
+
+/// The server certificate check: the broker's CA, and once the broker proved itself, its TLS
+/// key and no other.
+#[derive(Debug)]
+struct PinnedServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    /// The attested SubjectPublicKeyInfo (DER).
+    pinned: std::sync::RwLock<Option<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let pinned = self
+            .pinned
+            .read()
+            .map_err(|_| rustls::Error::General("pin lock poisoned".into()))?;
+        if let Some(pin) = pinned.as_ref() {
+            let spki = crate::attested::spki_of(end_entity)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            if aws_lc_rs::constant_time::verify_slices_are_equal(&spki, pin).is_err() {
+                return Err(rustls::Error::General(
+                    "the server's key is not the attested broker's".into(),
+                ));
+            }
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -82,26 +151,110 @@ impl AdminClient {
             .map_err(|e| cfg(&cert, &e))?;
         crate::keys::check_private_file(&key)?;
         let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| cfg(&key, &e))?;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key_der)
-        .map_err(|e| Error::Config(format!("client certificate: {e}")))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = Arc::new(PinnedServer {
+            inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| cfg(&ca, &e))?,
+            pinned: std::sync::RwLock::new(None),
+        });
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(server.clone())
+            .with_client_auth_cert(chain, key_der)
+            .map_err(|e| Error::Config(format!("client certificate: {e}")))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .tls_info(true)
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
         Ok(AdminClient {
             base: raw.url.trim_end_matches('/').to_string(),
             http,
+            server,
+            require: None,
+            attested: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
+    /// Before its first call, the client verifies the broker's own evidence against
+    /// `policy` and its binding to the TLS key of the connection, and refuses to send
+    /// anything otherwise; afterwards it accepts no other server key.
+    pub fn require_attested_broker(mut self, policy: crate::attested::BrokerPolicy) -> Self {
+        self.require = Some(Arc::new(policy));
+        self
+    }
+
+    /// Fetches and verifies the broker's evidence; pins its key.
+    async fn attest_broker(&self, policy: &crate::attested::BrokerPolicy) -> Result<(), Error> {
+        use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+        let untrusted = Error::UntrustedBroker;
+        let mut nonce = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| Error::Crypto("no randomness".into()))?;
+        let url = format!(
+            "{}/v1/broker/evidence?nonce={}",
+            self.base,
+            hex::encode(nonce)
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| Error::Remote(format!("{url}: {e}")))?;
+        // The key of the very connection the evidence came over.
+        let leaf = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| untrusted("no server certificate seen on the connection".into()))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::Remote(format!("{url}: {e}")))?;
+        if !status.is_success() {
+            return Err(untrusted(format!(
+                "it serves no evidence ({} {})",
+                status.as_u16(),
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )));
+        }
+        let evidence: crate::attested::BrokerEvidence = serde_json::from_slice(&bytes)
+            .map_err(|e| untrusted(format!("its evidence is malformed: {e}")))?;
+        let spki = crate::attested::spki_of(&leaf)?;
+        let claims = policy.verify(&evidence, &spki, &nonce, std::time::SystemTime::now())?;
+        *self
+            .server
+            .pinned
+            .write()
+            .map_err(|_| Error::Crypto("pin lock poisoned".into()))? = Some(spki);
+        tracing::info!(
+            measurement = %claims.measurement,
+            chip_id = %claims.chip_id,
+            "the broker proved itself: its evidence verified and satisfies the policy"
+        );
+        Ok(())
+    }
+
     async fn call(&self, method: Method, path: &str, body: Option<Body>) -> Result<Value, Error> {
+        if let Some(policy) = &self.require {
+            self.attested
+                .get_or_try_init(|| self.attest_broker(policy))
+                .await?;
+        }
         let url = format!("{}/v1/admin{path}", self.base);
         let mut req = self.http.request(method, &url);
         match body {

@@ -34,6 +34,7 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlatform {
+    publish_evidence: Option<bool>,
     dangerous_simulated: Option<PathBuf>,
     simulated_measurement: Option<String>,
     simulated_chip_id: Option<String>,
@@ -243,6 +244,15 @@ pub struct KbsSettings {
     pub resources: std::collections::BTreeMap<String, String>,
 }
 
+/// `[platform]`: where the broker runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformSettings {
+    /// The platform (`/dev/sev-guest`, or the simulated one).
+    pub choice: crate::platform::PlatformChoice,
+    /// Serve `GET /v1/broker/evidence` (the broker's own report, bound to its TLS key).
+    pub publish_evidence: bool,
+}
+
 /// Checked broker settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -254,6 +264,8 @@ pub struct Settings {
     pub store: StoreSettings,
     /// Master key.
     pub master_key: MasterKeySource,
+    /// Where the broker runs, and whether it serves its own evidence.
+    pub platform: PlatformSettings,
     /// Lifetime of challenge nonces.
     pub nonce_ttl: Duration,
     /// A simulated ARK to trust (tests and demos only).
@@ -448,8 +460,13 @@ impl Settings {
             .parse()
             .map_err(|_| format!("listen: {:?} is not an address:port", raw.listen))?;
         let store = store_settings(raw.store, base)?;
+        let publish_evidence = raw.platform.publish_evidence.unwrap_or(false);
         let platform = platform_choice(raw.platform, base)?;
-        let master_key = master_key_source(raw.master_key, base, platform)?;
+        let master_key = master_key_source(raw.master_key, base, platform.clone())?;
+        let platform = PlatformSettings {
+            choice: platform,
+            publish_evidence,
+        };
         let nonce_ttl = raw.attestation.nonce_ttl_secs.unwrap_or(60);
         if !(5..=3600).contains(&nonce_ttl) {
             return Err("attestation.nonce_ttl_secs: must be between 5 and 3600".into());
@@ -542,6 +559,7 @@ impl Settings {
             },
             store,
             master_key,
+            platform,
             nonce_ttl: Duration::from_secs(nonce_ttl),
             dangerous_trust_simulated_root: raw
                 .attestation

@@ -51,6 +51,9 @@ pub enum Error {
     /// The evidence was refused by verification.
     #[error("refused: {0}")]
     Refused(attestation::Error),
+    /// The broker did not prove itself (`--require-attested-broker`): nothing was sent.
+    #[error("the broker is not trusted: {0}; nothing was sent")]
+    UntrustedBroker(String),
 }
 
 impl From<attestation::Error> for Error {

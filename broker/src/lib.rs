@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod attested;
 pub mod audit;
 pub mod client;
 pub mod config;

@@ -220,12 +220,27 @@ struct AdminArgs {
     /// Admin configuration (url, ca, cert, key); default: $BROKER_ADMIN_CONFIG.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Before sending anything, verify the broker's own SEV-SNP evidence (bound to the TLS
+    /// key of this connection) against this policy's `broker` grant; refuse otherwise, and
+    /// accept no other server key afterwards (docs/operations.md).
+    #[arg(long, value_name = "POLICY.json")]
+    require_attested_broker: Option<PathBuf>,
+    /// Trust this simulated AMD root for the broker's evidence (tests and demos ONLY).
+    #[arg(long, value_name = "ARK.pem", requires = "require_attested_broker")]
+    dangerous_broker_simulated_root: Option<PathBuf>,
 }
 
 impl AdminArgs {
     fn client(&self) -> anyhow::Result<broker::client::AdminClient> {
         let path = broker::client::AdminClient::locate(self.config.as_deref())?;
-        Ok(broker::client::AdminClient::from_config(&path)?)
+        let client = broker::client::AdminClient::from_config(&path)?;
+        Ok(match &self.require_attested_broker {
+            Some(policy) => client.require_attested_broker(broker::attested::BrokerPolicy::load(
+                policy,
+                self.dangerous_broker_simulated_root.as_deref(),
+            )?),
+            None => client,
+        })
     }
 }
 

@@ -169,6 +169,9 @@ pub trait Platform: Send + Sync {
     fn name(&self) -> &'static str;
     /// The key the platform derives for `sealing`.
     fn derived_key(&self, sealing: &Sealing) -> Result<Zeroizing<[u8; 32]>, Error>;
+    /// An attestation report of this VM with `report_data`, and the certificates the
+    /// platform hands out with it (the host's certificate table).
+    fn report(&self, report_data: [u8; 64]) -> Result<attestation::protocol::Evidence, Error>;
 }
 
 /// The real platform: `/dev/sev-guest` in a SEV-SNP guest.
@@ -201,6 +204,46 @@ impl Platform for SevGuest {
             .map_err(|e| Error::Crypto(format!("snp-sealed: MSG_KEY_REQ refused: {e}")))?;
         Ok(Zeroizing::new(key))
     }
+
+    fn report(&self, report_data: [u8; 64]) -> Result<attestation::protocol::Evidence, Error> {
+        use sev::firmware::host::CertType;
+        let mut fw = sev::firmware::guest::Firmware::open()
+            .map_err(|e| Error::Config(format!("/dev/sev-guest: {e}")))?;
+        let (report, table) = fw
+            .get_ext_report(None, Some(report_data), None)
+            .map_err(|e| Error::Crypto(format!("SNP_GET_EXT_REPORT: {e}")))?;
+        let certificates = table
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|entry| {
+                let kind = match entry.cert_type {
+                    CertType::VCEK => "vcek",
+                    CertType::VLEK => "vlek",
+                    CertType::ASK => "ask",
+                    CertType::ARK => "ark",
+                    CertType::CRL => "crl",
+                    _ => return None,
+                };
+                Some(entry_of(kind, &entry.data))
+            })
+            .collect();
+        Ok(attestation::protocol::Evidence::Snp {
+            report: b64(&report),
+            certificates,
+        })
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn entry_of(kind: &str, der: &[u8]) -> attestation::protocol::CertificateEntry {
+    attestation::protocol::CertificateEntry {
+        kind: kind.into(),
+        der: b64(der),
+    }
 }
 
 /// The simulated platform (tests and demos only): a "chip secret" derived from the simulated
@@ -210,6 +253,8 @@ impl Platform for SevGuest {
 pub struct Simulated {
     secret: Zeroizing<Vec<u8>>,
     fields: attestation::sim::ReportFields,
+    vcek: attestation::sim::SimulatedKey,
+    ask: Vec<u8>,
 }
 
 impl std::fmt::Debug for Simulated {
@@ -222,20 +267,38 @@ impl Simulated {
     /// The simulated VM `fields` on the chip of the simulated hierarchy in `dir` (`sim/` of
     /// `broker init --dev`).
     pub fn load(dir: &Path, fields: attestation::sim::ReportFields) -> Result<Simulated, Error> {
-        let path = dir.join("ask.key");
-        let pem = std::fs::read(&path).map_err(|source| Error::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let der = attestation::certs::decode_pem_or_der(&pem, "ask.key")?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Config(format!("{}: empty", path.display())))?;
+        let der = |name: &str| -> Result<Vec<u8>, Error> {
+            let path = dir.join(name);
+            let pem = std::fs::read(&path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            attestation::certs::decode_pem_or_der(&pem, name)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Config(format!("{}: empty", path.display())))
+        };
+        let keys = [der("ark.key")?, der("ask.key")?, der("asvk.key")?];
+        let certs = [der("ark.pem")?, der("ask.pem")?, der("asvk.pem")?];
+        let amd = attestation::sim::SimulatedAmd::load(
+            fields.product,
+            [&keys[0], &keys[1], &keys[2]],
+            [&certs[0], &certs[1], &certs[2]],
+        )
+        .map_err(|e| Error::Config(format!("simulated platform: {e}")))?;
+        let vcek = amd
+            .issue_vcek(
+                &fields.chip_id,
+                fields.tcb,
+                std::time::SystemTime::now() - std::time::Duration::from_secs(3600),
+            )
+            .map_err(|e| Error::Config(format!("simulated platform: {e}")))?;
+        let der = &keys[1];
         let salt = aws_lc_rs::hkdf::Salt::new(
             aws_lc_rs::hkdf::HKDF_SHA256,
             b"snp-key-broker simulated chip secret",
         );
-        let prk = salt.extract(&der);
+        let prk = salt.extract(der);
         let info = [&fields.chip_id[..]];
         let okm = prk
             .expand(&info, aws_lc_rs::hkdf::HKDF_SHA256)
@@ -243,7 +306,12 @@ impl Simulated {
         let mut secret = Zeroizing::new(vec![0u8; 32]);
         okm.fill(&mut secret)
             .map_err(|_| Error::Crypto("HKDF fill".into()))?;
-        Ok(Simulated { secret, fields })
+        Ok(Simulated {
+            secret,
+            ask: amd.ask_der().to_vec(),
+            fields,
+            vcek,
+        })
     }
 }
 
@@ -292,6 +360,22 @@ impl Platform for Simulated {
         okm.fill(&mut key[..])
             .map_err(|_| Error::Crypto("HKDF fill".into()))?;
         Ok(key)
+    }
+
+    fn report(&self, report_data: [u8; 64]) -> Result<attestation::protocol::Evidence, Error> {
+        let mut fields = self.fields.clone();
+        fields.report_data = report_data;
+        let report = self
+            .vcek
+            .sign_report(&fields)
+            .map_err(|e| Error::Crypto(format!("simulated report: {e}")))?;
+        Ok(attestation::protocol::Evidence::Snp {
+            report: b64(&report),
+            certificates: vec![
+                entry_of("vcek", self.vcek.cert_der()),
+                entry_of("ask", &self.ask),
+            ],
+        })
     }
 }
 
@@ -384,9 +468,18 @@ mod tests {
     fn sim_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let amd = SimulatedAmd::generate(Product::Genoa, std::time::SystemTime::now()).unwrap();
-        let [_, ask, _] = amd.private_keys_pkcs8().unwrap();
-        let pem = der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &ask).unwrap();
-        std::fs::write(dir.path().join("ask.key"), pem).unwrap();
+        let keys = amd.private_keys_pkcs8().unwrap();
+        let certs = [amd.ark_der(), amd.ask_der(), amd.asvk_der()];
+        for (i, name) in ["ark", "ask", "asvk"].iter().enumerate() {
+            let pem =
+                der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &keys[i]).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), pem).unwrap();
+            std::fs::write(
+                dir.path().join(format!("{name}.pem")),
+                attestation::sim::to_pem(certs[i]),
+            )
+            .unwrap();
+        }
         dir
     }
 

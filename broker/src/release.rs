@@ -247,6 +247,15 @@ impl<S: Store> Broker<S> {
     }
 
     /// The VCEK for a report whose guest sent none: from the cache or AMD's KDS.
+    /// The VCEK (DER) that signed `report` (raw bytes), from AMD's KDS through the cache: for
+    /// the broker's own evidence when its host hands out no certificates.
+    pub async fn vcek_for(&self, report: &[u8]) -> Result<Vec<u8>, Error> {
+        let parsed = AttestationReport::parse(report)?;
+        self.fetch_vcek(&parsed, "self")
+            .await
+            .map_err(|r| Error::Config(format!("the broker's own VCEK: {r}")))
+    }
+
     async fn fetch_vcek(&self, report: &AttestationReport, peer: &str) -> Result<Vec<u8>, Refusal> {
         let missing = |role| Refusal::Verification(attestation::Error::MissingCertificate { role });
         if report.signing_key() == attestation::SigningKeyKind::Vlek {

@@ -20,6 +20,8 @@ struct Raw {
     broker_ca: Option<PathBuf>,
     #[serde(default)]
     use_system_roots: bool,
+    broker_attested_policy: Option<PathBuf>,
+    dangerous_broker_simulated_root: Option<PathBuf>,
     #[serde(default = "auto")]
     platform: String,
     #[serde(default)]
@@ -153,6 +155,11 @@ pub struct Settings {
     pub broker_ca: Option<PathBuf>,
     /// Also trust the Mozilla root set.
     pub use_system_roots: bool,
+    /// Require each broker to prove itself first: its own evidence, bound to its TLS key,
+    /// must satisfy this policy's `broker` grant before anything is sent to it.
+    pub broker_attested_policy: Option<PathBuf>,
+    /// A simulated AMD root to trust for the broker's evidence (tests and demos only).
+    pub dangerous_broker_simulated_root: Option<PathBuf>,
     /// Evidence source.
     pub platform: Platform,
     /// Ephemeral key type.
@@ -365,10 +372,17 @@ impl Settings {
             }
         };
         let initial = Duration::from_millis(raw.retry.initial_ms.unwrap_or(500).max(10));
+        if raw.dangerous_broker_simulated_root.is_some() && raw.broker_attested_policy.is_none() {
+            return Err("dangerous_broker_simulated_root: only with broker_attested_policy".into());
+        }
         Ok(Settings {
             brokers: checked,
             broker_ca: raw.broker_ca.map(|p| resolve(base, p)),
             use_system_roots: raw.use_system_roots,
+            broker_attested_policy: raw.broker_attested_policy.map(|p| resolve(base, p)),
+            dangerous_broker_simulated_root: raw
+                .dangerous_broker_simulated_root
+                .map(|p| resolve(base, p)),
             platform,
             kem,
             deadline: Duration::from_secs(raw.deadline_secs.unwrap_or(300).max(1)),

@@ -48,6 +48,78 @@ pub struct Agent {
     http: reqwest::Client,
     source: std::sync::Arc<dyn EvidenceSource>,
     thim: tokio::sync::Mutex<Option<Vec<attestation::protocol::CertificateEntry>>>,
+    attested: Option<AttestedBrokers>,
+}
+
+/// `broker_attested_policy`: what each broker must prove, a client that only fetches its
+/// evidence (and sees the server certificate of that connection), and the keys proven.
+struct AttestedBrokers {
+    policy: attestation::policy::Policy,
+    anchors: attestation::TrustAnchors,
+    probe: reqwest::Client,
+    keys: Arc<ProvenKeys>,
+    proven: tokio::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The server certificate check of the protocol client under `broker_attested_policy`: the
+/// pinned CA's, and a key some broker proved to be its own.
+#[derive(Debug)]
+struct ProvenKeys {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    spkis: std::sync::RwLock<Vec<Vec<u8>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ProvenKeys {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let spki = attestation::broker_evidence::spki_of(end_entity)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let proven = self
+            .spkis
+            .read()
+            .map_err(|_| rustls::Error::General("lock poisoned".into()))?;
+        if !proven.iter().any(|p| p == &spki) {
+            return Err(rustls::Error::General(
+                "the server's key is not one a broker proved to be its own".into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -59,7 +131,7 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-fn tls_config(settings: &Settings) -> Result<rustls::ClientConfig, AgentError> {
+fn roots(settings: &Settings) -> Result<rustls::RootCertStore, AgentError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -79,13 +151,145 @@ fn tls_config(settings: &Settings) -> Result<rustls::ClientConfig, AgentError> {
     if roots.is_empty() {
         return Err(AgentError::Config("no CA to trust for the broker".into()));
     }
+    Ok(roots)
+}
+
+fn tls_config(settings: &Settings) -> Result<rustls::ClientConfig, AgentError> {
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| AgentError::Config(e.to_string()))?
-    .with_root_certificates(roots)
+    .with_root_certificates(roots(settings)?)
     .with_no_client_auth())
+}
+
+/// The protocol client's TLS under `broker_attested_policy`: only proven keys.
+fn proven_tls_config(
+    settings: &Settings,
+) -> Result<(rustls::ClientConfig, Arc<ProvenKeys>), AgentError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let keys = Arc::new(ProvenKeys {
+        inner: rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(settings)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| AgentError::Config(format!("broker CA: {e}")))?,
+        spkis: std::sync::RwLock::new(Vec::new()),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AgentError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(keys.clone())
+        .with_no_client_auth();
+    Ok((config, keys))
+}
+
+fn client(tls: rustls::ClientConfig, tls_info: bool) -> Result<reqwest::Client, AgentError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .tls_info(tls_info)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        // Requests are small writes after the handshake: never held back by Nagle.
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| AgentError::Config(format!("HTTP client: {e}")))
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, AgentError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+impl AttestedBrokers {
+    fn load(settings: &Settings) -> Result<Option<(AttestedBrokers, reqwest::Client)>, AgentError> {
+        let Some(policy_path) = &settings.broker_attested_policy else {
+            return Ok(None);
+        };
+        let policy = attestation::policy::Policy::from_json(&read_text(policy_path)?)
+            .map_err(|e| AgentError::Config(format!("{}: {e}", policy_path.display())))?;
+        let mut anchors =
+            attestation::TrustAnchors::amd().map_err(|e| AgentError::Config(e.to_string()))?;
+        if let Some(root) = &settings.dangerous_broker_simulated_root {
+            tracing::warn!(path = %root.display(), "DANGEROUS: trusting a SIMULATED root for the broker's evidence");
+            let ark = attestation::certs::decode_pem_or_der(read_text(root)?.as_bytes(), "root")
+                .map_err(|e| AgentError::Config(e.to_string()))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| AgentError::Config(format!("{}: no certificate", root.display())))?;
+            anchors = anchors
+                .dangerous_trust_simulated_root(&ark)
+                .map_err(|e| AgentError::Config(e.to_string()))?;
+        }
+        let (tls, keys) = proven_tls_config(settings)?;
+        let attested = AttestedBrokers {
+            policy,
+            anchors,
+            probe: client(tls_config(settings)?, true)?,
+            keys,
+            proven: tokio::sync::Mutex::new(std::collections::HashSet::new()),
+        };
+        Ok(Some((attested, client(tls, false)?)))
+    }
+
+    /// Makes sure the broker at `base` proved itself (once per run, again after a failure).
+    async fn ensure(&self, base: &str) -> Result<(), Failure> {
+        let mut proven = self.proven.lock().await;
+        if proven.contains(base) {
+            return Ok(());
+        }
+        let mut nonce = [0u8; 32];
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| Failure::Final("no randomness".into()))?;
+        let url = format!(
+            "{base}{}?nonce={}",
+            attestation::broker_evidence::PATH,
+            hex::encode(nonce)
+        );
+        let resp = self
+            .probe
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport(&e))?;
+        let leaf = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Failure::Final("no server certificate on the connection".into()))?;
+        if !resp.status().is_success() {
+            return Err(problem(resp, "the broker's own evidence").await);
+        }
+        let evidence: attestation::broker_evidence::BrokerEvidence = resp
+            .json()
+            .await
+            .map_err(|e| Failure::Final(format!("the broker's evidence is malformed: {e}")))?;
+        let spki = attestation::broker_evidence::spki_of(&leaf)
+            .map_err(|e| Failure::Final(e.to_string()))?;
+        let claims = attestation::broker_evidence::verify(
+            &evidence,
+            &self.anchors,
+            &self.policy,
+            &spki,
+            &nonce,
+            std::time::SystemTime::now(),
+        )
+        .map_err(|e| Failure::Final(format!("the broker at {base} is not trusted: {e}")))?;
+        if let Ok(mut keys) = self.keys.spkis.write() {
+            keys.push(spki);
+        }
+        tracing::info!(broker = base, measurement = %claims.measurement, "the broker proved itself");
+        proven.insert(base.to_string());
+        Ok(())
+    }
+
+    async fn forget(&self, base: &str) {
+        self.proven.lock().await.remove(base);
+    }
 }
 
 /// Classifies a transport error: certificate problems are final, the rest transient.
@@ -149,19 +353,16 @@ async fn problem(resp: reqwest::Response, what: &str) -> Failure {
 impl Agent {
     /// An agent for `settings` getting evidence from `source`.
     pub fn new(settings: Settings, source: Box<dyn EvidenceSource>) -> Result<Agent, AgentError> {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(&settings)?)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            // Requests are small writes after the handshake: never held back by Nagle.
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| AgentError::Config(format!("HTTP client: {e}")))?;
+        let (attested, http) = match AttestedBrokers::load(&settings)? {
+            Some((attested, http)) => (Some(attested), http),
+            None => (None, client(tls_config(&settings)?, false)?),
+        };
         Ok(Agent {
             settings,
             http,
             source: source.into(),
             thim: tokio::sync::Mutex::new(None),
+            attested,
         })
     }
 
@@ -191,6 +392,19 @@ impl Agent {
     /// One attestation for `names` at the broker at `base` (challenge and attestation at the
     /// same one, though any replica serves either).
     pub async fn attempt(&self, base: &str, names: &[String]) -> Result<Vec<Opened>, Failure> {
+        let Some(attested) = &self.attested else {
+            return self.attempt_inner(base, names).await;
+        };
+        attested.ensure(base).await?;
+        let result = self.attempt_inner(base, names).await;
+        if result.is_err() {
+            // Its key may have changed: prove it again before the next attempt.
+            attested.forget(base).await;
+        }
+        result
+    }
+
+    async fn attempt_inner(&self, base: &str, names: &[String]) -> Result<Vec<Opened>, Failure> {
         let url = |p: &str| format!("{base}{p}");
         let resp = self
             .http

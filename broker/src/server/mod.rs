@@ -66,6 +66,124 @@ pub struct AppState<S: Store> {
     pub kbs: Option<Arc<crate::kbs::Kbs>>,
     /// The last readiness probe: when, and what it found.
     pub readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// The broker's own evidence, when `[platform] publish_evidence`.
+    pub own_evidence: Option<Arc<OwnEvidence>>,
+}
+
+/// What serves the broker's own evidence: its platform, the TLS key it binds, and a bound on
+/// reports in flight (the endpoint is unauthenticated).
+pub struct OwnEvidence {
+    platform: Box<dyn crate::platform::Platform>,
+    tls: Arc<tls::TlsState>,
+    slots: Semaphore,
+}
+
+/// The broker's evidence with its VCEK: from the host's certificate table, else from AMD's
+/// KDS (as for guests), so that callers verify it offline.
+async fn with_vcek<S: Store>(
+    broker: &Broker<S>,
+    mut evidence: crate::attested::BrokerEvidence,
+) -> Result<crate::attested::BrokerEvidence, Error> {
+    use base64::Engine;
+    let attestation::protocol::Evidence::Snp {
+        report,
+        certificates,
+    } = &mut evidence.evidence
+    else {
+        return Ok(evidence);
+    };
+    if certificates
+        .iter()
+        .any(|c| c.kind == "vcek" || c.kind == "vlek")
+    {
+        return Ok(evidence);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw = b64
+        .decode(report.as_bytes())
+        .map_err(|e| Error::Crypto(format!("own report: {e}")))?;
+    let vcek = broker.vcek_for(&raw).await?;
+    certificates.push(attestation::protocol::CertificateEntry {
+        kind: "vcek".into(),
+        der: b64.encode(vcek),
+    });
+    Ok(evidence)
+}
+
+/// Reports of the broker's own VM in flight at once.
+const OWN_EVIDENCE_SLOTS: usize = 4;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvidenceQuery {
+    nonce: String,
+}
+
+/// `GET /v1/broker/evidence?nonce=<64 hex digits>`: this broker's attestation report, bound
+/// to its TLS server key and the caller's nonce (docs/protocol.md).
+async fn own_evidence<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    query: Result<axum::extract::Query<EvidenceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(own) = state.own_evidence.clone() else {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            "this broker does not publish its own evidence ([platform] publish_evidence)",
+        )
+        .into_response();
+    };
+    let bad = |detail: &str| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "Malformed request",
+            detail,
+        )
+        .into_response()
+    };
+    let Ok(axum::extract::Query(query)) = query else {
+        return bad("one query parameter: nonce, 64 hex digits");
+    };
+    let mut nonce = [0u8; 32];
+    if hex::decode_to_slice(query.nonce.trim(), &mut nonce).is_err() {
+        return bad("nonce: 64 hex digits");
+    }
+    let Ok(_slot) = own.slots.try_acquire() else {
+        return too_many_attestations().into_response();
+    };
+    let own = own.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let leaf = own
+            .tls
+            .leaf()
+            .ok_or_else(|| Error::Config("no server certificate".into()))?;
+        let spki = crate::attested::spki_of(&leaf)?;
+        crate::attested::make_evidence(&*own.platform, &spki, &nonce)
+    })
+    .await;
+    let evidence = match result {
+        Ok(Ok(evidence)) => with_vcek(&state.broker, evidence).await,
+        Ok(Err(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, "the broker's own evidence task failed");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    match evidence {
+        Ok(evidence) => axum::Json(evidence).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "the broker's own evidence failed");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Evidence unavailable",
+                "the broker could not obtain its own report",
+            )
+            .into_response()
+        }
+    }
 }
 
 impl<S: Store> AppState<S> {
@@ -267,6 +385,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         .route("/v1/challenge", post(challenge::<S>))
         .route("/v1/attest", post(attest::<S>))
         .route("/v1/token", post(token::<S>))
+        .route(attestation::broker_evidence::PATH, get(own_evidence::<S>))
         .route("/.well-known/jwks.json", get(crate::kbs::jwks::<S>))
         .nest("/kbs/v0", crate::kbs::routes::<S>())
         .nest("/v1/admin", admin)
@@ -882,7 +1001,17 @@ pub async fn build(
     } else {
         None
     };
+    let own_evidence = if settings.platform.publish_evidence {
+        Some(Arc::new(OwnEvidence {
+            platform: settings.platform.choice.open()?,
+            tls: tls_state.clone(),
+            slots: Semaphore::new(OWN_EVIDENCE_SLOTS),
+        }))
+    } else {
+        None
+    };
     let state = Arc::new(AppState {
+        own_evidence,
         kbs,
         broker,
         metrics,

@@ -243,6 +243,7 @@ pub struct TlsState {
     settings: TlsSettings,
     operator: Arc<OperatorVerifier>,
     current: RwLock<Arc<ServerConfig>>,
+    leaf: RwLock<CertificateDer<'static>>,
     stamps: RwLock<Vec<Option<(SystemTime, u64)>>>,
 }
 
@@ -253,11 +254,12 @@ impl TlsState {
             &settings.operator_ca,
             settings.operator_names.clone(),
         )?);
-        let config = build(settings, operator.clone())?;
+        let (config, leaf) = build(settings, operator.clone())?;
         Ok(TlsState {
             settings: settings.clone(),
             operator,
             current: RwLock::new(config),
+            leaf: RwLock::new(leaf),
             stamps: RwLock::new(stamps(settings)),
         })
     }
@@ -265,6 +267,11 @@ impl TlsState {
     /// The configuration for the next connection.
     pub fn config(&self) -> Option<Arc<ServerConfig>> {
         self.current.read().ok().map(|c| c.clone())
+    }
+
+    /// The server certificate connections are served with now.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.leaf.read().ok().map(|l| l.clone())
     }
 
     /// The operator CA verifier.
@@ -280,9 +287,12 @@ impl TlsState {
         if !changed {
             return Ok(false);
         }
-        let config = build(&self.settings, self.operator.clone())?;
+        let (config, leaf) = build(&self.settings, self.operator.clone())?;
         if let Ok(mut c) = self.current.write() {
             *c = config;
+        }
+        if let Ok(mut l) = self.leaf.write() {
+            *l = leaf;
         }
         if let Ok(mut s) = self.stamps.write() {
             *s = now;
@@ -302,7 +312,7 @@ fn stamps(s: &TlsSettings) -> Vec<Option<(SystemTime, u64)>> {
 fn build(
     settings: &TlsSettings,
     operator: Arc<OperatorVerifier>,
-) -> Result<Arc<ServerConfig>, Error> {
+) -> Result<(Arc<ServerConfig>, CertificateDer<'static>), Error> {
     let cfg = |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&settings.cert)
         .map_err(|e| cfg(&settings.cert, &e))?
@@ -322,6 +332,7 @@ fn build(
             settings.cert.display()
         )));
     }
+    let leaf = certs[0].clone();
     crate::keys::check_private_file(&settings.key)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| cfg(&settings.key, &e))?;
     let ocsp = match &settings.ocsp {
@@ -338,7 +349,7 @@ fn build(
     // TLS 1.3 resumption: stateless tickets (and the default in-memory session cache).
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| Error::Config(format!("TLS tickets: {e}")))?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), leaf))
 }
 
 /// The SHA-256 fingerprint of a DER certificate (hex), for audit records.
