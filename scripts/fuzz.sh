@@ -15,7 +15,7 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
@@ -53,13 +53,24 @@ r = {"version": u32(0), "guest_svn": u32(4), "policy": u64(8), "family_id": arr(
 json.dump({"attestation_report": r, "cert_chain": [{"cert_type": "VCEK", "data": [48, 3, 2, 1, 0]}]}, sys.stdout)
 PY
       ;;
+    broker_evidence) seed broker_evidence
+      # A genuine Genoa report and its VCEK in the shape of a broker's own evidence.
+      python3 - "$data/trustee-e2e-genoa-v3" > corpus/broker_evidence/genoa.json <<'PY'
+import base64, json, sys
+d = sys.argv[1]
+b64 = lambda p: base64.b64encode(open(f"{d}/{p}", "rb").read()).decode()
+json.dump({"version": 1, "nonce": "00" * 32, "spki_sha256": "00" * 32,
+           "evidence": {"kind": "snp", "report": b64("report.bin"),
+                        "certificates": [{"kind": "vcek", "der": b64("vek.der")}]}}, sys.stdout)
+PY
+      ;;
   esac
 done
 
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then
