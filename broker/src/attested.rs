@@ -105,7 +105,7 @@ impl BrokerPolicy {
 mod tests {
     use super::*;
     use attestation::Product;
-    use attestation::sim::{ReportFields, SimulatedAmd};
+    use attestation::sim::ReportFields;
 
     struct Setup {
         _dir: tempfile::TempDir,
@@ -115,20 +115,7 @@ mod tests {
     }
 
     fn setup(measurement: [u8; 48], pinned: [u8; 48]) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let amd = SimulatedAmd::generate(Product::Genoa, SystemTime::now()).unwrap();
-        let keys = amd.private_keys_pkcs8().unwrap();
-        let certs = [amd.ark_der(), amd.ask_der(), amd.asvk_der()];
-        for (i, name) in ["ark", "ask", "asvk"].iter().enumerate() {
-            let pem =
-                der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &keys[i]).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), pem).unwrap();
-            std::fs::write(
-                dir.path().join(format!("{name}.pem")),
-                attestation::sim::to_pem(certs[i]),
-            )
-            .unwrap();
-        }
+        let dir = crate::platform::test_sim_dir();
         let mut fields = ReportFields::new(Product::Genoa);
         fields.measurement = measurement;
         let platform = crate::platform::Simulated::load(dir.path(), fields).unwrap();

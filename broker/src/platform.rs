@@ -459,29 +459,35 @@ pub fn unseal(
     MasterKey::from_bytes(plain)
 }
 
+/// A simulated AMD hierarchy in a temporary directory, laid out as `init --dev`'s `sim/`.
+#[cfg(test)]
+pub(crate) fn test_sim_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let amd = attestation::sim::SimulatedAmd::generate(
+        attestation::Product::Genoa,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let keys = amd.private_keys_pkcs8().unwrap();
+    let certs = [amd.ark_der(), amd.ask_der(), amd.asvk_der()];
+    for (i, name) in ["ark", "ask", "asvk"].iter().enumerate() {
+        let pem =
+            der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &keys[i]).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), pem).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{name}.pem")),
+            attestation::sim::to_pem(certs[i]),
+        )
+        .unwrap();
+    }
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use attestation::Product;
-    use attestation::sim::{ReportFields, SimulatedAmd};
-
-    fn sim_dir() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let amd = SimulatedAmd::generate(Product::Genoa, std::time::SystemTime::now()).unwrap();
-        let keys = amd.private_keys_pkcs8().unwrap();
-        let certs = [amd.ark_der(), amd.ask_der(), amd.asvk_der()];
-        for (i, name) in ["ark", "ask", "asvk"].iter().enumerate() {
-            let pem =
-                der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &keys[i]).unwrap();
-            std::fs::write(dir.path().join(format!("{name}.key")), pem).unwrap();
-            std::fs::write(
-                dir.path().join(format!("{name}.pem")),
-                attestation::sim::to_pem(certs[i]),
-            )
-            .unwrap();
-        }
-        dir
-    }
+    use attestation::sim::ReportFields;
 
     fn sealing(fields: &[SealField]) -> Sealing {
         Sealing {
@@ -494,7 +500,7 @@ mod tests {
 
     #[test]
     fn a_sealed_key_opens_only_on_the_same_vm_and_chip() {
-        let dir = sim_dir();
+        let dir = test_sim_dir();
         let fields = ReportFields::new(Product::Genoa);
         let vm = Simulated::load(dir.path(), fields.clone()).unwrap();
         let s = sealing(&[SealField::Policy, SealField::Measurement]);
@@ -530,7 +536,7 @@ mod tests {
 
     #[test]
     fn the_firmware_refusals_are_simulated() {
-        let dir = sim_dir();
+        let dir = test_sim_dir();
         let mut fields = ReportFields::new(Product::Genoa);
         fields.vmpl = 2;
         fields.guest_svn = 3;
