@@ -339,6 +339,16 @@ fn sealing(m: &RawMasterKey) -> Result<Option<crate::platform::Sealing>, String>
                 .into(),
         );
     }
+    if !fields.contains(&SealField::Measurement) {
+        // Every other field is chosen by whoever launches the VM (policy, SVN, TCB) or by
+        // any ID key (family and image ids): without the measurement, the host could launch
+        // its own image on the chip with the same values and derive the key.
+        return Err(
+            "master_key.snp_sealed: include \"measurement\": the other fields are chosen by \
+             whoever launches the VM, so without it another image could derive the key"
+                .into(),
+        );
+    }
     let vmpl = m.snp_sealed_vmpl.unwrap_or(0);
     if vmpl > 3 {
         return Err("master_key.snp_sealed_vmpl: 0 to 3".into());
@@ -768,8 +778,12 @@ file = "master.key"
                 "need snp_sealed",
             ),
             (
-                "[master_key]\nsnp_sealed = [\"policy\"]\nsnp_sealed_vmpl = 4",
+                "[master_key]\nsnp_sealed = [\"measurement\"]\nsnp_sealed_vmpl = 4",
                 "0 to 3",
+            ),
+            (
+                "[master_key]\nsnp_sealed = [\"policy\", \"family_id\", \"image_id\"]",
+                "include \"measurement\"",
             ),
         ] {
             let e = Settings::parse(&with(section), Path::new("/")).unwrap_err();

@@ -211,7 +211,9 @@ pub async fn open_master_key<S: crate::store::Store>(
         return open_file_key(source, recorded, store, now).await;
     };
     let provider = source.provider();
-    let move_hint = if provider == "pkcs11" {
+    // `keys wrap` moves a key file under a token; anything else moves with `keys rotate`.
+    let from_file = recorded.as_ref().is_none_or(|r| r.provider == "file");
+    let move_hint = if provider == "pkcs11" && from_file {
         "move it under the token first: broker keys wrap --config <this config> --from-file <the current key file>"
     } else {
         "move it first: broker keys rotate --config <this config> --from-config <the current config>"

@@ -400,17 +400,19 @@ pub fn seal(
         .map_err(|_| Error::Crypto("no randomness".into()))?;
     let mut aad = AAD_LABEL.to_vec();
     aad.extend_from_slice(&header);
-    let mut buf = master.expose().to_vec();
+    // Room for the tag, so that appending it does not leave a freed plaintext copy.
+    let mut buf = Zeroizing::new(Vec::with_capacity(master.expose().len() + 16));
+    buf.extend_from_slice(master.expose());
     aead(&key)?
         .seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad),
-            &mut buf,
+            &mut *buf,
         )
         .map_err(|_| Error::Crypto("sealing the master key".into()))?;
     let mut out = header.to_vec();
     out.extend_from_slice(&nonce);
-    out.append(&mut buf);
+    out.extend_from_slice(&buf);
     Ok(out)
 }
 
@@ -447,7 +449,8 @@ pub fn unseal(
             Error::Config(format!(
                 "snp-sealed: the key this VM derives does not open the store's master key: this \
                  VM's {} differ from those of the VM that sealed it, or it runs on another chip \
-                 (see docs/operations.md: re-wrap before an upgrade, and keep a recovery path)",
+                 (see docs/operations.md: move the key out through another provider before an \
+                 upgrade)",
                 sealing
                     .fields
                     .iter()

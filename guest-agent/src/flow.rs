@@ -188,7 +188,15 @@ fn proven_tls_config(
 }
 
 fn client(tls: rustls::ClientConfig, tls_info: bool) -> Result<reqwest::Client, AgentError> {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    // The evidence probe opens a fresh connection each time, so that the key it sees is the
+    // one the broker serves (and binds) now, not a pooled connection's from before a reload.
+    let builder = if tls_info {
+        builder.pool_max_idle_per_host(0)
+    } else {
+        builder
+    };
+    builder
         .tls_backend_preconfigured(tls)
         .tls_info(tls_info)
         .connect_timeout(Duration::from_secs(5))
@@ -279,7 +287,9 @@ impl AttestedBrokers {
             std::time::SystemTime::now(),
         )
         .map_err(|e| Failure::Final(format!("the broker at {base} is not trusted: {e}")))?;
-        if let Ok(mut keys) = self.keys.spkis.write() {
+        if let Ok(mut keys) = self.keys.spkis.write()
+            && !keys.contains(&spki)
+        {
             keys.push(spki);
         }
         tracing::info!(broker = base, measurement = %claims.measurement, "the broker proved itself");

@@ -422,7 +422,26 @@ async fn conformance(s: impl Store + Clone) {
     let mut moved = old[0].clone();
     moved.key_version = 5;
     assert_eq!(s.reseal(&[(moved, vec![1], 2)]).await.unwrap(), 0);
-    assert_eq!(s.reseal(&resealed).await.unwrap(), old.len() as u64);
+    // A secret deleted between the read and the re-encryption stays deleted.
+    let gone = old
+        .iter()
+        .find(|r| r.table == SealedTable::Secret)
+        .unwrap()
+        .name
+        .clone();
+    let gone_versions = old.iter().filter(|r| r.name == gone).count() as u64;
+    assert!(
+        s.delete_secret(&gone, 30, &audit("secret.delete"))
+            .await
+            .unwrap()
+    );
+    let sealed_before = s.sealed_records().await.unwrap();
+    assert_eq!(
+        s.reseal(&resealed).await.unwrap(),
+        old.len() as u64 - gone_versions
+    );
+    assert_eq!(s.sealed_records().await.unwrap(), sealed_before);
+    assert!(s.current_secret(&gone).await.unwrap().is_none());
     assert!(s.records_under_old_keys(2, 1_000).await.unwrap().is_empty());
     assert_eq!(s.broker_keys("ear-es256").await.unwrap()[0].key_version, 2);
     assert_eq!(
@@ -449,6 +468,18 @@ async fn conformance(s: impl Store + Clone) {
         created_at: 0,
         retired_at: None,
     };
+    // One that misses a stored version (a rotation made it meanwhile) changes nothing.
+    assert!(matches!(
+        s.put_master_key(
+            &record("file", None),
+            true,
+            &[rekeyed(1, 0xa1)],
+            &audit("master-key.rekey"),
+        )
+        .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.data_keys().await.unwrap().len(), 1);
     s.put_master_key(
         &record("file", None),
         true,

@@ -242,8 +242,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 pub struct TlsState {
     settings: TlsSettings,
     operator: Arc<OperatorVerifier>,
-    current: RwLock<Arc<ServerConfig>>,
-    leaf: RwLock<CertificateDer<'static>>,
+    /// The configuration and the leaf certificate it serves, swapped together.
+    current: RwLock<(Arc<ServerConfig>, CertificateDer<'static>)>,
     stamps: RwLock<Vec<Option<(SystemTime, u64)>>>,
 }
 
@@ -258,20 +258,19 @@ impl TlsState {
         Ok(TlsState {
             settings: settings.clone(),
             operator,
-            current: RwLock::new(config),
-            leaf: RwLock::new(leaf),
+            current: RwLock::new((config, leaf)),
             stamps: RwLock::new(stamps(settings)),
         })
     }
 
     /// The configuration for the next connection.
     pub fn config(&self) -> Option<Arc<ServerConfig>> {
-        self.current.read().ok().map(|c| c.clone())
+        self.current.read().ok().map(|c| c.0.clone())
     }
 
     /// The server certificate connections are served with now.
     pub fn leaf(&self) -> Option<CertificateDer<'static>> {
-        self.leaf.read().ok().map(|l| l.clone())
+        self.current.read().ok().map(|c| c.1.clone())
     }
 
     /// The operator CA verifier.
@@ -289,10 +288,7 @@ impl TlsState {
         }
         let (config, leaf) = build(&self.settings, self.operator.clone())?;
         if let Ok(mut c) = self.current.write() {
-            *c = config;
-        }
-        if let Ok(mut l) = self.leaf.write() {
-            *l = leaf;
+            *c = (config, leaf);
         }
         if let Ok(mut s) = self.stamps.write() {
             *s = now;

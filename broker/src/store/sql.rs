@@ -147,8 +147,10 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
-                check_key_version(&mut tx, s.key_version).await?;
+                // The generation row first: on PostgreSQL its lock orders this insert with
+                // data-key inserts and retirements, which take it too.
                 bump_generation(&mut tx).await?;
+                check_key_version(&mut tx, s.key_version).await?;
                 sqlx::query(
                     "INSERT INTO secrets (name, version, kind, created_at, created_by, sealed, meta, key_version)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -392,6 +394,22 @@ macro_rules! sql_store {
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict("no master key record to replace".into()));
                 }
+                if !data_keys.is_empty() {
+                    // Re-wrapped under a new master key: every stored version must be among
+                    // them (a rotation that made one meanwhile would leave it unopenable).
+                    bump_generation(&mut tx).await?;
+                    let stored: Vec<i64> = sqlx::query_scalar("SELECT version FROM data_keys")
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    if let Some(v) = stored
+                        .iter()
+                        .find(|v| !data_keys.iter().any(|k| to_i64(k.version) == **v))
+                    {
+                        return Err(StoreError::Conflict(format!(
+                            "data key version {v} was made meanwhile (a rotation is running); run the move again"
+                        )));
+                    }
+                }
                 for key in data_keys {
                     sqlx::query(
                         "INSERT INTO data_keys (version, wrapped, created_at) VALUES ($1, $2, $3)
@@ -452,6 +470,7 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
                 check_key_version(&mut tx, key.key_version).await?;
                 sqlx::query(
                     "INSERT INTO broker_keys (purpose, version, created_at, public, sealed, key_version)
@@ -494,6 +513,7 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<(), StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
                 sqlx::query(
                     "INSERT INTO data_keys (version, wrapped, created_at) VALUES ($1, $2, $3)",
                 )
@@ -559,9 +579,11 @@ macro_rules! sql_store {
                 let mut replaced = 0;
                 for (old, sealed, key_version) in records {
                     let sql = match old.table {
+                        // Not a version deleted since it was read (its sealed bytes are gone).
                         SealedTable::Secret => {
                             "UPDATE secrets SET sealed = $1, key_version = $2
-                             WHERE name = $3 AND version = $4 AND key_version = $5"
+                             WHERE name = $3 AND version = $4 AND key_version = $5
+                               AND sealed IS NOT NULL AND deleted_at IS NULL"
                         }
                         SealedTable::BrokerKey => {
                             "UPDATE broker_keys SET sealed = $1, key_version = $2
@@ -590,6 +612,7 @@ macro_rules! sql_store {
                 audit: &AuditRecord,
             ) -> Result<u64, StoreError> {
                 let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
                 let left: i64 = sqlx::query_scalar(
                     "SELECT (SELECT COUNT(*) FROM secrets WHERE key_version < $1 AND sealed IS NOT NULL)
                           + (SELECT COUNT(*) FROM broker_keys WHERE key_version < $1)",
