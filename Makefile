@@ -38,7 +38,13 @@ deps:
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo is not installed (https://rustup.rs)"; exit 1; }
 
+# The production build first (broker and guest-agent without the `simulator` feature, kept
+# in target/production/ for the tests that check it refuses every simulator setting), then
+# every binary with every feature (the simulator on: tests, demo, benchmarks).
 build: deps
+	$(CARGO) build -p broker -p guest-agent --locked --bins
+	mkdir -p target/production
+	cp target/debug/broker target/debug/guest-agent target/production/
 	$(CARGO) build --workspace --all-features --locked --bins
 
 fmt-check: deps
@@ -47,6 +53,7 @@ fmt-check: deps
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
+	$(CARGO) clippy -p broker -p guest-agent --locked -- -D warnings   # the production build
 	$(CARGO) clippy --manifest-path attestation/fuzz/Cargo.toml --all-targets --locked -- -D warnings
 
 # The independent reference for `broker measure` (sev-snp-measure from PyPI, in a virtual

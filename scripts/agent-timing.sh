@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
-cargo build --release --locked -q -p broker -p guest-agent
+cargo build --release --locked -q -p broker -p guest-agent --features broker/simulator,guest-agent/simulator
 B=$PWD/target/release/broker A=$PWD/target/release/guest-agent
 W=$(mktemp -d); trap 'kill $PID 2>/dev/null; rm -rf "$W"' EXIT
 PORT=18543

@@ -67,7 +67,7 @@ fi
 # measured on CPU 0 in the same run, before the broker starts. Every result goes into
 # target/bench/load.jsonl, which `make bench-report` turns into tables and plots.
 echo "== broker-load: challenge + attest flows over HTTPS (release build)"
-cargo build --release --locked --bins
+cargo build --release --locked --all-features --bins
 B=target/release/broker
 L=target/release/broker-load
 out_dir=target/bench

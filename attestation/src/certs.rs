@@ -120,6 +120,11 @@ pub(crate) fn is_amd_pss_owned(alg: &spki::AlgorithmIdentifierOwned) -> bool {
     }
 }
 
+/// PEM-encodes a DER certificate.
+pub fn to_pem(der: &[u8]) -> String {
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).unwrap_or_default()
+}
+
 /// Splits a PEM or DER input into DER certificates (or CRLs). PEM may hold several blocks.
 pub fn decode_pem_or_der(input: &[u8], label: &str) -> Result<Vec<Vec<u8>>, Error> {
     let trimmed = input.trim_ascii_start();

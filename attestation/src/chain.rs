@@ -237,6 +237,10 @@ impl TrustAnchors {
 
     /// Trusts a simulated ARK (DER). Reports endorsed by it are accepted as genuine, so this
     /// must only ever be used for tests and demos; claims from it say `root: "simulated"`.
+    ///
+    /// Only in builds with the `simulator` feature: a production build has no way to trust
+    /// any root but AMD's.
+    #[cfg(feature = "simulator")]
     pub fn dangerous_trust_simulated_root(mut self, ark_der: &[u8]) -> Result<TrustAnchors, Error> {
         self.add_root(ark_der, RootKind::Simulated)?;
         Ok(self)

@@ -652,10 +652,7 @@ pub struct VcekTweak {
     pub p256_key: bool,
 }
 
-/// PEM-encodes a DER certificate.
-pub fn to_pem(der: &[u8]) -> String {
-    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).unwrap_or_default()
-}
+pub use crate::certs::to_pem;
 
 fn p384_spki(key: &EcdsaKeyPair) -> Result<SubjectPublicKeyInfoOwned, Error> {
     Ok(SubjectPublicKeyInfoOwned {

@@ -64,11 +64,11 @@ impl BrokerPolicy {
                 path = %root.display(),
                 "DANGEROUS: trusting a SIMULATED root for the broker's evidence"
             );
-            let ark = crate::evidence::read_certificates(root)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::Input(format!("{}: no certificate", root.display())))?;
-            anchors = anchors.dangerous_trust_simulated_root(&ark)?;
+            anchors = crate::evidence::trust_simulated_root(
+                anchors,
+                root,
+                "--dangerous-broker-simulated-root",
+            )?;
         }
         Ok(BrokerPolicy {
             policy: policy_doc,

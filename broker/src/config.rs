@@ -465,6 +465,22 @@ impl Settings {
     /// Parses and checks configuration text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Settings, String> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        #[cfg(not(feature = "simulator"))]
+        {
+            let asks = [
+                (
+                    raw.attestation.dangerous_trust_simulated_root.is_some(),
+                    "attestation.dangerous_trust_simulated_root",
+                ),
+                (
+                    raw.platform.dangerous_simulated.is_some(),
+                    "platform.dangerous_simulated",
+                ),
+            ];
+            if let Some((_, setting)) = asks.iter().find(|(set, _)| *set) {
+                return Err(Error::NoSimulator { setting }.to_string());
+            }
+        }
         let listen: SocketAddr = raw
             .listen
             .parse()

@@ -54,6 +54,15 @@ pub enum Error {
     /// The broker did not prove itself (`--require-attested-broker`): nothing was sent.
     #[error("the broker is not trusted: {0}; nothing was sent")]
     UntrustedBroker(String),
+    /// A simulated-platform setting in a build without the `simulator` feature: a production
+    /// binary cannot trust a simulated AMD root or run on a simulated platform.
+    #[error(
+        "{setting}: this broker was built without the `simulator` feature (a production build), which cannot trust a simulated AMD root or act as a simulated platform"
+    )]
+    NoSimulator {
+        /// The setting or option that asked for the simulator.
+        setting: &'static str,
+    },
 }
 
 impl From<attestation::Error> for Error {

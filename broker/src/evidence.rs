@@ -55,3 +55,35 @@ pub fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, Error> {
     let bytes = read_bounded(path)?;
     Ok(decode_pem_or_der(&bytes, &path.display().to_string())?)
 }
+
+/// Adds the simulated ARK in `path` (its first certificate; any others, the simulated ASK and
+/// ASVK, become intermediates) to `anchors`. `setting` names the option that asked, for the
+/// error of a build without the `simulator` feature, which has no way to trust it.
+#[cfg(feature = "simulator")]
+pub fn trust_simulated_root(
+    anchors: attestation::TrustAnchors,
+    path: &Path,
+    setting: &'static str,
+) -> Result<attestation::TrustAnchors, Error> {
+    let _ = setting;
+    let mut certs = read_certificates(path)?.into_iter();
+    let ark = certs
+        .next()
+        .ok_or_else(|| Error::Input(format!("{}: no certificate", path.display())))?;
+    let mut anchors = anchors.dangerous_trust_simulated_root(&ark)?;
+    for intermediate in certs {
+        anchors = anchors.with_intermediate(&intermediate);
+    }
+    Ok(anchors)
+}
+
+/// Without the `simulator` feature no simulated root can be trusted: always
+/// [`Error::NoSimulator`].
+#[cfg(not(feature = "simulator"))]
+pub fn trust_simulated_root(
+    _anchors: attestation::TrustAnchors,
+    _path: &Path,
+    setting: &'static str,
+) -> Result<attestation::TrustAnchors, Error> {
+    Err(Error::NoSimulator { setting })
+}

@@ -84,16 +84,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Write a complete local development setup (CA, certificates, master key, simulated
-    /// AMD root, configuration, sample policy) and print the next commands.
-    Init {
-        /// Directory to create.
-        #[arg(long)]
-        dev: PathBuf,
-        /// Address the development broker listens on.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: String,
-    },
+    /// Write a broker's files into a new directory and print the next steps: a production
+    /// layout (--dir: server key and CSR or own CA, operator CA and certificate, master-key
+    /// provider, configuration trusting AMD's roots only) or a development setup (--dev:
+    /// everything on one machine with a SIMULATED AMD root and a sample policy).
+    Init(InitArgs),
     /// Secrets (admin API over mutual TLS).
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -240,6 +235,147 @@ impl AdminArgs {
                 self.dangerous_broker_simulated_root.as_deref(),
             )?),
             None => client,
+        })
+    }
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("layout").required(true).args(["dir", "dev"])))]
+struct InitArgs {
+    /// A production setup in this directory (docs/operations.md, "Production set-up").
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// A development setup in this directory, with a SIMULATED AMD root (builds with the
+    /// `simulator` feature only).
+    #[arg(long, value_name = "DIR")]
+    dev: Option<PathBuf>,
+    /// Address to listen on [--dir: 0.0.0.0:8443; --dev: 127.0.0.1:8443].
+    #[arg(long)]
+    listen: Option<String>,
+    /// A DNS name or IP address of the broker, as guests and operators reach it; repeat for
+    /// several. The first is the operator CLI's URL.
+    #[arg(long = "server-name", value_name = "NAME", requires = "dir")]
+    server_names: Vec<String>,
+    /// The server certificate: a CSR for your CA (csr) or a server CA of the broker's own
+    /// (own-ca).
+    #[arg(long, value_enum, default_value_t = ServerCertArg::Csr, requires = "dir")]
+    server_cert: ServerCertArg,
+    /// Where the master key lives (docs/operations.md, "The master key").
+    #[arg(long, value_enum, requires = "dir")]
+    master_key: Option<MasterKeyArg>,
+    /// pkcs11: the PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    #[arg(long, value_name = "SO")]
+    pkcs11_module: Option<PathBuf>,
+    /// pkcs11: the token's label.
+    #[arg(long, value_name = "LABEL")]
+    pkcs11_token: Option<String>,
+    /// pkcs11: the wrapping key's label.
+    #[arg(long, value_name = "LABEL", default_value = "broker-kek")]
+    pkcs11_key: String,
+    /// pkcs11: a file (mode 0600) holding the token's PIN.
+    #[arg(long, value_name = "FILE", conflicts_with = "pkcs11_pin_credential")]
+    pkcs11_pin_file: Option<PathBuf>,
+    /// pkcs11: the name of the broker unit's systemd credential holding the PIN.
+    #[arg(long, value_name = "NAME")]
+    pkcs11_pin_credential: Option<String>,
+    /// The SQLite store [default: broker.db in the directory].
+    #[arg(long, value_name = "PATH", conflicts_with = "postgres")]
+    sqlite: Option<PathBuf>,
+    /// A PostgreSQL store shared by replicas: postgres://… without a password.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
+    /// The PostgreSQL password, read from this file.
+    #[arg(long, value_name = "FILE", requires = "postgres")]
+    postgres_password_file: Option<PathBuf>,
+    /// The CA of the PostgreSQL server's certificate.
+    #[arg(long, value_name = "FILE", requires = "postgres")]
+    postgres_ca_file: Option<PathBuf>,
+    /// The first operator's name (its certificate's URI SAN
+    /// urn:snp-key-broker:operator:<NAME>).
+    #[arg(long, value_name = "NAME", default_value = "admin")]
+    operator: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ServerCertArg {
+    /// A certificate signing request for your CA.
+    Csr,
+    /// A server CA of the broker's own.
+    OwnCa,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MasterKeyArg {
+    /// A key file beside the configuration.
+    File,
+    /// Wrapped by a non-extractable key in a PKCS#11 token (HSM).
+    Pkcs11,
+    /// Sealed to the broker's own SEV-SNP VM.
+    SnpSealed,
+}
+
+impl InitArgs {
+    fn production_options(&self) -> anyhow::Result<broker::init::ProductionOptions> {
+        use broker::init::{PinSource, Provider, ServerCertificate, StoreChoice};
+        let provider = match self.master_key {
+            None => anyhow::bail!(
+                "--master-key: choose file, pkcs11 or snp-sealed (docs/operations.md, \"The master key\")"
+            ),
+            Some(MasterKeyArg::File) => Provider::File,
+            Some(MasterKeyArg::SnpSealed) => Provider::SnpSealed,
+            Some(MasterKeyArg::Pkcs11) => {
+                let (Some(module), Some(token)) = (&self.pkcs11_module, &self.pkcs11_token) else {
+                    anyhow::bail!("--master-key pkcs11 needs --pkcs11-module and --pkcs11-token");
+                };
+                let pin = match (&self.pkcs11_pin_file, &self.pkcs11_pin_credential) {
+                    (Some(file), None) => PinSource::File(std::path::absolute(file)?),
+                    (None, Some(name)) => PinSource::Credential(name.clone()),
+                    _ => anyhow::bail!(
+                        "--master-key pkcs11 needs --pkcs11-pin-file or --pkcs11-pin-credential (never the PIN itself)"
+                    ),
+                };
+                Provider::Pkcs11 {
+                    module: module.clone(),
+                    token: token.clone(),
+                    key: self.pkcs11_key.clone(),
+                    pin,
+                }
+            }
+        };
+        if !matches!(self.master_key, Some(MasterKeyArg::Pkcs11))
+            && (self.pkcs11_module.is_some()
+                || self.pkcs11_token.is_some()
+                || self.pkcs11_pin_file.is_some()
+                || self.pkcs11_pin_credential.is_some())
+        {
+            anyhow::bail!("--pkcs11-* options need --master-key pkcs11");
+        }
+        let absolute = |p: &Option<PathBuf>| p.as_deref().map(std::path::absolute).transpose();
+        let store = match &self.postgres {
+            Some(url) => StoreChoice::Postgres {
+                url: url.clone(),
+                password_file: absolute(&self.postgres_password_file)?,
+                ca_file: absolute(&self.postgres_ca_file)?,
+            },
+            None => StoreChoice::Sqlite(match &self.sqlite {
+                Some(p) => std::path::absolute(p)?,
+                None => PathBuf::from("broker.db"),
+            }),
+        };
+        Ok(broker::init::ProductionOptions {
+            listen: self
+                .listen
+                .clone()
+                .unwrap_or_else(|| "0.0.0.0:8443".to_string()),
+            server_names: self.server_names.clone(),
+            server_certificate: match self.server_cert {
+                ServerCertArg::Csr => ServerCertificate::Csr,
+                ServerCertArg::OwnCa => ServerCertificate::OwnCa,
+            },
+            operator: self.operator.clone(),
+            provider,
+            store,
+            now: SystemTime::now(),
         })
     }
 }
@@ -469,7 +605,7 @@ async fn shutdown_signal() {
 async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Serve { config } => serve(config).await,
-        Command::Init { dev, listen } => init(dev, listen),
+        Command::Init(args) => init(args),
         Command::Secret(cmd) => secret(cmd).await,
         Command::Policy(cmd) => policy(cmd).await,
         Command::Audit {
@@ -536,9 +672,42 @@ async fn serve(config: PathBuf) -> anyhow::Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-/// `broker init --dev`.
+/// `broker init`.
 #[allow(clippy::print_stdout)]
-fn init(dev: PathBuf, listen: String) -> anyhow::Result<Outcome> {
+fn init(args: InitArgs) -> anyhow::Result<Outcome> {
+    let Some(dev) = args.dev else {
+        let dir = args
+            .dir
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--dir or --dev"))?;
+        let setup = broker::init::production(&dir, &args.production_options()?)?;
+        println!(
+            "Wrote a production setup to {} (AMD's roots only).",
+            setup.dir.display()
+        );
+        println!();
+        println!("Next:");
+        for (i, step) in setup.next_steps.iter().enumerate() {
+            println!("  {}. {step}", i + 1);
+        }
+        return Ok(Outcome::Done);
+    };
+    init_dev(dev, args.listen.unwrap_or_else(|| "127.0.0.1:8443".into()))
+}
+
+/// `broker init --dev`.
+#[cfg(not(feature = "simulator"))]
+fn init_dev(_dev: PathBuf, _listen: String) -> anyhow::Result<Outcome> {
+    Err(broker::Error::NoSimulator {
+        setting: "init --dev",
+    }
+    .into())
+}
+
+/// `broker init --dev`.
+#[cfg(feature = "simulator")]
+#[allow(clippy::print_stdout)]
+fn init_dev(dev: PathBuf, listen: String) -> anyhow::Result<Outcome> {
     let setup = broker::init::dev(&dev, &listen)?;
     let d = setup.dir.display();
     println!(

@@ -86,11 +86,8 @@ pub fn verify(request: &VerifyRequest) -> Result<VerifiedReport, Error> {
             path = %path.display(),
             "DANGEROUS: trusting a SIMULATED root; claims from it prove nothing about real hardware"
         );
-        let ark = evidence::read_certificates(path)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Input(format!("{}: no certificate", path.display())))?;
-        anchors = anchors.dangerous_trust_simulated_root(&ark)?;
+        anchors =
+            evidence::trust_simulated_root(anchors, path, "--dangerous-trust-simulated-root")?;
     }
     let verifier = Verifier::new(anchors);
     let chain = verifier.verify_chain(&endorsements, request.at)?;

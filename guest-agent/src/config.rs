@@ -72,6 +72,8 @@ fn yes() -> bool {
     true
 }
 
+// Parsed in every build, so that a production build names the setting it refuses.
+#[cfg_attr(not(feature = "simulator"), allow(dead_code))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSimulated {
@@ -124,7 +126,8 @@ pub struct SecretSpec {
     pub required: bool,
 }
 
-/// Simulated report fields.
+/// Simulated report fields (feature `simulator`).
+#[cfg(feature = "simulator")]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimulatedSettings {
     /// The directory written by `broker init --dev` under `sim/`.
@@ -175,15 +178,25 @@ pub struct Settings {
     /// Secrets.
     pub secrets: Vec<SecretSpec>,
     /// Simulated platform settings.
+    #[cfg(feature = "simulator")]
     pub simulated: Option<SimulatedSettings>,
     /// Azure vTPM settings (defaults unless `[azure]` says otherwise).
     pub azure: AzureSettings,
+}
+
+/// The refusal of a simulated-platform setting by a build without the `simulator` feature.
+#[cfg(not(feature = "simulator"))]
+fn no_simulator(setting: &str) -> String {
+    format!(
+        "{setting}: this guest agent was built without the `simulator` feature (a production build), which cannot act as a simulated platform or trust a simulated AMD root"
+    )
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }
 }
 
+#[cfg(feature = "simulator")]
 fn hex_field<const N: usize>(s: &str, what: &str) -> Result<[u8; N], String> {
     let bytes = hex::decode(s).map_err(|_| format!("simulated.{what}: not hex"))?;
     bytes
@@ -234,7 +247,10 @@ impl Settings {
             "configfs-tsm" => Platform::ConfigfsTsm,
             "sev-guest" => Platform::SevGuest,
             "azure-vtpm" => Platform::AzureVtpm,
+            #[cfg(feature = "simulator")]
             "simulated" => Platform::Simulated,
+            #[cfg(not(feature = "simulator"))]
+            "simulated" => return Err(no_simulator("platform = \"simulated\"")),
             other => {
                 return Err(format!(
                     "platform: {other:?} is not auto, configfs-tsm, sev-guest, azure-vtpm or simulated"
@@ -291,6 +307,11 @@ impl Settings {
         if !secrets.iter().any(|s| s.required) {
             return Err("secrets: at least one secret must be required".into());
         }
+        #[cfg(not(feature = "simulator"))]
+        if raw.simulated.is_some() {
+            return Err(no_simulator("[simulated]"));
+        }
+        #[cfg(feature = "simulator")]
         let simulated = match (raw.simulated, &platform) {
             (Some(sim), Platform::Simulated) => {
                 let product = match sim.product.as_deref() {
@@ -372,6 +393,10 @@ impl Settings {
             }
         };
         let initial = Duration::from_millis(raw.retry.initial_ms.unwrap_or(500).max(10));
+        #[cfg(not(feature = "simulator"))]
+        if raw.dangerous_broker_simulated_root.is_some() {
+            return Err(no_simulator("dangerous_broker_simulated_root"));
+        }
         if raw.dangerous_broker_simulated_root.is_some() && raw.broker_attested_policy.is_none() {
             return Err("dangerous_broker_simulated_root: only with broker_attested_policy".into());
         }
@@ -390,6 +415,7 @@ impl Settings {
             retry_max: Duration::from_millis(raw.retry.max_ms.unwrap_or(30_000)).max(initial),
             secrets_dir,
             secrets,
+            #[cfg(feature = "simulator")]
             simulated,
             azure,
         })

@@ -1,10 +1,13 @@
 //! Evidence sources: where the SNP report comes from, behind one trait.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+#[cfg(feature = "simulator")]
+use std::time::Duration;
+use std::time::SystemTime;
 
 use attestation::cert_table::{self, CertKind};
 use attestation::protocol::{CertificateEntry, encode_b64};
+#[cfg(feature = "simulator")]
 use attestation::sim::{ReportFields, SimulatedAmd, SimulatedKey};
 
 use crate::AgentError;
@@ -177,6 +180,7 @@ impl EvidenceSource for SevGuest {
 
 /// Loads the simulated AMD hierarchy (ARK, ASK, ASVK keys and certificates) that
 /// `broker init --dev` writes to its `sim/` directory.
+#[cfg(feature = "simulator")]
 pub fn load_simulated_amd(
     dir: &Path,
     product: attestation::Product,
@@ -200,18 +204,21 @@ pub fn load_simulated_amd(
 }
 
 /// The simulated platform: reports signed by a simulated VCEK (tests and demos only).
+#[cfg(feature = "simulator")]
 pub struct Simulated {
     fields: ReportFields,
     vcek: SimulatedKey,
     ask: Vec<u8>,
 }
 
+#[cfg(feature = "simulator")]
 impl std::fmt::Debug for Simulated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Simulated").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "simulator")]
 impl Simulated {
     /// Loads the simulated AMD hierarchy written by `broker init --dev` (its `sim/`
     /// directory) and issues a VCEK for the configured chip and TCB.
@@ -232,6 +239,7 @@ impl Simulated {
     }
 }
 
+#[cfg(feature = "simulator")]
 impl EvidenceSource for Simulated {
     fn name(&self) -> &'static str {
         "simulated"
@@ -274,6 +282,12 @@ pub fn select(settings: &Settings) -> Result<Box<dyn EvidenceSource>, AgentError
             &settings.azure.tcti,
             settings.azure.report_timeout,
         ))),
+        #[cfg(not(feature = "simulator"))]
+        Platform::Simulated => Err(AgentError::Config(
+            "platform = \"simulated\": this guest agent was built without the `simulator` feature"
+                .into(),
+        )),
+        #[cfg(feature = "simulator")]
         Platform::Simulated => {
             let sim = settings
                 .simulated

@@ -219,8 +219,10 @@ impl AttestedBrokers {
         };
         let policy = attestation::policy::Policy::from_json(&read_text(policy_path)?)
             .map_err(|e| AgentError::Config(format!("{}: {e}", policy_path.display())))?;
+        #[cfg_attr(not(feature = "simulator"), allow(unused_mut))]
         let mut anchors =
             attestation::TrustAnchors::amd().map_err(|e| AgentError::Config(e.to_string()))?;
+        #[cfg(feature = "simulator")]
         if let Some(root) = &settings.dangerous_broker_simulated_root {
             tracing::warn!(path = %root.display(), "DANGEROUS: trusting a SIMULATED root for the broker's evidence");
             let ark = attestation::certs::decode_pem_or_der(read_text(root)?.as_bytes(), "root")

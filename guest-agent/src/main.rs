@@ -98,7 +98,7 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
                     for c in &certs {
                         let der = attestation::protocol::decode_b64(&c.der, "certificate")
                             .map_err(|e| AgentError::Evidence(e.to_string()))?;
-                        pem.push_str(&attestation::sim::to_pem(&der));
+                        pem.push_str(&attestation::certs::to_pem(&der));
                     }
                     if !pem.is_empty() {
                         let certs_path = PathBuf::from(format!("{}.certs.pem", path.display()));

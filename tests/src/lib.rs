@@ -71,6 +71,25 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A binary of the production build (no `simulator` feature), which `make build` copies to
+/// `target/production/` before building the workspace with every feature.
+pub fn production_binary(name: &str) -> Result<PathBuf, String> {
+    let debug = binary(name)?;
+    let path = debug
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("production").join(name))
+        .ok_or_else(|| "no target directory".to_string())?;
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is not built: run `make build` (it builds broker and guest-agent without the simulator feature and copies them there)",
+            path.display()
+        ))
+    }
+}
+
 /// A `broker serve` process on 127.0.0.1 with a fresh `init --dev` setup, and optionally
 /// more replicas of it (same setup, other ports) on a shared PostgreSQL store.
 pub struct Broker {

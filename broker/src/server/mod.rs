@@ -949,14 +949,11 @@ pub async fn build(
     if let Some(root) = &settings.dangerous_trust_simulated_root {
         // The first certificate is the simulated ARK; any others are intermediates (its ASK,
         // ASVK) for evidence that carries only the VCEK, as Azure's does.
-        let mut certs = crate::evidence::read_certificates(root)?.into_iter();
-        let der = certs
-            .next()
-            .ok_or_else(|| Error::Config(format!("{}: no certificate", root.display())))?;
-        anchors = anchors.dangerous_trust_simulated_root(&der)?;
-        for intermediate in certs {
-            anchors = anchors.with_intermediate(&intermediate);
-        }
+        anchors = crate::evidence::trust_simulated_root(
+            anchors,
+            root,
+            "attestation.dangerous_trust_simulated_root",
+        )?;
         // On standard error whatever the log filter, and in /metrics and /readyz.
         let banner = "!".repeat(78);
         let warning = format!(
