@@ -335,6 +335,22 @@ impl AdminClient {
     pub async fn rotate_token_key(&self) -> Result<Value, Error> {
         self.call(Method::POST, "/tokens/rotate-key", None).await
     }
+    /// The private CA's versions (certificates and pending requests; never keys).
+    pub async fn ca_show(&self) -> Result<Value, Error> {
+        self.call(Method::GET, "/pki/ca", None).await
+    }
+    /// Makes the private CA (`rotate` false) or its next issuing key (`rotate` true);
+    /// `request` is a [`crate::pki::NewCa`] as JSON.
+    pub async fn ca_create(&self, request: Value, rotate: bool) -> Result<Value, Error> {
+        let path = if rotate { "/pki/ca/rotate" } else { "/pki/ca" };
+        self.call(Method::POST, path, Some(Body::Json(request)))
+            .await
+    }
+    /// Installs the certificate (and chain, root last; PEM) of the pending CA request.
+    pub async fn ca_import(&self, pem: String) -> Result<Value, Error> {
+        self.call(Method::PUT, "/pki/ca/certificate", Some(Body::Text(pem)))
+            .await
+    }
     /// Lists secrets (metadata only).
     pub async fn list_secrets(&self) -> Result<Value, Error> {
         self.call(Method::GET, "/secrets", None).await

@@ -45,6 +45,9 @@ pub enum Error {
     /// The broker answered an admin call with an error.
     #[error("broker: {0}")]
     Remote(String),
+    /// The request conflicts with the current state (e.g. a CA exists already).
+    #[error("{0}")]
+    Conflict(String),
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),

@@ -22,6 +22,7 @@ pub mod keys;
 pub mod limit;
 pub mod measure;
 pub mod nonce;
+pub mod pki;
 pub mod platform;
 pub mod policy_cmd;
 pub mod release;

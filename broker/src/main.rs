@@ -100,6 +100,10 @@ enum Command {
     /// signing key.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The private CA for measured workloads (admin API; docs/pki.md): make it (self-signed,
+    /// or a request for your offline root), install its certificate, show it, rotate its key.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// The audit log (admin API over mutual TLS): list records, or `audit prune`.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -171,6 +175,64 @@ enum KeysCommand {
         /// The broker configuration.
         #[arg(long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct NewCaArgs {
+    /// The CA's common name.
+    #[arg(long, default_value = "snp-key-broker workload CA")]
+    subject: String,
+    /// Self-signed validity in days.
+    #[arg(long, default_value_t = 3650, conflicts_with = "csr")]
+    days: u32,
+    /// Instead of a self-signed root: write a certificate signing request here for your
+    /// offline root, then `broker ca import` what it issues.
+    #[arg(long, value_name = "FILE")]
+    csr: Option<PathBuf>,
+}
+
+impl NewCaArgs {
+    fn request(&self) -> serde_json::Value {
+        match &self.csr {
+            Some(_) => serde_json::json!({ "mode": "csr", "subject": self.subject }),
+            None => serde_json::json!({
+                "mode": "self-signed", "subject": self.subject, "days": self.days
+            }),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make the CA: an ECDSA P-256 key made and kept (sealed) in the broker, and a
+    /// self-signed certificate or a request (--csr) for your offline root.
+    Init {
+        #[command(flatten)]
+        new: NewCaArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Install the certificate your root issued for the pending request: FILE holds it, then
+    /// the certificates above it, the root last (PEM).
+    Import {
+        /// The certificate chain (PEM).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every CA version: state, certificate or request, expiry.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// A new issuing key (self-signed or --csr). Older versions stay published: what they
+    /// issued verifies until it expires.
+    Rotate {
+        #[command(flatten)]
+        new: NewCaArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -606,6 +668,7 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
     match command {
         Command::Serve { config } => serve(config).await,
         Command::Init(args) => init(args),
+        Command::Ca(cmd) => ca(cmd).await,
         Command::Secret(cmd) => secret(cmd).await,
         Command::Policy(cmd) => policy(cmd).await,
         Command::Audit {
@@ -1093,6 +1156,44 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<Outcome> {
 }
 
 /// `broker token …`.
+/// `broker ca …` (admin API).
+#[allow(clippy::print_stdout)]
+async fn ca(cmd: CaCommand) -> anyhow::Result<Outcome> {
+    let (new, admin, rotate) = match cmd {
+        CaCommand::Show { admin } => {
+            print_json(&admin.client()?.ca_show().await?)?;
+            return Ok(Outcome::Done);
+        }
+        CaCommand::Import { file, admin } => {
+            let pem = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            print_json(&admin.client()?.ca_import(pem).await?)?;
+            return Ok(Outcome::Done);
+        }
+        CaCommand::Init { new, admin } => (new, admin, false),
+        CaCommand::Rotate { new, admin } => (new, admin, true),
+    };
+    // A request file is never overwritten.
+    if let Some(path) = new.csr.as_ref().filter(|p| p.exists()) {
+        anyhow::bail!("{} exists; choose another --csr file", path.display());
+    }
+    let made = admin.client()?.ca_create(new.request(), rotate).await?;
+    if let Some(path) = &new.csr {
+        let csr = made
+            .get("csr")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| anyhow::anyhow!("the broker answered without a request"))?;
+        std::fs::write(path, csr)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!(
+            "Wrote the CA's certificate request to {}: have your root sign it (CA:TRUE, keyCertSign), then broker ca import CHAIN.pem",
+            path.display()
+        );
+    }
+    print_json(&made)?;
+    Ok(Outcome::Done)
+}
+
 async fn token(cmd: TokenCommand) -> anyhow::Result<Outcome> {
     match cmd {
         TokenCommand::RotateKey { admin } => {

@@ -201,6 +201,18 @@ impl Store for Racing {
     ) -> Result<(), StoreError> {
         self.inner.insert_broker_key(key, audit).await
     }
+    async fn set_broker_key_public(
+        &self,
+        purpose: &str,
+        version: u64,
+        expected: &serde_json::Value,
+        public: &serde_json::Value,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .set_broker_key_public(purpose, version, expected, public, audit)
+            .await
+    }
     async fn cache_get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
         self.inner.cache_get(key).await
     }

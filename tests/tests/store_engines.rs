@@ -128,6 +128,31 @@ async fn conformance(s: impl Store + Clone) {
     assert_eq!(keys[1].public["kid"], "k1");
     assert_eq!(keys[1].sealed, vec![1u8; 48]);
     assert!(s.broker_keys("other").await.unwrap().is_empty());
+    // The public part changes only from what the caller last read (a CA's request becoming
+    // its certificate), with its audit record.
+    let certified = serde_json::json!({"kty": "EC", "kid": "k1", "certified": true});
+    s.set_broker_key_public(
+        "ear-es256",
+        1,
+        &keys[1].public,
+        &certified,
+        &audit("pki.ca.import"),
+    )
+    .await
+    .unwrap();
+    for (version, expected) in [(1, &keys[1].public), (9, &certified)] {
+        assert!(matches!(
+            s.set_broker_key_public("ear-es256", version, expected, &certified, &audit("x"))
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    let keys = s.broker_keys("ear-es256").await.unwrap();
+    assert_eq!(keys[1].public, certified);
+    assert_eq!(keys[1].sealed, vec![1u8; 48]);
+    assert_eq!(keys[0].public["kid"], "k2");
+    assert!(actions(&s).await.iter().any(|a| a == "pki.ca.import"));
+    assert!(!actions(&s).await.iter().any(|a| a == "x"));
 
     assert_eq!(
         actions(&s)

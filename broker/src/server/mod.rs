@@ -36,6 +36,7 @@ use crate::store::{AnyStore, AuditQuery, AuditRecord, Store};
 pub mod conn;
 mod drain;
 pub mod metrics;
+mod pki;
 pub mod problem;
 pub mod tls;
 
@@ -339,6 +340,7 @@ impl From<Error> for Problem {
             Error::Input(d) => {
                 Problem::new(StatusCode::BAD_REQUEST, "invalid", "Invalid request", d)
             }
+            Error::Conflict(d) => Problem::new(StatusCode::CONFLICT, "conflict", "Conflict", d),
             Error::NotFound(d) => Problem::new(
                 StatusCode::NOT_FOUND,
                 "not-found",
@@ -377,7 +379,8 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         )
         .route("/policy/history", get(policy_history::<S>))
         .route("/tokens/rotate-key", post(rotate_token_key::<S>))
-        .route("/audit", get(audit_query::<S>).delete(audit_prune::<S>));
+        .route("/audit", get(audit_query::<S>).delete(audit_prune::<S>))
+        .merge(pki::admin_routes::<S>());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready::<S>))
@@ -388,6 +391,7 @@ pub fn router<S: Store>(state: Arc<AppState<S>>, body_limit: usize) -> Router {
         .route(attestation::broker_evidence::PATH, get(own_evidence::<S>))
         .route("/.well-known/jwks.json", get(crate::kbs::jwks::<S>))
         .nest("/kbs/v0", crate::kbs::routes::<S>())
+        .merge(pki::public_routes::<S>())
         .nest("/v1/admin", admin)
         .fallback(|| async {
             Problem::new(

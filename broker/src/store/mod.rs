@@ -393,6 +393,17 @@ pub trait Store: Send + Sync + 'static {
         key: &BrokerKey,
         audit: &AuditRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Replaces the public part of a broker key's version with its audit record in one
+    /// transaction, if it is still `expected`; `Conflict` otherwise (another request changed
+    /// it first, or there is no such version).
+    fn set_broker_key_public(
+        &self,
+        purpose: &str,
+        version: u64,
+        expected: &serde_json::Value,
+        public: &serde_json::Value,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// How the master key is held, once recorded.
     fn master_key(
@@ -588,6 +599,16 @@ impl Store for AnyStore {
         audit: &AuditRecord,
     ) -> Result<(), StoreError> {
         dispatch!(self, s => s.insert_broker_key(key, audit).await)
+    }
+    async fn set_broker_key_public(
+        &self,
+        purpose: &str,
+        version: u64,
+        expected: &serde_json::Value,
+        public: &serde_json::Value,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.set_broker_key_public(purpose, version, expected, public, audit).await)
     }
     async fn master_key(&self) -> Result<Option<MasterKeyRecord>, StoreError> {
         dispatch!(self, s => s.master_key().await)

@@ -489,6 +489,46 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn set_broker_key_public(
+                &self,
+                purpose: &str,
+                version: u64,
+                expected: &serde_json::Value,
+                public: &serde_json::Value,
+                audit: &AuditRecord,
+            ) -> Result<(), StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                bump_generation(&mut tx).await?;
+                let stored: Option<String> = sqlx::query_scalar(
+                    "SELECT public FROM broker_keys WHERE purpose = $1 AND version = $2",
+                )
+                .bind(purpose)
+                .bind(to_i64(version))
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(stored) = stored else {
+                    return Err(StoreError::Conflict(format!("no {purpose} version {version}")));
+                };
+                let stored: serde_json::Value = serde_json::from_str(&stored)
+                    .map_err(|e| StoreError::Unavailable(format!("stored public key: {e}")))?;
+                if &stored != expected {
+                    return Err(StoreError::Conflict(format!(
+                        "{purpose} version {version} changed meanwhile"
+                    )));
+                }
+                sqlx::query(
+                    "UPDATE broker_keys SET public = $1 WHERE purpose = $2 AND version = $3",
+                )
+                .bind(public.to_string())
+                .bind(purpose)
+                .bind(to_i64(version))
+                .execute(&mut *tx)
+                .await?;
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn data_keys(&self) -> Result<Vec<$crate::store::DataKeyRecord>, StoreError> {
                 let rows = sqlx::query(
                     "SELECT version, wrapped, created_at, retired_at FROM data_keys ORDER BY version",
