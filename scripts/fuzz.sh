@@ -15,7 +15,7 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
@@ -53,6 +53,11 @@ r = {"version": u32(0), "guest_svn": u32(4), "policy": u64(8), "family_id": arr(
 json.dump({"attestation_report": r, "cert_chain": [{"cert_type": "VCEK", "data": [48, 3, 2, 1, 0]}]}, sys.stdout)
 PY
       ;;
+    csr) seed csr
+      # A request as OpenSSL makes one: P-256, a subjectAltName extension request.
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null \
+        -subj /CN=web -addext subjectAltName=DNS:web.internal,URI:spiffe://example.org/web \
+        -outform DER -out corpus/csr/openssl-p256.der 2>/dev/null || true ;;
     broker_evidence) seed broker_evidence
       # A genuine Genoa report and its VCEK in the shape of a broker's own evidence.
       python3 - "$data/trustee-e2e-genoa-v3" > corpus/broker_evidence/genoa.json <<'PY'
@@ -70,7 +75,7 @@ done
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then

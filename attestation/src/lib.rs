@@ -26,6 +26,7 @@ pub mod cert_table;
 pub mod certs;
 pub mod chain;
 pub mod claims;
+pub mod csr;
 pub mod error;
 pub mod hcl;
 pub mod kbs;

@@ -29,6 +29,10 @@ use serde_json::{Map, Value};
 
 use crate::claims::Claims;
 
+pub mod certificates;
+
+pub use certificates::{CertificateProfile, RequestedName, Usage};
+
 /// Largest policy document accepted.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 /// Deepest `allOf`/`anyOf` nesting accepted.
@@ -259,6 +263,7 @@ pub enum Condition {
 pub struct Policy {
     rules: BTreeMap<String, Condition>,
     secrets: BTreeMap<String, Vec<String>>,
+    certificates: BTreeMap<String, CertificateProfile>,
     source: Value,
 }
 
@@ -409,11 +414,13 @@ impl Policy {
         for key in top.keys() {
             if !matches!(
                 key.as_str(),
-                "rules" | "secrets" | "description" | "$schema"
+                "rules" | "secrets" | "certificates" | "description" | "$schema"
             ) {
                 return Err(err(
                     &format!("/{}", escape(key)),
-                    format!("unknown field {key:?} (expected rules, secrets, description)"),
+                    format!(
+                        "unknown field {key:?} (expected rules, secrets, certificates, description)"
+                    ),
                 ));
             }
         }
@@ -461,9 +468,23 @@ impl Policy {
             }
             secrets.insert(name.clone(), names);
         }
+        let mut certificates = BTreeMap::new();
+        if let Some(v) = top.get("certificates") {
+            let profiles = v.as_object().ok_or_else(|| {
+                err(
+                    "/certificates",
+                    "an object mapping certificate profiles to their grants",
+                )
+            })?;
+            for (name, body) in profiles {
+                let profile = certificates::parse_profile(name, body, |r| rules.contains_key(r))?;
+                certificates.insert(name.clone(), profile);
+            }
+        }
         Ok(Policy {
             rules,
             secrets,
+            certificates,
             source: value,
         })
     }
@@ -502,6 +523,38 @@ impl Policy {
                 reason: format!("the policy names no rule for secret {secret:?}"),
             };
         };
+        self.decide_rules(secret, rule_names, json)
+    }
+
+    /// Certificate profiles, in order.
+    pub fn certificate_profiles(&self) -> impl Iterator<Item = (&str, &CertificateProfile)> {
+        self.certificates.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// A certificate profile.
+    pub fn certificate_profile(&self, name: &str) -> Option<&CertificateProfile> {
+        self.certificates.get(name)
+    }
+
+    /// Decides whether a guest with these claims (their JSON form) may be certified under
+    /// `profile`: it may when one of the profile's rules holds. The names it asks for are
+    /// checked with [`CertificateProfile::permits`]. The decision's `secret` is
+    /// `certificate:<profile>`.
+    pub fn decide_certificate(&self, profile: &str, json: &Value) -> Decision {
+        let what = format!("certificate:{profile}");
+        let Some(p) = self.certificates.get(profile) else {
+            return Decision {
+                secret: what,
+                released: false,
+                rule: None,
+                rules: Vec::new(),
+                reason: format!("the policy has no certificate profile {profile:?}"),
+            };
+        };
+        self.decide_rules(&what, &p.rules, json)
+    }
+
+    fn decide_rules(&self, secret: &str, rule_names: &[String], json: &Value) -> Decision {
         let mut outcomes = Vec::new();
         let mut granted = None;
         for name in rule_names {
@@ -520,6 +573,7 @@ impl Policy {
         }
         let reason = match &granted {
             Some(rule) => format!("rule {rule:?} holds"),
+            None if outcomes.is_empty() => format!("no rule is listed for {secret}"),
             None => outcomes
                 .iter()
                 .map(|o| format!("rule {:?}: {}", o.rule, first_failure(&o.conditions)))
@@ -1072,9 +1126,42 @@ pub fn json_schema() -> Value {
                 "type": "object",
                 "propertyNames": name,
                 "additionalProperties": { "type": "array", "items": name }
+            },
+            "certificates": {
+                "type": "object",
+                "propertyNames": name,
+                "additionalProperties": { "$ref": "#/$defs/certificateProfile" }
             }
         },
         "$defs": {
+            "certificateProfile": {
+                "type": "object",
+                "required": ["rules", "usages"],
+                "additionalProperties": false,
+                "anyOf": [
+                    { "required": ["dns"], "properties": { "dns": { "minItems": 1 } } },
+                    { "required": ["ip"], "properties": { "ip": { "minItems": 1 } } },
+                    { "required": ["uri"], "properties": { "uri": { "minItems": 1 } } }
+                ],
+                "properties": {
+                    "description": { "type": "string" },
+                    "rules": { "type": "array", "items": name },
+                    "dns": {
+                        "type": "array", "maxItems": 256,
+                        "items": { "type": "string", "pattern": "^(\\*\\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$", "maxLength": 255 }
+                    },
+                    "ip": { "type": "array", "maxItems": 256, "items": { "type": "string" } },
+                    "uri": {
+                        "type": "array", "maxItems": 256,
+                        "items": { "type": "string", "pattern": "^[A-Za-z][A-Za-z0-9+.-]*:[!-~]+$", "maxLength": 512 }
+                    },
+                    "usages": {
+                        "type": "array", "minItems": 1,
+                        "items": { "enum": ["serverAuth", "clientAuth"] }
+                    },
+                    "max_lifetime_hours": { "type": "integer", "minimum": 1, "maximum": certificates::MAX_LIFETIME_HOURS }
+                }
+            },
             "condition": {
                 "oneOf": [
                     {
@@ -1419,7 +1506,23 @@ mod tests {
             json!({"rules": {"r": {"claim": "vmpl", "equals": 0, "exists": true}}, "secrets": {}}),
             json!({"rules": {"r": {"allOf": []}}, "secrets": {}}),
             json!({"rules": {}, "secrets": {}, "x": 1}),
+            // Certificate profiles: no name granted, no usage, a bad usage, a deep wildcard,
+            // an unknown field, a lifetime out of range.
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "usages": ["serverAuth"]}}}),
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "dns": ["a.b"]}}}),
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "dns": ["a.b"], "usages": ["any"]}}}),
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "dns": ["*.*.b"], "usages": ["serverAuth"]}}}),
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "dns": ["a.b"], "usages": ["serverAuth"], "ttl": 1}}}),
+            json!({"rules": {}, "secrets": {}, "certificates": {"c": {"rules": [], "dns": ["a.b"], "usages": ["serverAuth"], "max_lifetime_hours": 2161}}}),
         ];
+        let mut good = good;
+        good["certificates"] = json!({"web": {
+            "rules": ["suggested"], "dns": ["web.internal", "*.svc.internal"],
+            "ip": ["10.0.0.0/8"], "uri": ["spiffe://example.org/web"],
+            "usages": ["serverAuth", "clientAuth"], "max_lifetime_hours": 24
+        }});
+        assert!(validator.is_valid(&good), "{:?}", validator.validate(&good));
+        assert!(load(good).is_ok());
         for doc in bad {
             assert!(!validator.is_valid(&doc), "schema accepted {doc}");
             assert!(load(doc).is_err());

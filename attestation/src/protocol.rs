@@ -187,6 +187,44 @@ pub struct AttestRequest {
     pub public_key: PublicKey,
     /// Names of the secrets wanted. All are released, or none.
     pub secrets: Vec<String>,
+    /// Certificates wanted from the broker's CA, one per request (docs/pki.md). With any,
+    /// REPORT_DATA is the version-2 binding ([`crate::binding::report_data_v2`]) of the
+    /// requests' public keys too. All are issued with the secrets, or nothing is released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateRequest>,
+}
+
+/// At most this many certificate requests in one attest request.
+pub const MAX_CERTIFICATE_REQUESTS: usize = 8;
+
+/// Largest certificate signing request (DER bytes).
+pub const MAX_CSR_BYTES: usize = 8192;
+
+/// A certificate wanted from the broker's CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// The policy's certificate profile it asks under.
+    pub profile: String,
+    /// A PKCS#10 certificate signing request (DER, base64), signed by the key to certify.
+    /// The names it asks for are its subjectAltName extension request's.
+    pub csr: String,
+}
+
+/// A certificate the broker's CA issued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCertificate {
+    /// The profile it was issued under.
+    pub profile: String,
+    /// Its serial number (hex).
+    pub serial: String,
+    /// The certificate (PEM).
+    pub certificate: String,
+    /// The CA certificate that issued it and those above it, the root last (PEM).
+    pub chain: Vec<String>,
+    /// The end of its validity (seconds since the epoch).
+    pub not_after: i64,
 }
 
 /// Request of `POST /v1/token`: an attestation whose result is a signed token, with nothing
@@ -250,6 +288,9 @@ pub struct AttestResponse {
     pub claims: serde_json::Value,
     /// The released secrets.
     pub secrets: Vec<SealedSecret>,
+    /// The issued certificates, in request order (absent when none was asked for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<IssuedCertificate>,
 }
 
 /// Decodes a base64 field, naming it on error.
@@ -454,6 +495,7 @@ mod tests {
             },
             public_key: key.public_key(),
             secrets: vec!["a".into()],
+            certificates: Vec::new(),
         };
         let json = serde_json::to_value(&req).unwrap();
         assert_eq!(json["evidence"]["kind"], "snp");

@@ -302,6 +302,18 @@ impl VerifiedReport {
         self.check_report_data(&expected, &expected)
     }
 
+    /// [`Self::check_binding`] for a request with certificate requests: the version-2
+    /// binding of `nonce`, `public_key` and the requests' public keys `spkis`, in order.
+    pub fn check_binding_v2(
+        &self,
+        nonce: &[u8],
+        public_key: &[u8],
+        spkis: &[&[u8]],
+    ) -> Result<(), Error> {
+        let expected = crate::binding::report_data_v2(nonce, public_key, spkis);
+        self.check_report_data(&expected, &expected)
+    }
+
     /// Checks, in constant time, that the evidence carries exactly these binding values:
     /// `report_data` in a bare report's REPORT_DATA, or `qualifying` as both the TPM quote's
     /// qualifying data and the HCL report's `user-data` for Azure vTPM evidence (whose

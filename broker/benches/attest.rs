@@ -87,6 +87,7 @@ fn bench(c: &mut Criterion) {
             },
             public_key: key.public_key(),
             secrets: vec!["db-key".into()],
+            certificates: Vec::new(),
         }
     };
 

@@ -109,6 +109,7 @@ async fn main() {
             },
             public_key: key.public_key(),
             secrets: vec!["db-key".into()],
+            certificates: Vec::new(),
         }
     };
     let request = make(&challenge.nonce, &fields);

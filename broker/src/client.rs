@@ -335,6 +335,15 @@ impl AdminClient {
     pub async fn rotate_token_key(&self) -> Result<Value, Error> {
         self.call(Method::POST, "/tokens/rotate-key", None).await
     }
+    /// The certificates the private CA issued, newest first (at most `limit`).
+    pub async fn issued_certificates(&self, limit: u32) -> Result<Value, Error> {
+        self.call(
+            Method::GET,
+            &format!("/pki/certificates?limit={limit}"),
+            None,
+        )
+        .await
+    }
     /// The private CA's versions (certificates and pending requests; never keys).
     pub async fn ca_show(&self) -> Result<Value, Error> {
         self.call(Method::GET, "/pki/ca", None).await

@@ -104,6 +104,9 @@ enum Command {
     /// or a request for your offline root), install its certificate, show it, rotate its key.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Certificates the private CA issued (admin API; docs/pki.md).
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// The audit log (admin API over mutual TLS): list records, or `audit prune`.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -201,6 +204,19 @@ impl NewCaArgs {
             }),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// The certificates issued, newest first: serial, profile, names, validity, the claims
+    /// digest they were issued on, revocation.
+    List {
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -538,6 +554,10 @@ enum PolicyCommand {
         /// Secret the drafted rule may receive (repeatable).
         #[arg(long)]
         secret: Vec<String>,
+        /// A certificate profile the drafted rule grants, as PROFILE=dns:NAME,uri:URI,ip:ADDR
+        /// (repeatable; docs/pki.md).
+        #[arg(long, value_name = "PROFILE=NAMES")]
+        certificate: Vec<String>,
     },
     /// Draft a policy from a measurement computed with `broker measure`, before any guest
     /// boots (docs/measurement.md).
@@ -558,6 +578,10 @@ enum PolicyCommand {
         /// Secret the drafted rule may receive (repeatable).
         #[arg(long)]
         secret: Vec<String>,
+        /// A certificate profile the drafted rule grants, as PROFILE=dns:NAME,uri:URI,ip:ADDR
+        /// (repeatable; docs/pki.md).
+        #[arg(long, value_name = "PROFILE=NAMES")]
+        certificate: Vec<String>,
     },
 }
 
@@ -669,6 +693,10 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Serve { config } => serve(config).await,
         Command::Init(args) => init(args),
         Command::Ca(cmd) => ca(cmd).await,
+        Command::Cert(CertCommand::List { limit, admin }) => {
+            print_json(&admin.client()?.issued_certificates(limit).await?)?;
+            Ok(Outcome::Done)
+        }
         Command::Secret(cmd) => secret(cmd).await,
         Command::Policy(cmd) => policy(cmd).await,
         Command::Audit {
@@ -933,27 +961,32 @@ async fn policy(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
             min_tcb,
             vmpl,
             secret,
+            certificate,
         } => {
-            let draft =
+            let mut draft =
                 policy_cmd::suggest_measured(&measurement, &product, &min_tcb, vmpl, &secret)?;
+            policy_cmd::add_certificate_profiles(&mut draft, "measured", &certificate)?;
             println!("{}", serde_json::to_string_pretty(&draft)?);
             Ok(Outcome::Done)
         }
-        PolicyCommand::Suggest { evidence, secret } => {
-            match policy_cmd::suggest(&evidence.request()?, &secret) {
-                Ok(draft) => {
-                    println!("{}", serde_json::to_string_pretty(&draft)?);
-                    if secret.is_empty() {
-                        eprintln!(
-                            "note: the draft maps no secrets; add them under \"secrets\" or pass --secret NAME"
-                        );
-                    }
-                    Ok(Outcome::Done)
+        PolicyCommand::Suggest {
+            evidence,
+            secret,
+            certificate,
+        } => match policy_cmd::suggest(&evidence.request()?, &secret) {
+            Ok(mut draft) => {
+                policy_cmd::add_certificate_profiles(&mut draft, "suggested", &certificate)?;
+                println!("{}", serde_json::to_string_pretty(&draft)?);
+                if secret.is_empty() {
+                    eprintln!(
+                        "note: the draft maps no secrets; add them under \"secrets\" or pass --secret NAME"
+                    );
                 }
-                Err(broker::Error::Refused(e)) => Ok(refused(&e, false)),
-                Err(e) => Err(e.into()),
+                Ok(Outcome::Done)
             }
-        }
+            Err(broker::Error::Refused(e)) => Ok(refused(&e, false)),
+            Err(e) => Err(e.into()),
+        },
     }
 }
 

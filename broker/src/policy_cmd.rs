@@ -25,8 +25,9 @@ pub struct CheckReport {
     pub decisions: Vec<Decision>,
 }
 
-/// Verifies the evidence, then evaluates the policy for `secrets` (all the policy names when
-/// empty).
+/// Verifies the evidence, then evaluates the policy for `secrets` (every secret and
+/// certificate profile the policy names when empty; a certificate profile is named
+/// `certificate:<profile>`).
 pub fn check(
     request: &VerifyRequest,
     policy: &Policy,
@@ -35,7 +36,15 @@ pub fn check(
     let verified = verify_cmd::verify(request)?;
     let claims = verified.claims();
     let names: Vec<String> = if secrets.is_empty() {
-        policy.secrets().map(str::to_string).collect()
+        policy
+            .secrets()
+            .map(str::to_string)
+            .chain(
+                policy
+                    .certificate_profiles()
+                    .map(|(p, _)| format!("{CERTIFICATE_PREFIX}{p}")),
+            )
+            .collect()
     } else {
         secrets.to_vec()
     };
@@ -44,10 +53,75 @@ pub fn check(
             "the policy maps no secrets; name one with --secret".into(),
         ));
     }
+    let json = claims.to_json();
+    let decisions = names
+        .iter()
+        .map(|name| match name.strip_prefix(CERTIFICATE_PREFIX) {
+            Some(profile) => {
+                let mut d = policy.decide_certificate(profile, &json);
+                if let (true, Some(p)) = (d.released, policy.certificate_profile(profile)) {
+                    d.reason = format!("{}; grants {}", d.reason, p.describe());
+                }
+                d
+            }
+            None => policy.decide(name, &claims),
+        })
+        .collect();
     Ok(CheckReport {
         measurement: claims.measurement.clone(),
-        decisions: names.iter().map(|s| policy.decide(s, &claims)).collect(),
+        decisions,
     })
+}
+
+/// How `policy check --secret` names a certificate profile.
+pub const CERTIFICATE_PREFIX: &str = "certificate:";
+
+/// Adds certificate profiles to a drafted policy: each `PROFILE=NAME,NAME…` (names as
+/// `dns:…`, `ip:…`, `uri:…`) granted by the draft's rule `rule`, for server and client use,
+/// with the default lifetime.
+pub fn add_certificate_profiles(
+    draft: &mut serde_json::Value,
+    rule: &str,
+    profiles: &[String],
+) -> Result<(), Error> {
+    if profiles.is_empty() {
+        return Ok(());
+    }
+    let mut out = serde_json::Map::new();
+    for spec in profiles {
+        let (name, names) = spec.split_once('=').ok_or_else(|| {
+            Error::Input(format!(
+                "--certificate {spec:?}: PROFILE=dns:NAME,uri:URI,ip:ADDRESS"
+            ))
+        })?;
+        let (mut dns, mut ip, mut uri) = (Vec::new(), Vec::new(), Vec::new());
+        for n in names.split(',').filter(|n| !n.is_empty()) {
+            match n.split_once(':') {
+                Some(("dns", v)) => dns.push(v.to_string()),
+                Some(("ip", v)) => ip.push(v.to_string()),
+                Some(("uri", v)) => uri.push(v.to_string()),
+                _ => {
+                    return Err(Error::Input(format!(
+                        "--certificate {spec:?}: {n:?} is not dns:…, ip:… or uri:…"
+                    )));
+                }
+            }
+        }
+        let mut profile = serde_json::json!({
+            "rules": [rule],
+            "usages": ["serverAuth", "clientAuth"],
+            "max_lifetime_hours": policy::certificates::DEFAULT_LIFETIME_HOURS,
+        });
+        for (key, list) in [("dns", dns), ("ip", ip), ("uri", uri)] {
+            if !list.is_empty() {
+                profile[key] = serde_json::json!(list);
+            }
+        }
+        out.insert(name.to_string(), profile);
+    }
+    draft["certificates"] = serde_json::Value::Object(out);
+    Policy::from_value(draft.clone()).map_err(|e| Error::Input(format!("drafted policy: {e}")))?;
+    Ok(())
 }
 
 fn render_outcome(o: &Outcome, depth: usize, out: &mut String) {

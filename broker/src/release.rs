@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use attestation::policy::Policy;
 use attestation::protocol::{
-    AttestRequest, AttestResponse, ChallengeResponse, Evidence, PublicKey, SealedSecret, decode_b64,
+    AttestRequest, AttestResponse, ChallengeResponse, Evidence, IssuedCertificate, PublicKey,
+    SealedSecret, decode_b64,
 };
 use attestation::{AttestationReport, Endorsements, HclReport, VerifiedChain, Verifier};
 use aws_lc_rs::digest;
@@ -20,7 +21,8 @@ use crate::keyring::Keyring;
 use crate::nonce::{NonceAuthority, NonceError};
 use crate::secrets::{self, SecretKind};
 use crate::store::{
-    AuditRecord, Committed, DecisionInputs, PolicyRef, Spend, Store, StoreError, StoredSecret,
+    AuditRecord, Committed, DecisionInputs, IssuedRecord, PolicyRef, Spend, Store, StoreError,
+    StoredSecret,
 };
 
 /// Most secrets one attestation may ask for.
@@ -58,6 +60,15 @@ pub enum Refusal {
         /// The failed rules.
         reason: String,
     },
+    /// A certificate asked for cannot be issued under its profile: a name it does not grant,
+    /// or no active CA (403).
+    #[error("certificate {profile}: {reason}")]
+    Certificate {
+        /// The profile asked under.
+        profile: String,
+        /// Why, naming the name.
+        reason: String,
+    },
     /// A secret asked for does not exist (404).
     #[error("unknown secret {0}")]
     UnknownSecret(String),
@@ -87,6 +98,7 @@ impl Refusal {
             Refusal::Verification(e) => e.check().into(),
             Refusal::NoPolicy => "no_policy".into(),
             Refusal::Policy { .. } => "policy".into(),
+            Refusal::Certificate { .. } => "certificate".into(),
             Refusal::UnknownSecret(_) => "unknown_secret".into(),
             Refusal::Store(_) => "store_unavailable".into(),
             Refusal::Kds(_) => "kds_unavailable".into(),
@@ -119,6 +131,17 @@ pub struct Broker<S: Store> {
     /// refused before it is decided and sealed. Only a shortcut: the store's spend is what
     /// makes a nonce single-use, across replicas too.
     spent: Mutex<HashMap<[u8; 32], u64>>,
+    /// The private CA's newest active version, loaded when a guest first asks for a
+    /// certificate (and again when the store shows a newer one).
+    signer: Mutex<Option<Arc<crate::pki::issue::Signer>>>,
+}
+
+/// What a release decision produced: the answer, the audit's list of secrets, and the
+/// certificates to record with it.
+struct SealedRelease {
+    response: AttestResponse,
+    released: Vec<serde_json::Value>,
+    issued: Vec<IssuedRecord>,
 }
 
 /// Spent nonces remembered per broker (about 40 bytes each).
@@ -168,7 +191,39 @@ impl<S: Store> Broker<S> {
             sampler: crate::audit::Sampler::new(crate::audit::SampleBudget::default()),
             kds_sources: crate::limit::KeyLimiter::new(KDS_LOOKUPS_PER_SOURCE),
             spent: Mutex::new(HashMap::new()),
+            signer: Mutex::new(None),
         }
+    }
+
+    /// The private CA's newest active version, for issuing (`profile`: the first profile
+    /// asked for, to name in a refusal).
+    async fn certificate_signer(
+        &self,
+        profile: &str,
+    ) -> Result<Arc<crate::pki::issue::Signer>, Refusal> {
+        let records = self.store.broker_keys(crate::pki::ca::PURPOSE).await?;
+        if records
+            .iter()
+            .any(|r| r.key_version > self.keyring.current())
+        {
+            self.keyring
+                .refresh(&self.store)
+                .await
+                .map_err(|e| Refusal::Internal(e.to_string()))?;
+        }
+        let cached = self.signer.lock().ok().and_then(|g| g.clone());
+        let newest = crate::pki::issue::Signer::newest(&records, &self.keyring, cached.as_ref())
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        let Some(signer) = newest else {
+            return Err(Refusal::Certificate {
+                profile: profile.to_string(),
+                reason: "this broker has no active CA (broker ca init)".into(),
+            });
+        };
+        if let Ok(mut g) = self.signer.lock() {
+            *g = Some(signer.clone());
+        }
+        Ok(signer)
     }
 
     /// Remembers a spent nonce until it expires (forgetting expired ones, or all of them,
@@ -446,7 +501,18 @@ impl<S: Store> Broker<S> {
         now: SystemTime,
     ) -> Result<Checked, (Refusal, Option<String>)> {
         let bare = |r: Refusal| (r, None);
-        check_secret_names(&attempt.secrets, !attempt.appraise_only).map_err(bare)?;
+        check_secret_names(
+            &attempt.secrets,
+            !attempt.appraise_only,
+            attempt.certificates.len(),
+        )
+        .map_err(bare)?;
+        if attempt.certificates.len() > attestation::protocol::MAX_CERTIFICATE_REQUESTS {
+            return Err(bare(Refusal::Malformed(format!(
+                "at most {} certificate requests",
+                attestation::protocol::MAX_CERTIFICATE_REQUESTS
+            ))));
+        }
         let nonce = match self.nonces.check(&attempt.nonce, unix(now)) {
             // Perhaps minted by a replica that has seen a data-key rotation this one has
             // not: reload (rate-limited) and check again.
@@ -479,15 +545,36 @@ impl<S: Store> Broker<S> {
             claims_json.to_string().as_bytes(),
         ));
         let with_digest = |r: Refusal| (r, Some(claims_digest.clone()));
+        // Certificate requests: possession proven by their signatures, their keys bound below.
+        let certificates = attempt
+            .certificates
+            .iter()
+            .map(crate::pki::issue::verify_request)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| with_digest(Refusal::Malformed(e)))?;
         let bound_by = match &attempt.binding {
             Binding::Hpke(key) => {
                 let binding_key = key
                     .binding_bytes()
                     .map_err(|e| with_digest(Refusal::Malformed(e.to_string())))?;
-                verified
-                    .check_binding(&nonce.bytes, &binding_key)
-                    .map_err(|e| with_digest(Refusal::Verification(e)))?;
-                "native"
+                if certificates.is_empty() {
+                    verified.check_binding(&nonce.bytes, &binding_key)
+                } else {
+                    let spkis: Vec<&[u8]> =
+                        certificates.iter().map(|c| c.spki.as_slice()).collect();
+                    verified.check_binding_v2(&nonce.bytes, &binding_key, &spkis)
+                }
+                .map_err(|e| with_digest(Refusal::Verification(e)))?;
+                if certificates.is_empty() {
+                    "native"
+                } else {
+                    "native-v2"
+                }
+            }
+            Binding::Digests(_) if !certificates.is_empty() => {
+                return Err(with_digest(Refusal::Malformed(
+                    "certificate requests need the native binding".into(),
+                )));
             }
             Binding::Digests(expected) => {
                 // The first that holds; the first's refusal otherwise (the selected hash).
@@ -517,6 +604,7 @@ impl<S: Store> Broker<S> {
             evidence: evidence_kind(&attempt.evidence),
             front_end: attempt.front_end,
             secrets: attempt.secrets,
+            certificates,
             binding: attempt.binding,
             bound_by,
             nonce_digest: nonce.digest(),
@@ -539,13 +627,37 @@ impl<S: Store> Broker<S> {
         checked: Checked,
         now: SystemTime,
     ) -> Result<AttestResponse, Refusal> {
+        let signer = match checked.certificates.first() {
+            Some(first) => Some(self.certificate_signer(&first.profile).await?),
+            None => None,
+        };
         self.spend_and_decide(&checked, now, |inputs| {
-            let outcome = self.decide_and_seal(&checked, inputs);
-            let record = match &outcome {
-                Ok((_, released)) => release_record(&checked, Ok(released), now),
-                Err(refusal) => release_record(&checked, Err(refusal), now),
-            };
-            (outcome.map(|(response, _)| response), record)
+            let outcome = self.decide_and_seal(&checked, inputs, signer.as_deref(), now);
+            match outcome {
+                Ok(sealed) => {
+                    let mut record = release_record(&checked, Ok(&sealed.released), now);
+                    if !sealed.issued.is_empty() {
+                        record.detail["certificates"] = sealed
+                            .issued
+                            .iter()
+                            .map(|c| {
+                                json!({
+                                    "profile": c.profile,
+                                    "serial": c.serial,
+                                    "names": c.names,
+                                    "not_after": c.not_after,
+                                    "ca_version": c.ca_version,
+                                })
+                            })
+                            .collect();
+                    }
+                    (Ok(sealed.response), record, sealed.issued)
+                }
+                Err(refusal) => {
+                    let record = release_record(&checked, Err(&refusal), now);
+                    (Err(refusal), record, Vec::new())
+                }
+            }
         })
         .await
     }
@@ -571,7 +683,7 @@ impl<S: Store> Broker<S> {
                 })
             });
             let record = appraisal_record(&checked, outcome.as_ref(), now);
-            (outcome, record)
+            (outcome, record, Vec::new())
         })
         .await
     }
@@ -583,7 +695,7 @@ impl<S: Store> Broker<S> {
         &self,
         checked: &Checked,
         now: SystemTime,
-        decide: impl Fn(DecisionInputs) -> (Result<T, Refusal>, AuditRecord),
+        decide: impl Fn(DecisionInputs) -> (Result<T, Refusal>, AuditRecord, Vec<IssuedRecord>),
     ) -> Result<T, Refusal> {
         // Re-check expiry now: verification may have taken time (a KDS fetch with backoff),
         // and spent nonces are purged only well after they expire.
@@ -602,12 +714,14 @@ impl<S: Store> Broker<S> {
         // the decision stale: decided again on the new inputs, a few times at most.
         for _ in 0..STALE_RETRIES {
             let inputs = self.inputs(&checked.secrets).await?;
+            let generation = inputs.generation;
+            let (outcome, record, issued) = decide(inputs);
             let spend = Spend {
                 nonce: Some(checked.nonce_digest),
                 expires_at: expires,
-                generation: inputs.generation,
+                generation,
+                issued,
             };
-            let (outcome, record) = decide(inputs);
             match self.store.commit_decision(spend, record).await {
                 Ok(Committed::Done) => {
                     self.remember_spent(checked, unix(SystemTime::now()));
@@ -678,6 +792,7 @@ impl<S: Store> Broker<S> {
                 nonce: None,
                 expires_at: 0,
                 generation,
+                issued: Vec::new(),
             };
             match self.store.commit_decision(spend, record).await {
                 Ok(Committed::Done) => return outcome.map(|(plaintext, _)| plaintext),
@@ -746,7 +861,9 @@ impl<S: Store> Broker<S> {
         &self,
         checked: &Checked,
         inputs: DecisionInputs,
-    ) -> Result<(AttestResponse, Vec<serde_json::Value>), Refusal> {
+        signer: Option<&crate::pki::issue::Signer>,
+        now: SystemTime,
+    ) -> Result<SealedRelease, Refusal> {
         let policy = self
             .policy_for(inputs.policy.ok_or(Refusal::NoPolicy)?)
             .map_err(Refusal::Internal)?;
@@ -768,6 +885,7 @@ impl<S: Store> Broker<S> {
                 });
             }
         }
+        let (certificates, issued) = self.issue_certificates(checked, &policy, signer, now)?;
         let mut sealed: Vec<SealedSecret> = Vec::new();
         let mut released = Vec::new();
         for record in &records {
@@ -791,13 +909,76 @@ impl<S: Store> Broker<S> {
             sealed.push(s);
             released.push(json!({ "name": record.name, "version": record.version }));
         }
-        Ok((
-            AttestResponse {
+        Ok(SealedRelease {
+            response: AttestResponse {
                 claims: checked.claims_json.clone(),
                 secrets: sealed,
+                certificates,
             },
             released,
-        ))
+            issued,
+        })
+    }
+
+    /// Decides and issues the certificates `checked` asks for: each profile granted by one
+    /// of its rules, each name by the profile. Nothing is issued unless all are.
+    fn issue_certificates(
+        &self,
+        checked: &Checked,
+        policy: &Policy,
+        signer: Option<&crate::pki::issue::Signer>,
+        now: SystemTime,
+    ) -> Result<(Vec<IssuedCertificate>, Vec<IssuedRecord>), Refusal> {
+        if checked.certificates.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let Some(signer) = signer else {
+            return Err(Refusal::Internal("no CA loaded for certificates".into()));
+        };
+        let mut certificates = Vec::new();
+        let mut issued = Vec::new();
+        for csr in &checked.certificates {
+            let decision = policy.decide_certificate(&csr.profile, &checked.claims_json);
+            let profile = match policy.certificate_profile(&csr.profile) {
+                Some(p) if decision.released => p,
+                _ => {
+                    return Err(Refusal::Policy {
+                        secret: decision.secret,
+                        reason: decision.reason,
+                    });
+                }
+            };
+            let cert =
+                crate::pki::issue::issue(signer, csr, profile, now).map_err(|e| match e {
+                    crate::pki::issue::IssueError::NameNotGranted(reason) => Refusal::Certificate {
+                        profile: csr.profile.clone(),
+                        reason,
+                    },
+                    other => Refusal::Internal(other.to_string()),
+                })?;
+            certificates.push(IssuedCertificate {
+                profile: cert.profile.clone(),
+                serial: cert.serial.clone(),
+                certificate: attestation::certs::to_pem(&cert.der),
+                chain: signer.chain.clone(),
+                not_after: cert.not_after,
+            });
+            issued.push(IssuedRecord {
+                serial: cert.serial,
+                ca_version: cert.ca_version,
+                profile: cert.profile,
+                subject: cert.subject,
+                names: cert.names,
+                claims_digest: checked.claims_digest.clone(),
+                not_before: cert.not_before,
+                not_after: cert.not_after,
+                issued_at: unix_i64(now),
+                certificate: cert.der,
+                revoked_at: None,
+                revocation_reason: None,
+            });
+        }
+        Ok((certificates, issued))
     }
 
     /// The parsed policy of `current`: the cached one when its version matches, otherwise
@@ -1227,6 +1408,8 @@ pub struct Attempt {
     pub binding: Binding,
     /// The secrets asked for.
     pub secrets: Vec<String>,
+    /// The certificates asked for (native attest requests only).
+    pub certificates: Vec<attestation::protocol::CertificateRequest>,
     /// An attestation that releases nothing itself: it is appraised ([`Broker::appraise`])
     /// and names no secrets (a KBS attestation, a native token request).
     pub appraise_only: bool,
@@ -1241,6 +1424,7 @@ impl Attempt {
             evidence: request.evidence,
             binding: Binding::Hpke(request.public_key),
             secrets: request.secrets,
+            certificates: request.certificates,
             appraise_only: false,
         }
     }
@@ -1253,6 +1437,7 @@ impl Attempt {
             evidence: request.evidence,
             binding: Binding::Hpke(request.public_key),
             secrets: Vec::new(),
+            certificates: Vec::new(),
             appraise_only: true,
         }
     }
@@ -1295,6 +1480,7 @@ pub struct Checked {
     evidence: &'static str,
     front_end: FrontEnd,
     secrets: Vec<String>,
+    certificates: Vec<crate::pki::issue::VerifiedCsr>,
     binding: Binding,
     bound_by: &'static str,
     nonce_digest: [u8; 32],
@@ -1364,7 +1550,11 @@ fn decode_evidence(evidence: &Evidence) -> Result<DecodedEvidence<'_>, Refusal> 
     })
 }
 
-fn check_secret_names(names: &[String], named_up_front: bool) -> Result<(), Refusal> {
+fn check_secret_names(
+    names: &[String],
+    named_up_front: bool,
+    certificates: usize,
+) -> Result<(), Refusal> {
     if !named_up_front {
         return if names.is_empty() {
             Ok(())
@@ -1374,9 +1564,9 @@ fn check_secret_names(names: &[String], named_up_front: bool) -> Result<(), Refu
             ))
         };
     }
-    if names.is_empty() || names.len() > MAX_SECRETS_PER_REQUEST {
+    if names.len() > MAX_SECRETS_PER_REQUEST || (names.is_empty() && certificates == 0) {
         return Err(Refusal::Malformed(format!(
-            "ask for 1 to {MAX_SECRETS_PER_REQUEST} secrets"
+            "ask for 1 to {MAX_SECRETS_PER_REQUEST} secrets (or a certificate)"
         )));
     }
     for (i, n) in names.iter().enumerate() {

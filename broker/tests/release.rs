@@ -16,8 +16,8 @@ use broker::keys::MasterKey;
 use broker::release::{Broker, Refusal};
 use broker::secrets::SecretKind;
 use broker::store::{
-    AuditQuery, AuditRecord, BrokerKey, CommitMetrics, Committed, DecisionInputs, PolicyVersion,
-    SecretInfo, Spend, SqliteStore, Store, StoreError, StoredSecret,
+    AuditQuery, AuditRecord, BrokerKey, CommitMetrics, Committed, DecisionInputs, IssuedRecord,
+    PolicyVersion, SecretInfo, Spend, SqliteStore, Store, StoreError, StoredSecret,
 };
 
 /// What the wrapper does once, right before the next decision's commit.
@@ -201,6 +201,9 @@ impl Store for Racing {
     ) -> Result<(), StoreError> {
         self.inner.insert_broker_key(key, audit).await
     }
+    async fn issued_certificates(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.inner.issued_certificates(limit).await
+    }
     async fn set_broker_key_public(
         &self,
         purpose: &str,
@@ -315,6 +318,7 @@ impl Setup {
             },
             public_key: key.public_key(),
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            certificates: Vec::new(),
         }
     }
 

@@ -30,7 +30,10 @@ struct Raw {
     #[serde(default)]
     retry: RawRetry,
     secrets_dir: Option<PathBuf>,
+    #[serde(default)]
     secrets: Vec<RawSecret>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
     simulated: Option<RawSimulated>,
     azure: Option<RawAzure>,
 }
@@ -54,6 +57,23 @@ fn auto() -> String {
 struct RawRetry {
     initial_ms: Option<u64>,
     max_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    profile: String,
+    name: Option<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ip: Vec<String>,
+    #[serde(default)]
+    uri: Vec<String>,
+    dir: Option<PathBuf>,
+    owner: Option<String>,
+    group: Option<String>,
+    key_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +146,42 @@ pub struct SecretSpec {
     pub required: bool,
 }
 
+/// A certificate to obtain from the broker's CA (`[[certificate]]`), for a key made here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateSpec {
+    /// The broker policy's certificate profile.
+    pub profile: String,
+    /// Base name of the files: `<name>.key`, `<name>.pem` (certificate and the CA
+    /// certificates below the root), `<name>.ca.pem` (the CA chain with its root).
+    pub name: String,
+    /// The names asked for.
+    pub names: Vec<attestation::policy::RequestedName>,
+    /// Directory of the files (created 0700).
+    pub dir: PathBuf,
+    /// Owner of the files (user name or numeric id).
+    pub owner: Option<String>,
+    /// Group of the files.
+    pub group: Option<String>,
+    /// Mode of the key file (the certificates are 0644 less what `key_mode` withholds from
+    /// the group: never more than the key's directory allows).
+    pub key_mode: u32,
+}
+
+impl CertificateSpec {
+    /// The key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.key", self.name))
+    }
+    /// The certificate file (leaf, then the CA certificates below the root).
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+    /// The CA chain with its root (what peers verify against).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.ca.pem", self.name))
+    }
+}
+
 /// Simulated report fields (feature `simulator`).
 #[cfg(feature = "simulator")]
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,11 +233,90 @@ pub struct Settings {
     pub secrets_dir: PathBuf,
     /// Secrets.
     pub secrets: Vec<SecretSpec>,
+    /// Certificates from the broker's CA.
+    pub certificates: Vec<CertificateSpec>,
     /// Simulated platform settings.
     #[cfg(feature = "simulator")]
     pub simulated: Option<SimulatedSettings>,
     /// Azure vTPM settings (defaults unless `[azure]` says otherwise).
     pub azure: AzureSettings,
+}
+
+fn mode_of(text: &str, what: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{what}: {text:?} is not octal"))?;
+    if mode > 0o777 || mode & 0o007 != 0 {
+        return Err(format!(
+            "{what}: {text} gives access to others; use at most 0770"
+        ));
+    }
+    Ok(mode)
+}
+
+fn certificate_specs(
+    raw: Vec<RawCertificate>,
+    base: &Path,
+    secrets_dir: &Path,
+) -> Result<Vec<CertificateSpec>, String> {
+    use attestation::policy::RequestedName;
+    if raw.len() > attestation::protocol::MAX_CERTIFICATE_REQUESTS {
+        return Err(format!(
+            "certificate: at most {} entries",
+            attestation::protocol::MAX_CERTIFICATE_REQUESTS
+        ));
+    }
+    let mut specs: Vec<CertificateSpec> = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let at = format!("certificate[{i}]");
+        if !attestation::policy::valid_name(&c.profile) {
+            return Err(format!("{at}.profile: letters, digits, '.', '_', '-'"));
+        }
+        let name = c.name.unwrap_or_else(|| c.profile.clone());
+        if !attestation::policy::valid_name(&name) {
+            return Err(format!("{at}.name: letters, digits, '.', '_', '-'"));
+        }
+        if specs.iter().any(|s| s.name == name) {
+            return Err(format!("{at}.name: {name} is listed twice"));
+        }
+        let mut names = Vec::new();
+        for d in c.dns {
+            if !attestation::policy::certificates::valid_dns_name(&d) {
+                return Err(format!("{at}.dns: {d:?} is not a lowercase DNS name"));
+            }
+            names.push(RequestedName::Dns(d));
+        }
+        for a in c.ip {
+            names
+                .push(RequestedName::Ip(a.parse().map_err(|_| {
+                    format!("{at}.ip: {a:?} is not an IP address")
+                })?));
+        }
+        for u in c.uri {
+            if !attestation::policy::certificates::valid_uri(&u) {
+                return Err(format!("{at}.uri: {u:?} is not a URI"));
+            }
+            names.push(RequestedName::Uri(u));
+        }
+        if names.is_empty() {
+            return Err(format!("{at}: ask for at least one name (dns, ip or uri)"));
+        }
+        specs.push(CertificateSpec {
+            profile: c.profile,
+            name,
+            names,
+            dir: c
+                .dir
+                .map(|d| resolve(base, d))
+                .unwrap_or_else(|| secrets_dir.to_path_buf()),
+            owner: c.owner,
+            group: c.group,
+            key_mode: mode_of(
+                c.key_mode.as_deref().unwrap_or("0400"),
+                &format!("{at}.key_mode"),
+            )?,
+        });
+    }
+    Ok(specs)
 }
 
 /// The refusal of a simulated-platform setting by a build without the `simulator` feature.
@@ -266,9 +401,10 @@ impl Settings {
             .secrets_dir
             .map(|p| resolve(base, p))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SECRETS_DIR));
-        if raw.secrets.is_empty() {
-            return Err("secrets: name at least one secret".into());
+        if raw.secrets.is_empty() && raw.certificate.is_empty() {
+            return Err("secrets: name at least one secret (or a [[certificate]])".into());
         }
+        let certificates = certificate_specs(raw.certificate, base, &secrets_dir)?;
         let mut secrets = Vec::new();
         for (i, s) in raw.secrets.into_iter().enumerate() {
             if !attestation::policy::valid_name(&s.name) {
@@ -304,7 +440,7 @@ impl Settings {
                 required: s.required,
             });
         }
-        if !secrets.iter().any(|s| s.required) {
+        if !secrets.iter().any(|s| s.required) && certificates.is_empty() {
             return Err("secrets: at least one secret must be required".into());
         }
         #[cfg(not(feature = "simulator"))]
@@ -415,6 +551,7 @@ impl Settings {
             retry_max: Duration::from_millis(raw.retry.max_ms.unwrap_or(30_000)).max(initial),
             secrets_dir,
             secrets,
+            certificates,
             #[cfg(feature = "simulator")]
             simulated,
             azure,

@@ -11,7 +11,7 @@ use base64::Engine;
 use zeroize::Zeroizing;
 
 use crate::AgentError;
-use crate::config::Settings;
+use crate::config::{CertificateSpec, Settings};
 use crate::evidence::EvidenceSource;
 
 /// Why one attempt failed.
@@ -31,6 +31,124 @@ pub struct Opened {
     pub version: u64,
     /// The value; zeroized on drop.
     pub value: Zeroizing<Vec<u8>>,
+}
+
+/// A certificate the broker's CA issued for a key made here.
+pub struct Certified {
+    /// The `[[certificate]]` entry's file name.
+    pub name: String,
+    /// The key (PKCS#8 PEM); zeroized on drop.
+    pub key_pem: Zeroizing<String>,
+    /// The certificate, then the CA certificates below the root (PEM).
+    pub certificate_pem: String,
+    /// The CA certificates with the root (PEM).
+    pub ca_pem: String,
+    /// Its serial (hex).
+    pub serial: String,
+    /// The end of its validity (seconds since the epoch).
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for Certified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certified")
+            .field("name", &self.name)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one attestation obtained.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// The secrets, in the order asked.
+    pub secrets: Vec<Opened>,
+    /// The certificates, in the order asked.
+    pub certificates: Vec<Certified>,
+}
+
+/// A key made for a `[[certificate]]` entry and its signing request.
+struct Pending {
+    key: rcgen::KeyPair,
+    spki: Vec<u8>,
+    request: attestation::protocol::CertificateRequest,
+}
+
+fn certificate_request(spec: &CertificateSpec) -> Result<Pending, Failure> {
+    use attestation::policy::RequestedName;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, PublicKeyData, SanType};
+    let fail = |e: rcgen::Error| Failure::Final(format!("certificate {}: {e}", spec.name));
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, spec.name.clone());
+    params.distinguished_name = dn;
+    params.subject_alt_names = spec
+        .names
+        .iter()
+        .map(|n| -> Result<SanType, Failure> {
+            Ok(match n {
+                RequestedName::Dns(d) => SanType::DnsName(d.clone().try_into().map_err(fail)?),
+                RequestedName::Ip(a) => SanType::IpAddress(*a),
+                RequestedName::Uri(u) => SanType::URI(u.clone().try_into().map_err(fail)?),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let csr = params.serialize_request(&key).map_err(fail)?;
+    Ok(Pending {
+        spki: key.subject_public_key_info(),
+        request: attestation::protocol::CertificateRequest {
+            profile: spec.profile.clone(),
+            csr: attestation::protocol::encode_b64(csr.der()),
+        },
+        key,
+    })
+}
+
+/// Checks an issued certificate is for `pending`'s key and assembles the files' contents.
+fn certified(
+    spec: &CertificateSpec,
+    pending: &Pending,
+    issued: &attestation::protocol::IssuedCertificate,
+) -> Result<Certified, Failure> {
+    use der::{Decode, Encode};
+    let tampered = |what: &str| {
+        Failure::Final(format!(
+            "tampered response: certificate {}: {what}",
+            spec.name
+        ))
+    };
+    let der = attestation::certs::decode_pem_or_der(issued.certificate.as_bytes(), "certificate")
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| tampered("not a certificate"))?;
+    let cert = x509_cert::Certificate::from_der(&der).map_err(|_| tampered("not a certificate"))?;
+    let spki = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|_| tampered("not a certificate"))?;
+    if spki != pending.spki {
+        return Err(tampered("it is for another key"));
+    }
+    if issued.profile != spec.profile || issued.chain.is_empty() {
+        return Err(tampered("another profile, or no chain"));
+    }
+    // The leaf and the CA certificates below the root (servers send these); the root only
+    // in the CA file (peers trust it).
+    let below_root = &issued.chain[..issued.chain.len() - 1];
+    let mut certificate_pem = attestation::certs::to_pem(&der);
+    for c in below_root {
+        certificate_pem.push_str(c);
+    }
+    Ok(Certified {
+        name: spec.name.clone(),
+        key_pem: Zeroizing::new(pending.key.serialize_pem()),
+        certificate_pem,
+        ca_pem: issued.chain.concat(),
+        serial: issued.serial.clone(),
+        not_after: issued.not_after,
+    })
 }
 
 impl std::fmt::Debug for Opened {
@@ -403,12 +521,17 @@ impl Agent {
 
     /// One attestation for `names` at the broker at `base` (challenge and attestation at the
     /// same one, though any replica serves either).
-    pub async fn attempt(&self, base: &str, names: &[String]) -> Result<Vec<Opened>, Failure> {
+    pub async fn attempt(
+        &self,
+        base: &str,
+        names: &[String],
+        certificates: &[CertificateSpec],
+    ) -> Result<Released, Failure> {
         let Some(attested) = &self.attested else {
-            return self.attempt_inner(base, names).await;
+            return self.attempt_inner(base, names, certificates).await;
         };
         attested.ensure(base).await?;
-        let result = self.attempt_inner(base, names).await;
+        let result = self.attempt_inner(base, names, certificates).await;
         if result.is_err() {
             // Its key may have changed: prove it again before the next attempt.
             attested.forget(base).await;
@@ -416,7 +539,12 @@ impl Agent {
         result
     }
 
-    async fn attempt_inner(&self, base: &str, names: &[String]) -> Result<Vec<Opened>, Failure> {
+    async fn attempt_inner(
+        &self,
+        base: &str,
+        names: &[String],
+        certificates: &[CertificateSpec],
+    ) -> Result<Released, Failure> {
         let url = |p: &str| format!("{base}{p}");
         let resp = self
             .http
@@ -440,7 +568,17 @@ impl Agent {
         let bound = public
             .binding_bytes()
             .map_err(|e| Failure::Final(e.to_string()))?;
-        let report_data = binding::report_data(&nonce, &bound);
+        // A fresh key per certificate and attempt, made here and never sent.
+        let pending = certificates
+            .iter()
+            .map(certificate_request)
+            .collect::<Result<Vec<_>, _>>()?;
+        let report_data = if pending.is_empty() {
+            binding::report_data(&nonce, &bound)
+        } else {
+            let spkis: Vec<&[u8]> = pending.iter().map(|p| p.spki.as_slice()).collect();
+            binding::report_data_v2(&nonce, &bound, &spkis)
+        };
         // Platform calls block (ioctl, configfs, TPM commands and the wait for Azure's
         // paravisor): run them off the runtime's thread.
         let source = self.source.clone();
@@ -461,6 +599,7 @@ impl Agent {
             evidence: evidence.into_wire(),
             public_key: public,
             secrets: names.to_vec(),
+            certificates: pending.iter().map(|p| p.request.clone()).collect(),
         };
         let resp = self
             .http
@@ -503,7 +642,23 @@ impl Agent {
                 value,
             });
         }
-        Ok(out)
+        if body.certificates.len() != pending.len() {
+            return Err(Failure::Final(format!(
+                "tampered response: asked for {} certificates, got {}",
+                pending.len(),
+                body.certificates.len()
+            )));
+        }
+        let certified = certificates
+            .iter()
+            .zip(&pending)
+            .zip(&body.certificates)
+            .map(|((spec, p), issued)| certified(spec, p, issued))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Released {
+            secrets: out,
+            certificates: certified,
+        })
     }
 
     /// Attests for `names`, retrying transient failures until `deadline`: on the next broker
@@ -512,8 +667,9 @@ impl Agent {
     pub async fn fetch(
         &self,
         names: &[String],
+        certificates: &[CertificateSpec],
         deadline: Instant,
-    ) -> Result<Vec<Opened>, AgentError> {
+    ) -> Result<Released, AgentError> {
         let brokers = shuffled(&self.settings.brokers);
         let mut delay = self.settings.retry_initial;
         let mut attempt = 1u32;
@@ -522,7 +678,7 @@ impl Agent {
             // No attempt outlives the deadline (a broker that accepts and then stalls).
             let bounded = tokio::time::timeout_at(
                 tokio::time::Instant::from_std(deadline),
-                self.attempt(base, names),
+                self.attempt(base, names, certificates),
             )
             .await
             .unwrap_or_else(|_| {

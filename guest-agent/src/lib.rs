@@ -39,11 +39,13 @@ pub struct Summary {
     pub written: Vec<(String, u64, std::path::PathBuf, usize)>,
     /// Optional secrets not obtained, with the reason.
     pub missing_optional: Vec<(String, String)>,
+    /// Certificates written (or that would be): name, serial, not-after, certificate path.
+    pub certificates: Vec<(String, String, i64, std::path::PathBuf)>,
 }
 
-/// Fetches every configured secret and, when `write` is set, writes them. Required secrets
-/// are fetched in one attestation (all or none); each optional secret in its own, so a refusal
-/// of one is only a warning.
+/// Fetches every configured secret and certificate and, when `write` is set, writes them.
+/// Required secrets and every certificate are obtained in one attestation (all or none); each
+/// optional secret in its own, so a refusal of one is only a warning.
 pub async fn run(
     settings: &config::Settings,
     agent: &flow::Agent,
@@ -57,13 +59,16 @@ pub async fn run(
         .map(|s| s.name.clone())
         .collect();
     let mut summary = Summary::default();
-    let mut opened = agent.fetch(&required, deadline).await?;
+    let released = agent
+        .fetch(&required, &settings.certificates, deadline)
+        .await?;
+    let mut opened = released.secrets;
     for spec in settings.secrets.iter().filter(|s| !s.required) {
         match agent
-            .fetch(std::slice::from_ref(&spec.name), deadline)
+            .fetch(std::slice::from_ref(&spec.name), &[], deadline)
             .await
         {
-            Ok(mut o) => opened.append(&mut o),
+            Ok(mut o) => opened.append(&mut o.secrets),
             Err(e) => {
                 tracing::warn!(secret = %spec.name, "optional secret not obtained: {e}");
                 summary
@@ -83,6 +88,21 @@ pub async fn run(
         summary
             .written
             .push((o.name.clone(), o.version, spec.path.clone(), o.value.len()));
+    }
+    for c in &released.certificates {
+        let Some(spec) = settings.certificates.iter().find(|s| s.name == c.name) else {
+            continue;
+        };
+        if write {
+            sink::write_certificate(spec, c.key_pem.as_bytes(), &c.certificate_pem, &c.ca_pem)?;
+            tracing::info!(certificate = %c.name, serial = %c.serial, path = %spec.cert_path().display(), "certificate written");
+        }
+        summary.certificates.push((
+            c.name.clone(),
+            c.serial.clone(),
+            c.not_after,
+            spec.cert_path(),
+        ));
     }
     Ok(summary)
 }

@@ -128,6 +128,13 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
                     path.display()
                 );
             }
+            for (name, serial, not_after, path) in &summary.certificates {
+                let verb = if write { "wrote" } else { "would write" };
+                println!(
+                    "{verb} certificate {name} (serial {serial}, valid until {not_after}) to {}",
+                    path.display()
+                );
+            }
             for (name, reason) in &summary.missing_optional {
                 println!("warning: optional secret {name} not obtained: {reason}");
             }

@@ -6,7 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::AgentError;
-use crate::config::SecretSpec;
+use crate::config::{CertificateSpec, SecretSpec};
 
 /// Looks a user or group up in `/etc/passwd` or `/etc/group` (or takes a number). Users
 /// only known to NSS services (LDAP, …) must be given numerically.
@@ -52,26 +52,59 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), AgentError> {
 
 /// Writes one secret atomically with its owner and mode.
 pub fn write_secret(spec: &SecretSpec, value: &[u8]) -> Result<(), AgentError> {
-    let dir = spec
-        .path
+    write_file(
+        &spec.path,
+        spec.owner.as_deref(),
+        spec.group.as_deref(),
+        spec.mode,
+        value,
+    )
+}
+
+/// Writes a certificate from the broker's CA: its key (`key_mode`), then the certificate
+/// with the CA certificates below the root, then the CA chain with its root (0644), each
+/// atomically.
+pub fn write_certificate(
+    spec: &CertificateSpec,
+    key_pem: &[u8],
+    certificate_pem: &str,
+    ca_pem: &str,
+) -> Result<(), AgentError> {
+    let (owner, group) = (spec.owner.as_deref(), spec.group.as_deref());
+    write_file(&spec.key_path(), owner, group, spec.key_mode, key_pem)?;
+    write_file(
+        &spec.cert_path(),
+        owner,
+        group,
+        0o644,
+        certificate_pem.as_bytes(),
+    )?;
+    write_file(&spec.ca_path(), owner, group, 0o644, ca_pem.as_bytes())
+}
+
+/// Writes `value` to `path` atomically (a temporary file renamed over it, both synced) with
+/// its owner, group and mode, in a private directory.
+pub fn write_file(
+    path: &Path,
+    owner: Option<&str>,
+    group: Option<&str>,
+    mode: u32,
+    value: &[u8],
+) -> Result<(), AgentError> {
+    let dir = path
         .parent()
-        .ok_or_else(|| AgentError::Write(format!("{} has no directory", spec.path.display())))?;
+        .ok_or_else(|| AgentError::Write(format!("{} has no directory", path.display())))?;
     ensure_private_dir(dir)?;
-    let uid = spec
-        .owner
-        .as_deref()
+    let uid = owner
         .map(|o| resolve_id(o, Path::new("/etc/passwd")))
         .transpose()?;
-    let gid = spec
-        .group
-        .as_deref()
+    let gid = group
         .map(|g| resolve_id(g, Path::new("/etc/group")))
         .transpose()?;
-    let file_name = spec
-        .path
+    let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| AgentError::Write(format!("{} has no file name", spec.path.display())))?;
+        .ok_or_else(|| AgentError::Write(format!("{} has no file name", path.display())))?;
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let result = (|| {
@@ -85,11 +118,11 @@ pub fn write_secret(spec: &SecretSpec, value: &[u8]) -> Result<(), AgentError> {
         if uid.is_some() || gid.is_some() {
             std::os::unix::fs::fchown(&f, uid, gid).map_err(io(&tmp, "cannot chown"))?;
         }
-        f.set_permissions(std::fs::Permissions::from_mode(spec.mode))
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io(&tmp, "cannot chmod"))?;
         f.sync_all().map_err(io(&tmp, "cannot fsync"))?;
         drop(f);
-        std::fs::rename(&tmp, &spec.path).map_err(io(&spec.path, "cannot rename into"))?;
+        std::fs::rename(&tmp, path).map_err(io(path, "cannot rename into"))?;
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir, "cannot fsync directory"))

@@ -474,6 +474,7 @@ impl Guest {
             },
             public_key: key.public_key(),
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            certificates: Vec::new(),
         }
     }
 }

@@ -290,6 +290,7 @@ async fn request(
             evidence: evidence.into_wire(),
             public_key: key.public_key(),
             secrets: vec!["db-key".into()],
+            certificates: Vec::new(),
         },
         key,
     )

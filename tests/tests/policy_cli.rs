@@ -305,3 +305,80 @@ fn a_policy_from_a_computed_measurement_releases_to_its_guest() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     }
 }
+
+/// Certificate profiles: drafted by `policy suggest --certificate`, explained by `policy
+/// check` with what they grant, and refused for another guest; a malformed one is named.
+#[test]
+fn certificate_profiles_are_drafted_and_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    let mut args = vec!["policy".to_string(), "suggest".to_string()];
+    args.extend(evidence("trustee-milan-v2"));
+    let out = run(
+        args.clone(),
+        &[
+            "--secret",
+            "db-key",
+            "--certificate",
+            "web=dns:web.internal,uri:spiffe://example.org/web",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let draft: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        draft["certificates"]["web"],
+        serde_json::json!({
+            "rules": ["suggested"],
+            "dns": ["web.internal"],
+            "uri": ["spiffe://example.org/web"],
+            "usages": ["serverAuth", "clientAuth"],
+            "max_lifetime_hours": 24
+        })
+    );
+    std::fs::write(&policy, &out.stdout).unwrap();
+    let p = policy.display().to_string();
+    let out = run(args, &["--certificate", "web=email:a@b"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut check = vec!["policy".to_string(), "check".to_string()];
+    check.extend(evidence("trustee-milan-v2"));
+    let out = run(check, &["--policy", &p]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("RELEASE certificate:web: rule \"suggested\" holds; grants dns web.internal; uri spiffe://example.org/web; usages serverAuth, clientAuth; at most 24 h"),
+        "{text}"
+    );
+    let mut check = vec!["policy".to_string(), "check".to_string()];
+    check.extend(evidence("virtee-sev-milan-v2"));
+    let out = run(check, &["--policy", &p, "--secret", "certificate:web"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("REFUSE certificate:web: rule \"suggested\": measurement == "),
+        "{text}"
+    );
+
+    // The loader names the path of a bad grant.
+    let mut doc = draft.clone();
+    doc["certificates"]["web"]["dns"] = serde_json::json!(["*.*.internal"]);
+    std::fs::write(&policy, doc.to_string()).unwrap();
+    let mut check = vec!["policy".to_string(), "check".to_string()];
+    check.extend(evidence("trustee-milan-v2"));
+    let out = run(check, &["--policy", &p]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/certificates/web/dns/0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -237,6 +237,7 @@ async fn conformance(s: impl Store + Clone) {
         nonce: Some([n; 32]),
         expires_at: 100,
         generation,
+        issued: Vec::new(),
     };
     let before = actions(&s).await.len();
     assert_eq!(
@@ -254,12 +255,58 @@ async fn conformance(s: impl Store + Clone) {
         Committed::Replay
     );
     assert_eq!(actions(&s).await.len(), before + 1);
+    // Certificates a decision issued are recorded with it, and only when it commits.
+    let issued = |serial: &str| broker::store::IssuedRecord {
+        serial: serial.into(),
+        ca_version: 1,
+        profile: "web".into(),
+        subject: "web.internal".into(),
+        names: vec!["dns:web.internal".into()],
+        claims_digest: "ab".repeat(32),
+        not_before: 10,
+        not_after: 20,
+        issued_at: 11,
+        certificate: vec![0x30, 0x00],
+        revoked_at: None,
+        revocation_reason: None,
+    };
+    let mut with_certificate = spend(8, g);
+    with_certificate.issued = vec![issued("01aa"), issued("01bb")];
+    assert_eq!(
+        s.commit_decision(with_certificate.clone(), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Done
+    );
+    assert_eq!(
+        s.commit_decision(with_certificate, audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Replay
+    );
+    let mut stale = spend(9, g - 1);
+    stale.issued = vec![issued("01cc")];
+    assert_eq!(
+        s.commit_decision(stale, audit("attest")).await.unwrap(),
+        Committed::Stale
+    );
+    let recorded = s.issued_certificates(10).await.unwrap();
+    assert_eq!(
+        recorded
+            .iter()
+            .map(|r| r.serial.as_str())
+            .collect::<Vec<_>>(),
+        vec!["01aa", "01bb"]
+    );
+    assert_eq!(recorded[0], issued("01aa"));
+    assert_eq!(s.issued_certificates(1).await.unwrap().len(), 1);
     // A decision that spends no nonce (a KBS resource request on an attestation whose nonce
     // was spent) is audited every time, and is stale like any other on older inputs.
     let unspent = |generation: i64| Spend {
         nonce: None,
         expires_at: 100,
         generation,
+        issued: Vec::new(),
     };
     for n in 2..=3 {
         assert_eq!(
@@ -570,6 +617,7 @@ where
         }),
         expires_at: 50,
         generation: g,
+        issued: Vec::new(),
     };
     let (groups_before, sum_before) = groups(&s);
     let guard = hold().await;

@@ -322,6 +322,7 @@ fn translate(session: Session, body: AttestBody) -> Result<Translated, Problem> 
             evidence,
             binding: Binding::Digests(bindings),
             secrets: Vec::new(),
+            certificates: Vec::new(),
             appraise_only: true,
         },
         tee_pubkey: body.runtime_data.tee_pubkey,

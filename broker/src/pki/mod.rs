@@ -7,5 +7,6 @@
 //! they issued keeps verifying until it expires.
 
 pub mod ca;
+pub mod issue;
 
 pub use ca::{CaInfo, CaPublic, NewCa};

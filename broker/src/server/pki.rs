@@ -21,6 +21,7 @@ pub(super) fn admin_routes<S: Store>() -> Router<Arc<AppState<S>>> {
         .route("/pki/ca", get(show::<S>).post(create::<S>))
         .route("/pki/ca/rotate", post(rotate::<S>))
         .route("/pki/ca/certificate", put(import::<S>))
+        .route("/pki/certificates", get(list_issued::<S>))
 }
 
 /// Public routes.
@@ -85,6 +86,29 @@ async fn import<S: Store>(
     )
     .await?;
     Ok(Json(info).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+/// The certificates the CA issued, newest first (metadata; `limit` 1 to 1000, default 100).
+async fn list_issued<S: Store>(
+    State(state): State<Arc<AppState<S>>>,
+    Operator(_op): Operator,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let axum::extract::Query(query) = query.map_err(|r| body_problem(r.status(), r.body_text()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let records = state
+        .broker
+        .store()
+        .issued_certificates(limit)
+        .await
+        .map_err(crate::Error::from)?;
+    Ok(Json(serde_json::json!({ "certificates": records })).into_response())
 }
 
 /// Every unexpired CA certificate with its chain (PEM): what relying services trust.

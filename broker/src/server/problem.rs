@@ -142,6 +142,13 @@ impl From<&Refusal> for Problem {
                 format!("{secret}: {reason}"),
             )
             .with_check("policy"),
+            Refusal::Certificate { profile, reason } => Problem::new(
+                S::FORBIDDEN,
+                "certificate-refused",
+                "Certificate refused",
+                format!("certificate {profile}: {reason}"),
+            )
+            .with_check("certificate"),
             Refusal::UnknownSecret(name) => Problem::new(
                 S::NOT_FOUND,
                 "unknown-secret",

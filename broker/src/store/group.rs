@@ -50,6 +50,38 @@ pub struct Spend {
     pub expires_at: i64,
     /// [`DecisionInputs::generation`] of the inputs the decision was made on.
     pub generation: i64,
+    /// Certificates the decision issued, recorded with it.
+    pub issued: Vec<IssuedRecord>,
+}
+
+/// A certificate the private CA issued, as the store records it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct IssuedRecord {
+    /// Serial number (hex, lowercase).
+    pub serial: String,
+    /// The CA version that issued it.
+    pub ca_version: u64,
+    /// The policy profile.
+    pub profile: String,
+    /// Subject common name.
+    pub subject: String,
+    /// Its names (`dns:…`, `ip:…`, `uri:…`).
+    pub names: Vec<String>,
+    /// SHA-256 of the claims it was issued on (hex), as in the audit record.
+    pub claims_digest: String,
+    /// Validity (seconds since the epoch).
+    pub not_before: i64,
+    /// Validity (seconds since the epoch).
+    pub not_after: i64,
+    /// When it was issued (seconds since the epoch).
+    pub issued_at: i64,
+    /// The certificate (DER).
+    #[serde(skip)]
+    pub certificate: Vec<u8>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<i64>,
+    /// Why (RFC 5280 reason keyword), if revoked.
+    pub revocation_reason: Option<String>,
 }
 
 /// How a decision's commit ended.

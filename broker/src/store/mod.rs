@@ -11,7 +11,7 @@ mod postgres;
 pub(crate) mod sql;
 mod sqlite;
 
-pub use group::{CommitMetrics, Committed, DecisionInputs, Spend};
+pub use group::{CommitMetrics, Committed, DecisionInputs, IssuedRecord, Spend};
 pub use postgres::{PgSettings, PgStore};
 pub use sql::HeldTx;
 pub use sqlite::SqliteStore;
@@ -381,6 +381,12 @@ pub trait Store: Send + Sync + 'static {
         query: &AuditQuery,
     ) -> impl Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send;
 
+    /// The certificates the private CA issued, newest first, at most `limit`.
+    fn issued_certificates(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<IssuedRecord>, StoreError>> + Send;
+
     /// Every version of the broker's keys for `purpose`, newest first.
     fn broker_keys(
         &self,
@@ -592,6 +598,9 @@ impl Store for AnyStore {
     }
     async fn broker_keys(&self, purpose: &str) -> Result<Vec<BrokerKey>, StoreError> {
         dispatch!(self, s => s.broker_keys(purpose).await)
+    }
+    async fn issued_certificates(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
+        dispatch!(self, s => s.issued_certificates(limit).await)
     }
     async fn insert_broker_key(
         &self,

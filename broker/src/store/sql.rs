@@ -529,6 +529,39 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn issued_certificates(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::IssuedRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT serial, ca_version, profile, subject, names, claims_digest, not_before,
+                            not_after, issued_at, certificate, revoked_at, revocation_reason
+                     FROM issued_certificates ORDER BY issued_at DESC, serial LIMIT $1",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let names: String = r.try_get("names")?;
+                        Ok($crate::store::IssuedRecord {
+                            serial: r.try_get("serial")?,
+                            ca_version: to_u64(r.try_get("ca_version")?),
+                            profile: r.try_get("profile")?,
+                            subject: r.try_get("subject")?,
+                            names: serde_json::from_str(&names).unwrap_or_default(),
+                            claims_digest: r.try_get("claims_digest")?,
+                            not_before: r.try_get("not_before")?,
+                            not_after: r.try_get("not_after")?,
+                            issued_at: r.try_get("issued_at")?,
+                            certificate: r.try_get("certificate")?,
+                            revoked_at: r.try_get("revoked_at")?,
+                            revocation_reason: r.try_get("revocation_reason")?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn data_keys(&self) -> Result<Vec<$crate::store::DataKeyRecord>, StoreError> {
                 let rows = sqlx::query(
                     "SELECT version, wrapped, created_at, retired_at FROM data_keys ORDER BY version",
@@ -864,6 +897,27 @@ macro_rules! sql_store {
                             .push_bind(r.detail.to_string());
                     });
                     audit.build().execute(&mut *tx).await?;
+                    let issued: Vec<&$crate::store::IssuedRecord> =
+                        done.iter().flat_map(|&i| work[i].0.issued.iter()).collect();
+                    if !issued.is_empty() {
+                        let mut insert = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO issued_certificates (serial, ca_version, profile, subject, names,
+                             claims_digest, not_before, not_after, issued_at, certificate) ",
+                        );
+                        insert.push_values(&issued, |mut b, c| {
+                            b.push_bind(c.serial.clone())
+                                .push_bind(to_i64(c.ca_version))
+                                .push_bind(c.profile.clone())
+                                .push_bind(c.subject.clone())
+                                .push_bind(serde_json::json!(c.names).to_string())
+                                .push_bind(c.claims_digest.clone())
+                                .push_bind(c.not_before)
+                                .push_bind(c.not_after)
+                                .push_bind(c.issued_at)
+                                .push_bind(c.certificate.clone());
+                        });
+                        insert.build().execute(&mut *tx).await?;
+                    }
                 }
                 tx.commit().await?;
                 Ok(outcomes)

@@ -93,6 +93,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE secrets ADD COLUMN key_version BIGINT NOT NULL DEFAULT 1;
     ALTER TABLE broker_keys ADD COLUMN key_version BIGINT NOT NULL DEFAULT 1;
     CREATE INDEX secrets_key_version ON secrets (key_version) WHERE sealed IS NOT NULL;",
+    // 7: certificates the private CA issued (public: the certificate itself, its names, the
+    // claims it was issued on), for listing, revocation, CRLs and OCSP.
+    "CREATE TABLE issued_certificates (
+        serial TEXT PRIMARY KEY,
+        ca_version BIGINT NOT NULL,
+        profile TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        names TEXT NOT NULL,
+        claims_digest TEXT NOT NULL,
+        not_before BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        certificate BLOB NOT NULL,
+        revoked_at BIGINT,
+        revocation_reason TEXT
+    );
+    CREATE INDEX issued_certificates_issued_at ON issued_certificates (issued_at);",
 ];
 
 /// The SQLite store.
