@@ -15,7 +15,7 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
@@ -58,6 +58,15 @@ PY
       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null \
         -subj /CN=web -addext subjectAltName=DNS:web.internal,URI:spiffe://example.org/web \
         -outform DER -out corpus/csr/openssl-p256.der 2>/dev/null || true ;;
+    ocsp_request) seed ocsp_request
+      # Requests as OpenSSL makes them (SHA-1 and SHA-256 CertIDs, with a nonce).
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null \
+        -subj /CN=ca -days 1 -out corpus/ocsp_request/ca.pem 2>/dev/null &&
+      openssl ocsp -issuer corpus/ocsp_request/ca.pem -serial 0x0123456789abcdef \
+        -reqout corpus/ocsp_request/sha1.der 2>/dev/null &&
+      openssl ocsp -sha256 -issuer corpus/ocsp_request/ca.pem -serial 0x01 -serial 0x02 \
+        -reqout corpus/ocsp_request/sha256.der 2>/dev/null
+      rm -f corpus/ocsp_request/ca.pem; true ;;
     broker_evidence) seed broker_evidence
       # A genuine Genoa report and its VCEK in the shape of a broker's own evidence.
       python3 - "$data/trustee-e2e-genoa-v3" > corpus/broker_evidence/genoa.json <<'PY'
@@ -75,7 +84,7 @@ done
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then

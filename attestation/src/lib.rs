@@ -30,6 +30,7 @@ pub mod csr;
 pub mod error;
 pub mod hcl;
 pub mod kbs;
+pub mod ocsp;
 pub mod ovmf;
 pub mod policy;
 pub mod protocol;

@@ -335,6 +335,15 @@ impl AdminClient {
     pub async fn rotate_token_key(&self) -> Result<Value, Error> {
         self.call(Method::POST, "/tokens/rotate-key", None).await
     }
+    /// Revokes the certificate `serial` for `reason` (an RFC 5280 keyword).
+    pub async fn revoke_certificate(&self, serial: &str, reason: &str) -> Result<Value, Error> {
+        self.call(
+            Method::POST,
+            &format!("/pki/certificates/{}/revoke", segment(serial)?),
+            Some(Body::Json(serde_json::json!({ "reason": reason }))),
+        )
+        .await
+    }
     /// The certificates the private CA issued, newest first (at most `limit`).
     pub async fn issued_certificates(&self, limit: u32) -> Result<Value, Error> {
         self.call(

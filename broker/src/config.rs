@@ -29,6 +29,35 @@ struct RawConfig {
     kbs: RawKbs,
     #[serde(default)]
     platform: RawPlatform,
+    #[serde(default)]
+    pki: RawPki,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPki {
+    base_url: Option<String>,
+}
+
+/// `[pki] base_url`: an https URL of scheme, host and port only, without a trailing slash.
+fn pki_base_url(raw: RawPki) -> Result<Option<String>, String> {
+    let Some(text) = raw.base_url else {
+        return Ok(None);
+    };
+    let url = reqwest::Url::parse(&text).map_err(|e| format!("pki.base_url: {e}"))?;
+    if url.scheme() != "https"
+        || url.host_str().is_none()
+        || url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+    {
+        return Err(
+            "pki.base_url: https://host[:port] only (the broker's address as relying parties reach it)"
+                .into(),
+        );
+    }
+    Ok(Some(text.trim_end_matches('/').to_string()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -266,6 +295,9 @@ pub struct Settings {
     pub master_key: MasterKeySource,
     /// Where the broker runs, and whether it serves its own evidence.
     pub platform: PlatformSettings,
+    /// `[pki] base_url`: where relying parties reach the broker's OCSP responder, CA
+    /// certificates and CRLs (named in the certificates it issues).
+    pub pki_base_url: Option<String>,
     /// Lifetime of challenge nonces.
     pub nonce_ttl: Duration,
     /// A simulated ARK to trust (tests and demos only).
@@ -489,6 +521,7 @@ impl Settings {
         let publish_evidence = raw.platform.publish_evidence.unwrap_or(false);
         let platform = platform_choice(raw.platform, base)?;
         let master_key = master_key_source(raw.master_key, base, platform.clone())?;
+        let pki_base_url = pki_base_url(raw.pki)?;
         let platform = PlatformSettings {
             choice: platform,
             publish_evidence,
@@ -586,6 +619,7 @@ impl Settings {
             store,
             master_key,
             platform,
+            pki_base_url,
             nonce_ttl: Duration::from_secs(nonce_ttl),
             dangerous_trust_simulated_root: raw
                 .attestation

@@ -122,6 +122,11 @@ pub fn dev(dir: &Path, listen: &str) -> Result<DevSetup, Error> {
     check_fresh(dir)?;
     mkdir(dir)?;
     mkdir(&dir.join("sim"))?;
+    let url_host = if listen.starts_with('[') || !listen.contains(':') {
+        listen.to_string()
+    } else {
+        listen.replacen("0.0.0.0", "127.0.0.1", 1)
+    };
 
     // Three CAs (ECDSA P-256), so that no certificate can stand in for another's role: the
     // server CA (guests and operators pin it), the operator CA (admin API client
@@ -221,16 +226,15 @@ dangerous_trust_simulated_root = "sim/ark.pem"
 # Confidential Containers KBS clients (/kbs/v0, docs/kbs.md).
 [kbs]
 enabled = true
+
+# Where relying parties reach the private CA's OCSP responder and CRLs (docs/pki.md).
+[pki]
+base_url = "https://{url_host}"
 "#
     );
     let config_path = dir.join("broker.toml");
     write(&config_path, config.as_bytes())?;
 
-    let url_host = if listen.starts_with('[') || !listen.contains(':') {
-        listen.to_string()
-    } else {
-        listen.replacen("0.0.0.0", "127.0.0.1", 1)
-    };
     let admin = format!(
         r#"# Operator CLI configuration (broker secret|policy|audit --config FILE, or BROKER_ADMIN_CONFIG).
 url = "https://{url_host}"
@@ -570,8 +574,13 @@ pub fn production(dir: &Path, options: &ProductionOptions) -> Result<ProductionS
          \n\
          # Confidential Containers KBS clients (/kbs/v0, docs/kbs.md).\n\
          # [kbs]\n\
-         # enabled = true\n",
+         # enabled = true\n\
+         \n\
+         # Where relying parties reach the private CA's OCSP responder and CRLs (docs/pki.md).\n\
+         [pki]\n\
+         base_url = {pki_url}\n",
         listen = toml_string(&options.listen),
+        pki_url = toml_string(&url),
         operator = toml_string(&options.operator),
         store = store_config(&options.store)?,
         provider = provider_config(&options.provider)?,

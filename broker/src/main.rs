@@ -208,6 +208,17 @@ impl NewCaArgs {
 
 #[derive(Subcommand)]
 enum CertCommand {
+    /// Revoke a certificate: its OCSP status becomes revoked and its CA's CRL lists it.
+    Revoke {
+        /// The serial (hex, as `openssl x509 -serial` prints it).
+        serial: String,
+        /// unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation
+        /// or privilegeWithdrawn.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// The certificates issued, newest first: serial, profile, names, validity, the claims
     /// digest they were issued on, revocation.
     List {
@@ -693,6 +704,14 @@ async fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Serve { config } => serve(config).await,
         Command::Init(args) => init(args),
         Command::Ca(cmd) => ca(cmd).await,
+        Command::Cert(CertCommand::Revoke {
+            serial,
+            reason,
+            admin,
+        }) => {
+            print_json(&admin.client()?.revoke_certificate(&serial, &reason).await?)?;
+            Ok(Outcome::Done)
+        }
         Command::Cert(CertCommand::List { limit, admin }) => {
             print_json(&admin.client()?.issued_certificates(limit).await?)?;
             Ok(Outcome::Done)
@@ -888,6 +907,18 @@ async fn policy(cmd: PolicyCommand) -> anyhow::Result<Outcome> {
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let v = admin.client()?.set_policy(doc).await?;
             println!("policy version {}", v["version"]);
+            let revoked = v["revoked"].as_array().cloned().unwrap_or_default();
+            if !revoked.is_empty() {
+                println!(
+                    "revoked {} certificate(s) it no longer grants (privilegeWithdrawn): {}",
+                    revoked.len(),
+                    revoked
+                        .iter()
+                        .filter_map(serde_json::Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             Ok(Outcome::Done)
         }
         PolicyCommand::Get { admin } => {

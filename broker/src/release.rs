@@ -131,9 +131,19 @@ pub struct Broker<S: Store> {
     /// refused before it is decided and sealed. Only a shortcut: the store's spend is what
     /// makes a nonce single-use, across replicas too.
     spent: Mutex<HashMap<[u8; 32], u64>>,
-    /// The private CA's newest active version, loaded when a guest first asks for a
-    /// certificate (and again when the store shows a newer one).
-    signer: Mutex<Option<Arc<crate::pki::issue::Signer>>>,
+    /// The private CA's versions, loaded when first needed (and again when the store shows
+    /// a change), and the URLs its certificates name.
+    pki: crate::pki::authority::Authority,
+    pki_urls: Option<crate::pki::issue::PkiUrls>,
+}
+
+/// A policy set: its version and the certificates it revoked.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicySet {
+    /// The new version.
+    pub version: u64,
+    /// Serials of the certificates revoked because it no longer grants them.
+    pub revoked: Vec<String>,
 }
 
 /// What a release decision produced: the answer, the audit's list of secrets, and the
@@ -191,8 +201,21 @@ impl<S: Store> Broker<S> {
             sampler: crate::audit::Sampler::new(crate::audit::SampleBudget::default()),
             kds_sources: crate::limit::KeyLimiter::new(KDS_LOOKUPS_PER_SOURCE),
             spent: Mutex::new(HashMap::new()),
-            signer: Mutex::new(None),
+            pki: crate::pki::authority::Authority::new(),
+            pki_urls: None,
         }
+    }
+
+    /// Certificates the private CA issues name the OCSP responder, CA certificate and CRL
+    /// under `base` (`[pki] base_url`).
+    pub fn with_pki_urls(mut self, base: Option<String>) -> Broker<S> {
+        self.pki_urls = base.map(|base| crate::pki::issue::PkiUrls { base });
+        self
+    }
+
+    /// The private CA's loaded versions.
+    pub fn pki(&self) -> &crate::pki::authority::Authority {
+        &self.pki
     }
 
     /// The private CA's newest active version, for issuing (`profile`: the first profile
@@ -201,29 +224,21 @@ impl<S: Store> Broker<S> {
         &self,
         profile: &str,
     ) -> Result<Arc<crate::pki::issue::Signer>, Refusal> {
-        let records = self.store.broker_keys(crate::pki::ca::PURPOSE).await?;
-        if records
-            .iter()
-            .any(|r| r.key_version > self.keyring.current())
-        {
-            self.keyring
-                .refresh(&self.store)
-                .await
-                .map_err(|e| Refusal::Internal(e.to_string()))?;
-        }
-        let cached = self.signer.lock().ok().and_then(|g| g.clone());
-        let newest = crate::pki::issue::Signer::newest(&records, &self.keyring, cached.as_ref())
-            .map_err(|e| Refusal::Internal(e.to_string()))?;
-        let Some(signer) = newest else {
-            return Err(Refusal::Certificate {
+        let active = self
+            .pki
+            .active(&self.store, &self.keyring)
+            .await
+            .map_err(|e| match e {
+                Error::Store(e) => Refusal::Store(e),
+                other => Refusal::Internal(other.to_string()),
+            })?;
+        active
+            .into_iter()
+            .next()
+            .ok_or_else(|| Refusal::Certificate {
                 profile: profile.to_string(),
                 reason: "this broker has no active CA (broker ca init)".into(),
-            });
-        };
-        if let Ok(mut g) = self.signer.lock() {
-            *g = Some(signer.clone());
-        }
-        Ok(signer)
+            })
     }
 
     /// Remembers a spent nonce until it expires (forgetting expired ones, or all of them,
@@ -948,8 +963,8 @@ impl<S: Store> Broker<S> {
                     });
                 }
             };
-            let cert =
-                crate::pki::issue::issue(signer, csr, profile, now).map_err(|e| match e {
+            let cert = crate::pki::issue::issue(signer, csr, profile, self.pki_urls.as_ref(), now)
+                .map_err(|e| match e {
                     crate::pki::issue::IssueError::NameNotGranted(reason) => Refusal::Certificate {
                         profile: csr.profile.clone(),
                         reason,
@@ -970,6 +985,7 @@ impl<S: Store> Broker<S> {
                 subject: cert.subject,
                 names: cert.names,
                 claims_digest: checked.claims_digest.clone(),
+                claims: checked.claims_json.clone(),
                 not_before: cert.not_before,
                 not_after: cert.not_after,
                 issued_at: unix_i64(now),
@@ -1182,7 +1198,36 @@ impl<S: Store> Broker<S> {
         actor: &str,
         now: SystemTime,
     ) -> Result<u64, Error> {
-        Policy::from_json(document).map_err(|e| Error::Input(e.to_string()))?;
+        Ok(self
+            .set_policy_revoking(document, actor, now)
+            .await?
+            .version)
+    }
+
+    /// Sets the policy, then revokes (privilegeWithdrawn, audited) every unexpired
+    /// certificate of the private CA that it no longer grants: its profile gone, no rule of
+    /// it holding for the claims the certificate was issued on, or one of its names no longer
+    /// granted. An error after the policy is stored leaves it stored (setting it again
+    /// revokes what is left).
+    pub async fn set_policy_revoking(
+        &self,
+        document: &str,
+        actor: &str,
+        now: SystemTime,
+    ) -> Result<PolicySet, Error> {
+        let policy = Policy::from_json(document).map_err(|e| Error::Input(e.to_string()))?;
+        let version = self.insert_policy(document, actor, now).await?;
+        let revoked =
+            crate::pki::revoke::revoke_withdrawn(&self.store, &policy, version, actor, now).await?;
+        Ok(PolicySet { version, revoked })
+    }
+
+    async fn insert_policy(
+        &self,
+        document: &str,
+        actor: &str,
+        now: SystemTime,
+    ) -> Result<u64, Error> {
         let audit = admin_record(actor, "policy.set", json!({}), now);
         // Two replicas setting a policy at once take the same next version: one wins, the
         // other tries the next one.

@@ -204,6 +204,30 @@ impl Store for Racing {
     async fn issued_certificates(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
         self.inner.issued_certificates(limit).await
     }
+    async fn issued_certificate(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        self.inner.issued_certificate(serial).await
+    }
+    async fn unexpired_certificates(&self, now: i64) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.inner.unexpired_certificates(now).await
+    }
+    async fn revoked_certificates(
+        &self,
+        ca_version: u64,
+        now: i64,
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.inner.revoked_certificates(ca_version, now).await
+    }
+    async fn revoke_certificate(
+        &self,
+        serial: &str,
+        at: i64,
+        reason: &str,
+        audit: &AuditRecord,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .revoke_certificate(serial, at, reason, audit)
+            .await
+    }
     async fn set_broker_key_public(
         &self,
         purpose: &str,

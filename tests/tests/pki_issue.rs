@@ -168,8 +168,13 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Connected means: the client verified the server, and the server (which verifies the
+    // client's certificate) answered a request over the connection. With TLS 1.3 the
+    // server's verdict on the client certificate arrives after the client's handshake is
+    // done, so only an answer proves it was accepted.
     let s_client = |cert: &Path, key: &Path, hostname: &str| {
-        let out = Command::new("openssl")
+        use std::io::Write;
+        let mut child = Command::new("openssl")
             .args([
                 "s_client",
                 "-connect",
@@ -183,14 +188,22 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
                 "-verify_return_error",
                 "-verify_hostname",
                 hostname,
+                "-ign_eof",
                 "-brief",
             ])
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        let answered = String::from_utf8_lossy(&out.stdout).contains("HTTP/1.0 200 ok");
         (
-            out.status.success() && text.contains("Verification: OK"),
+            out.status.success() && text.contains("Verification: OK") && answered,
             text,
         )
     };

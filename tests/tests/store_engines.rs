@@ -263,6 +263,7 @@ async fn conformance(s: impl Store + Clone) {
         subject: "web.internal".into(),
         names: vec!["dns:web.internal".into()],
         claims_digest: "ab".repeat(32),
+        claims: serde_json::json!({"measurement": "5a"}),
         not_before: 10,
         not_after: 20,
         issued_at: 11,
@@ -300,6 +301,42 @@ async fn conformance(s: impl Store + Clone) {
     );
     assert_eq!(recorded[0], issued("01aa"));
     assert_eq!(s.issued_certificates(1).await.unwrap().len(), 1);
+    // Revocation: once, with its audit record; listed for the CRL while unexpired.
+    assert_eq!(
+        s.issued_certificate("01bb").await.unwrap(),
+        Some(issued("01bb"))
+    );
+    assert_eq!(s.issued_certificate("01cc").await.unwrap(), None);
+    assert_eq!(s.unexpired_certificates(15).await.unwrap().len(), 2);
+    assert!(
+        s.revoke_certificate("01aa", 16, "keyCompromise", &audit("pki.cert.revoke"))
+            .await
+            .unwrap()
+    );
+    for serial in ["01aa", "01cc"] {
+        assert!(
+            !s.revoke_certificate(serial, 17, "superseded", &audit("x"))
+                .await
+                .unwrap()
+        );
+    }
+    let revoked = s.issued_certificate("01aa").await.unwrap().unwrap();
+    assert_eq!(
+        (revoked.revoked_at, revoked.revocation_reason.as_deref()),
+        (Some(16), Some("keyCompromise"))
+    );
+    let unexpired = s.unexpired_certificates(15).await.unwrap();
+    assert_eq!(unexpired.len(), 1);
+    assert_eq!(
+        unexpired[0].claims,
+        serde_json::json!({"measurement": "5a"})
+    );
+    assert_eq!(s.revoked_certificates(1, 15).await.unwrap().len(), 1);
+    assert!(s.revoked_certificates(1, 20).await.unwrap().is_empty());
+    assert!(s.revoked_certificates(2, 15).await.unwrap().is_empty());
+    let acts = actions(&s).await;
+    assert_eq!(acts.iter().filter(|a| *a == "pki.cert.revoke").count(), 1);
+    assert!(!acts.iter().any(|a| a == "x"));
     // A decision that spends no nonce (a KBS resource request on an attestation whose nonce
     // was spent) is audited every time, and is stale like any other on older inputs.
     let unspent = |generation: i64| Spend {

@@ -25,6 +25,8 @@ pub struct Signer {
     pub fingerprint: String,
     /// Its certificate and those above it, the root last (PEM).
     pub chain: Vec<String>,
+    /// Its certificate (DER).
+    pub ca_der: Vec<u8>,
     not_after: i64,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -39,60 +41,148 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
-    /// The newest active version among `records` (the store's `pki-ca` broker keys, newest
-    /// first), or `None`. `cached` is reused when it is that version.
-    pub fn newest(
-        records: &[BrokerKey],
-        keyring: &Arc<Keyring>,
+    /// The CA version of `record` ready to sign, or `None` while it waits for its
+    /// certificate; `cached` is reused while it is that version with that certificate.
+    pub fn load(
+        record: &BrokerKey,
+        keyring: &Keyring,
         cached: Option<&Arc<Signer>>,
     ) -> Result<Option<Arc<Signer>>, Error> {
-        for record in records {
-            let public: CaPublic = match serde_json::from_value(record.public.clone()) {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            let CaPublic::Active {
-                certificate,
-                chain,
-                not_after,
-                fingerprint,
-                ..
-            } = public
-            else {
-                continue;
-            };
-            if let Some(c) = cached
-                && c.version == record.version
-                && c.fingerprint == fingerprint
-            {
-                return Ok(Some(c.clone()));
-            }
-            let pkcs8 = keyring.open(
-                record.key_version,
-                &broker_key_sealed_name(PURPOSE),
-                record.version,
-                &record.sealed,
-            )?;
-            let key = KeyPair::try_from(pkcs8.as_slice())
-                .map_err(|e| Error::Crypto(format!("CA key v{}: {e}", record.version)))?;
-            let der = attestation::certs::decode_pem_or_der(certificate.as_bytes(), "CA")?
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::Crypto("CA record without a certificate".into()))?;
-            let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(der.as_slice()), key)
-                .map_err(|e| Error::Crypto(format!("CA certificate v{}: {e}", record.version)))?;
-            let mut full = vec![certificate];
-            full.extend(chain);
-            return Ok(Some(Arc::new(Signer {
-                version: record.version,
-                fingerprint,
-                chain: full,
-                not_after,
-                issuer,
-            })));
+        let Ok(public) = serde_json::from_value::<CaPublic>(record.public.clone()) else {
+            return Ok(None);
+        };
+        let CaPublic::Active {
+            certificate,
+            chain,
+            not_after,
+            fingerprint,
+            ..
+        } = public
+        else {
+            return Ok(None);
+        };
+        if let Some(c) = cached
+            && c.version == record.version
+            && c.fingerprint == fingerprint
+        {
+            return Ok(Some(c.clone()));
         }
-        Ok(None)
+        let pkcs8 = keyring.open(
+            record.key_version,
+            &broker_key_sealed_name(PURPOSE),
+            record.version,
+            &record.sealed,
+        )?;
+        let key = KeyPair::try_from(pkcs8.as_slice())
+            .map_err(|e| Error::Crypto(format!("CA key v{}: {e}", record.version)))?;
+        let der = attestation::certs::decode_pem_or_der(certificate.as_bytes(), "CA")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Crypto("CA record without a certificate".into()))?;
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(der.as_slice()), key)
+            .map_err(|e| Error::Crypto(format!("CA certificate v{}: {e}", record.version)))?;
+        let mut full = vec![certificate];
+        full.extend(chain);
+        Ok(Some(Arc::new(Signer {
+            version: record.version,
+            fingerprint,
+            chain: full,
+            ca_der: der,
+            not_after,
+            issuer,
+        })))
     }
+
+    fn end(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0))
+    }
+
+    /// Signs a CRL of this CA version.
+    pub fn sign_crl(
+        &self,
+        params: &rcgen::CertificateRevocationListParams,
+    ) -> Result<Vec<u8>, Error> {
+        Ok(params
+            .signed_by(&self.issuer)
+            .map_err(|e| Error::Crypto(format!("CRL of CA version {}: {e}", self.version)))?
+            .der()
+            .to_vec())
+    }
+
+    /// Certifies a new delegated OCSP responder key for this CA version, valid from a minute
+    /// back for `validity` (never past the CA certificate's end): extended key usage
+    /// OCSPSigning and id-pkix-ocsp-nocheck (RFC 6960 §4.2.2.2.1).
+    pub fn certify_responder(
+        &self,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<super::ocsp::Responder, Error> {
+        let rc = |e: rcgen::Error| Error::Crypto(format!("OCSP responder: {e}"));
+        let key = KeyPair::generate().map_err(rc)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "snp-key-broker");
+        dn.push(
+            DnType::CommonName,
+            format!("OCSP responder for CA version {}", self.version),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
+        params.use_authority_key_identifier_extension = true;
+        // id-pkix-ocsp-nocheck, value NULL.
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 5, 5, 7, 48, 1, 5],
+            vec![0x05, 0x00],
+        )];
+        let not_after = (now + validity).min(self.end());
+        params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60));
+        params.not_after = time::OffsetDateTime::from(not_after);
+        params.serial_number = Some(random_serial()?);
+        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        Ok(super::ocsp::Responder::new(
+            self.version,
+            key,
+            cert.der().to_vec(),
+            not_after,
+        ))
+    }
+}
+
+/// Where issued certificates point relying parties: the broker's public base URL, from which
+/// the OCSP responder (`/v1/pki/ocsp`), the issuing CA certificate (`/v1/pki/ca/<v>.der`)
+/// and its CRL (`/v1/pki/crl/<v>`) are reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PkiUrls {
+    /// `https://host[:port]`, without a trailing slash.
+    pub base: String,
+}
+
+/// The AuthorityInfoAccess extension (OCSP and caIssuers URIs), DER.
+fn authority_info_access(ocsp: &str, ca_issuers: &str) -> Result<Vec<u8>, String> {
+    use der::Encode;
+    use der::asn1::Ia5String;
+    use x509_cert::ext::pkix::AccessDescription;
+    use x509_cert::ext::pkix::AuthorityInfoAccessSyntax;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let uri = |u: &str| -> Result<GeneralName, String> {
+        Ok(GeneralName::UniformResourceIdentifier(
+            Ia5String::new(u).map_err(|e| e.to_string())?,
+        ))
+    };
+    AuthorityInfoAccessSyntax(vec![
+        AccessDescription {
+            access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+            access_location: uri(ocsp)?,
+        },
+        AccessDescription {
+            access_method: const_oid::db::rfc5280::ID_AD_CA_ISSUERS,
+            access_location: uri(ca_issuers)?,
+        },
+    ])
+    .to_der()
+    .map_err(|e| e.to_string())
 }
 
 /// A certificate the CA issued.
@@ -137,6 +227,7 @@ pub fn issue(
     signer: &Signer,
     csr: &VerifiedCsr,
     profile: &CertificateProfile,
+    urls: Option<&PkiUrls>,
     now: SystemTime,
 ) -> Result<Issued, IssueError> {
     if let Some(name) = csr.names.iter().find(|n| !profile.permits(n)) {
@@ -177,6 +268,20 @@ pub fn issue(
         })
         .collect();
     params.use_authority_key_identifier_extension = true;
+    if let Some(urls) = urls {
+        let aia = authority_info_access(
+            &format!("{}/v1/pki/ocsp", urls.base),
+            &format!("{}/v1/pki/ca/{}.der", urls.base, signer.version),
+        )
+        .map_err(IssueError::Internal)?;
+        params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 5, 5, 7, 1, 1],
+            aia,
+        )];
+        params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+            uris: vec![format!("{}/v1/pki/crl/{}", urls.base, signer.version)],
+        }];
+    }
     params.not_before = time::OffsetDateTime::from(not_before);
     params.not_after = time::OffsetDateTime::from(not_after);
     let serial = random_serial().map_err(|e| IssueError::Internal(e.to_string()))?;

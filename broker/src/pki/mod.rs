@@ -6,7 +6,10 @@
 //! writes. `ca rotate` makes a new issuing key; older versions stay published so that what
 //! they issued keeps verifying until it expires.
 
+pub mod authority;
 pub mod ca;
 pub mod issue;
+pub mod ocsp;
+pub mod revoke;
 
 pub use ca::{CaInfo, CaPublic, NewCa};

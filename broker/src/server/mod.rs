@@ -856,11 +856,11 @@ async fn set_policy<S: Store>(
     body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<Response, Problem> {
     let body = body.map_err(|r| body_problem(r.status(), r.body_text()))?;
-    let version = state
+    let set = state
         .broker
-        .set_policy(&body, &op, SystemTime::now())
+        .set_policy_revoking(&body, &op, SystemTime::now())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({ "version": version }))).into_response())
+    Ok((StatusCode::CREATED, Json(set)).into_response())
 }
 
 async fn get_policy<S: Store>(
@@ -976,7 +976,8 @@ pub async fn build(
     let keyring = Arc::new(Keyring::load(master, &store, settings.nonce_ttl).await?);
     let broker = Broker::new(store, Verifier::new(anchors), keyring, settings.nonce_ttl)
         .with_kds(crate::kds::Kds::new(&settings.kds)?)
-        .with_audit_budget(settings.audit.budget);
+        .with_audit_budget(settings.audit.budget)
+        .with_pki_urls(settings.pki_base_url.clone());
     let mut metrics = metrics::Metrics::new();
     metrics.register_store(broker.store().commit_metrics());
     metrics.set_simulated_root(settings.dangerous_trust_simulated_root.is_some());

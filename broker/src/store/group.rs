@@ -69,6 +69,9 @@ pub struct IssuedRecord {
     pub names: Vec<String>,
     /// SHA-256 of the claims it was issued on (hex), as in the audit record.
     pub claims_digest: String,
+    /// The claims it was issued on (JSON), to decide again when the policy changes.
+    #[serde(skip)]
+    pub claims: serde_json::Value,
     /// Validity (seconds since the epoch).
     pub not_before: i64,
     /// Validity (seconds since the epoch).

@@ -386,6 +386,32 @@ pub trait Store: Send + Sync + 'static {
         &self,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<IssuedRecord>, StoreError>> + Send;
+    /// The certificate with this serial (lowercase hex), if the CA issued it.
+    fn issued_certificate(
+        &self,
+        serial: &str,
+    ) -> impl Future<Output = Result<Option<IssuedRecord>, StoreError>> + Send;
+    /// Certificates not revoked whose validity ends after `now`.
+    fn unexpired_certificates(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<Vec<IssuedRecord>, StoreError>> + Send;
+    /// Revoked certificates of CA version `ca_version` whose validity ends after `now` (what
+    /// its CRL lists).
+    fn revoked_certificates(
+        &self,
+        ca_version: u64,
+        now: i64,
+    ) -> impl Future<Output = Result<Vec<IssuedRecord>, StoreError>> + Send;
+    /// Revokes the certificate `serial` at `at` for `reason`, with its audit record, in one
+    /// transaction; false (and nothing written) if it is unknown or revoked already.
+    fn revoke_certificate(
+        &self,
+        serial: &str,
+        at: i64,
+        reason: &str,
+        audit: &AuditRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Every version of the broker's keys for `purpose`, newest first.
     fn broker_keys(
@@ -601,6 +627,28 @@ impl Store for AnyStore {
     }
     async fn issued_certificates(&self, limit: u32) -> Result<Vec<IssuedRecord>, StoreError> {
         dispatch!(self, s => s.issued_certificates(limit).await)
+    }
+    async fn issued_certificate(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        dispatch!(self, s => s.issued_certificate(serial).await)
+    }
+    async fn unexpired_certificates(&self, now: i64) -> Result<Vec<IssuedRecord>, StoreError> {
+        dispatch!(self, s => s.unexpired_certificates(now).await)
+    }
+    async fn revoked_certificates(
+        &self,
+        ca_version: u64,
+        now: i64,
+    ) -> Result<Vec<IssuedRecord>, StoreError> {
+        dispatch!(self, s => s.revoked_certificates(ca_version, now).await)
+    }
+    async fn revoke_certificate(
+        &self,
+        serial: &str,
+        at: i64,
+        reason: &str,
+        audit: &AuditRecord,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.revoke_certificate(serial, at, reason, audit).await)
     }
     async fn insert_broker_key(
         &self,

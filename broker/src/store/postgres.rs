@@ -103,6 +103,7 @@ const MIGRATIONS: &[&str] = &[
         subject TEXT NOT NULL,
         names TEXT NOT NULL,
         claims_digest TEXT NOT NULL,
+        claims TEXT NOT NULL,
         not_before BIGINT NOT NULL,
         not_after BIGINT NOT NULL,
         issued_at BIGINT NOT NULL,
@@ -110,7 +111,8 @@ const MIGRATIONS: &[&str] = &[
         revoked_at BIGINT,
         revocation_reason TEXT
     );
-    CREATE INDEX issued_certificates_issued_at ON issued_certificates (issued_at);",
+    CREATE INDEX issued_certificates_issued_at ON issued_certificates (issued_at);
+    CREATE INDEX issued_certificates_not_after ON issued_certificates (not_after);",
 ];
 
 /// The advisory lock key that serialises migrations across replicas ("snpkbmig").

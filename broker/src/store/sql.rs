@@ -72,6 +72,32 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        /// The columns of an issued certificate, as [`issued_record`] reads them.
+        const ISSUED_COLUMNS: &str = "serial, ca_version, profile, subject, names, claims_digest, \
+            claims, not_before, not_after, issued_at, certificate, revoked_at, revocation_reason";
+
+        fn issued_record(
+            r: &<$db as sqlx::Database>::Row,
+        ) -> Result<$crate::store::IssuedRecord, StoreError> {
+            let names: String = r.try_get("names")?;
+            let claims: String = r.try_get("claims")?;
+            Ok($crate::store::IssuedRecord {
+                serial: r.try_get("serial")?,
+                ca_version: to_u64(r.try_get("ca_version")?),
+                profile: r.try_get("profile")?,
+                subject: r.try_get("subject")?,
+                names: serde_json::from_str(&names).unwrap_or_default(),
+                claims_digest: r.try_get("claims_digest")?,
+                claims: serde_json::from_str(&claims).unwrap_or(serde_json::Value::Null),
+                not_before: r.try_get("not_before")?,
+                not_after: r.try_get("not_after")?,
+                issued_at: r.try_get("issued_at")?,
+                certificate: r.try_get("certificate")?,
+                revoked_at: r.try_get("revoked_at")?,
+                revocation_reason: r.try_get("revocation_reason")?,
+            })
+        }
+
         fn secret_from_row(row: &<$db as sqlx::Database>::Row) -> Result<StoredSecret, StoreError> {
             let meta: String = row.try_get("meta")?;
             Ok(StoredSecret {
@@ -533,33 +559,84 @@ macro_rules! sql_store {
                 &self,
                 limit: u32,
             ) -> Result<Vec<$crate::store::IssuedRecord>, StoreError> {
-                let rows = sqlx::query(
-                    "SELECT serial, ca_version, profile, subject, names, claims_digest, not_before,
-                            not_after, issued_at, certificate, revoked_at, revocation_reason
-                     FROM issued_certificates ORDER BY issued_at DESC, serial LIMIT $1",
-                )
+                let rows = sqlx::query(&format!(
+                    "SELECT {ISSUED_COLUMNS} FROM issued_certificates
+                     ORDER BY issued_at DESC, serial LIMIT $1"
+                ))
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-                rows.iter()
-                    .map(|r| {
-                        let names: String = r.try_get("names")?;
-                        Ok($crate::store::IssuedRecord {
-                            serial: r.try_get("serial")?,
-                            ca_version: to_u64(r.try_get("ca_version")?),
-                            profile: r.try_get("profile")?,
-                            subject: r.try_get("subject")?,
-                            names: serde_json::from_str(&names).unwrap_or_default(),
-                            claims_digest: r.try_get("claims_digest")?,
-                            not_before: r.try_get("not_before")?,
-                            not_after: r.try_get("not_after")?,
-                            issued_at: r.try_get("issued_at")?,
-                            certificate: r.try_get("certificate")?,
-                            revoked_at: r.try_get("revoked_at")?,
-                            revocation_reason: r.try_get("revocation_reason")?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(issued_record).collect()
+            }
+
+            async fn issued_certificate(
+                &self,
+                serial: &str,
+            ) -> Result<Option<$crate::store::IssuedRecord>, StoreError> {
+                let row = sqlx::query(&format!(
+                    "SELECT {ISSUED_COLUMNS} FROM issued_certificates WHERE serial = $1"
+                ))
+                .bind(serial)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(issued_record).transpose()
+            }
+
+            async fn unexpired_certificates(
+                &self,
+                now: i64,
+            ) -> Result<Vec<$crate::store::IssuedRecord>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ISSUED_COLUMNS} FROM issued_certificates
+                     WHERE not_after > $1 AND revoked_at IS NULL ORDER BY serial"
+                ))
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(issued_record).collect()
+            }
+
+            async fn revoked_certificates(
+                &self,
+                ca_version: u64,
+                now: i64,
+            ) -> Result<Vec<$crate::store::IssuedRecord>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {ISSUED_COLUMNS} FROM issued_certificates
+                     WHERE ca_version = $1 AND revoked_at IS NOT NULL AND not_after > $2
+                     ORDER BY serial"
+                ))
+                .bind(to_i64(ca_version))
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(issued_record).collect()
+            }
+
+            async fn revoke_certificate(
+                &self,
+                serial: &str,
+                at: i64,
+                reason: &str,
+                audit: &AuditRecord,
+            ) -> Result<bool, StoreError> {
+                let (mut tx, _writer) = self.begin_write().await?;
+                let done = sqlx::query(
+                    "UPDATE issued_certificates SET revoked_at = $1, revocation_reason = $2
+                     WHERE serial = $3 AND revoked_at IS NULL",
+                )
+                .bind(at)
+                .bind(reason)
+                .bind(serial)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if done == 0 {
+                    return Ok(false);
+                }
+                insert_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn data_keys(&self) -> Result<Vec<$crate::store::DataKeyRecord>, StoreError> {
@@ -902,7 +979,7 @@ macro_rules! sql_store {
                     if !issued.is_empty() {
                         let mut insert = sqlx::QueryBuilder::<$db>::new(
                             "INSERT INTO issued_certificates (serial, ca_version, profile, subject, names,
-                             claims_digest, not_before, not_after, issued_at, certificate) ",
+                             claims_digest, claims, not_before, not_after, issued_at, certificate) ",
                         );
                         insert.push_values(&issued, |mut b, c| {
                             b.push_bind(c.serial.clone())
@@ -911,6 +988,7 @@ macro_rules! sql_store {
                                 .push_bind(c.subject.clone())
                                 .push_bind(serde_json::json!(c.names).to_string())
                                 .push_bind(c.claims_digest.clone())
+                                .push_bind(c.claims.to_string())
                                 .push_bind(c.not_before)
                                 .push_bind(c.not_after)
                                 .push_bind(c.issued_at)

@@ -1,0 +1,137 @@
+//! The CA versions a broker has loaded to sign with: the newest issues, every active one
+//! answers OCSP (through a delegated responder it certified) and signs its CRL. Loaded from
+//! the store on use, kept while their record is unchanged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::issue::Signer;
+use super::ocsp::{IssuerHashes, Responder};
+use super::revoke;
+use crate::Error;
+use crate::keyring::Keyring;
+use crate::store::Store;
+
+/// How long a delegated OCSP responder certificate is valid; a new one is made at half.
+pub const RESPONDER_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A CRL signed at `at` for the revocations whose serials are `serials`.
+struct CachedCrl {
+    at: SystemTime,
+    serials: Vec<String>,
+    der: Vec<u8>,
+}
+
+/// What the broker's CA signs with.
+#[derive(Default)]
+pub struct Authority {
+    signers: Mutex<HashMap<u64, Arc<Signer>>>,
+    responders: Mutex<HashMap<u64, Arc<Responder>>>,
+    crls: Mutex<HashMap<u64, CachedCrl>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// An authority with nothing loaded.
+    pub fn new() -> Authority {
+        Authority::default()
+    }
+
+    /// Every active CA version, newest first, loaded (or reused while unchanged).
+    pub async fn active<S: Store>(
+        &self,
+        store: &S,
+        keyring: &Keyring,
+    ) -> Result<Vec<Arc<Signer>>, Error> {
+        let records = store.broker_keys(super::ca::PURPOSE).await?;
+        if records.iter().any(|r| r.key_version > keyring.current()) {
+            keyring.refresh(store).await?;
+        }
+        let cached: HashMap<u64, Arc<Signer>> =
+            self.signers.lock().map(|g| g.clone()).unwrap_or_default();
+        let mut active = Vec::new();
+        for record in &records {
+            if let Some(signer) = Signer::load(record, keyring, cached.get(&record.version))? {
+                active.push(signer);
+            }
+        }
+        if let Ok(mut g) = self.signers.lock() {
+            *g = active.iter().map(|s| (s.version, s.clone())).collect();
+        }
+        Ok(active)
+    }
+
+    /// The responder of `signer`'s CA version, certified anew when none exists or half of
+    /// its validity has passed.
+    pub fn responder(&self, signer: &Signer, now: SystemTime) -> Result<Arc<Responder>, Error> {
+        if let Ok(g) = self.responders.lock()
+            && let Some(r) = g.get(&signer.version)
+            && r.not_after > now + RESPONDER_VALIDITY / 2
+        {
+            return Ok(r.clone());
+        }
+        let responder = Arc::new(signer.certify_responder(now, RESPONDER_VALIDITY)?);
+        if let Ok(mut g) = self.responders.lock() {
+            g.insert(signer.version, responder.clone());
+        }
+        Ok(responder)
+    }
+
+    /// The CRL of CA version `version` (DER), or `None` if it is not an active version:
+    /// signed again when its revocations changed or half of its validity has passed.
+    pub async fn crl<S: Store>(
+        &self,
+        store: &S,
+        keyring: &Keyring,
+        version: u64,
+        now: SystemTime,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let Some(signer) = self
+            .active(store, keyring)
+            .await?
+            .into_iter()
+            .find(|s| s.version == version)
+        else {
+            return Ok(None);
+        };
+        let now_secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let revoked = store.revoked_certificates(version, now_secs).await?;
+        let serials: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
+        if let Ok(g) = self.crls.lock()
+            && let Some(c) = g.get(&version)
+            && c.serials == serials
+            && now < c.at + revoke::CRL_VALIDITY / 2
+        {
+            return Ok(Some(c.der.clone()));
+        }
+        let der = revoke::crl(&signer, &revoked, now)?;
+        if let Ok(mut g) = self.crls.lock() {
+            g.insert(
+                version,
+                CachedCrl {
+                    at: now,
+                    serials,
+                    der: der.clone(),
+                },
+            );
+        }
+        Ok(Some(der))
+    }
+
+    /// The issuer hashes of `signers`' certificates, in order (for OCSP CertIDs).
+    pub fn hashes(signers: &[Arc<Signer>]) -> Result<Vec<IssuerHashes>, Error> {
+        signers
+            .iter()
+            .map(|s| IssuerHashes::of(&s.ca_der).map_err(Error::Crypto))
+            .collect()
+    }
+}
