@@ -16,12 +16,12 @@ pub struct VerifiedCsr {
     pub spki: Vec<u8>,
     /// The names it asks for (its subjectAltName extension request).
     pub names: Vec<RequestedName>,
-    public_key: rcgen::PublicKey,
+    public_key: rcgen::SubjectPublicKeyInfo,
 }
 
 impl VerifiedCsr {
     /// The key to certify.
-    pub fn public_key(&self) -> &rcgen::PublicKey {
+    pub fn public_key(&self) -> &rcgen::SubjectPublicKeyInfo {
         &self.public_key
     }
 }
@@ -39,6 +39,8 @@ const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 const OID_ED25519: &str = "1.3.101.112";
+const OID_ECDSA_SHA256: &str = "1.2.840.10045.4.3.2";
+const OID_ECDSA_SHA384: &str = "1.2.840.10045.4.3.3";
 
 /// Parses `request` and verifies its signature (proof of possession of the key it names).
 /// Only ECDSA P-256, P-384 and Ed25519 keys are certified; only DNS, IP and URI names asked.
@@ -66,13 +68,22 @@ pub fn verify_request(request: &CertificateRequest) -> Result<VerifiedCsr, Strin
         .as_ref()
         .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok())
         .map(|o| o.to_string());
-    let supported = matches!(
-        (algorithm.as_str(), curve.as_deref()),
-        (OID_EC_PUBLIC_KEY, Some(OID_P256 | OID_P384)) | (OID_ED25519, None)
-    );
-    if !supported {
+    // The signature algorithm a key of that type signs with: the key is certified as its
+    // SubjectPublicKeyInfo says, so the two must agree.
+    let signs_with = match (algorithm.as_str(), curve.as_deref()) {
+        (OID_EC_PUBLIC_KEY, Some(OID_P256)) => OID_ECDSA_SHA256,
+        (OID_EC_PUBLIC_KEY, Some(OID_P384)) => OID_ECDSA_SHA384,
+        (OID_ED25519, None) => OID_ED25519,
+        _ => {
+            return Err(format!(
+                "certificate {profile}: the key is not ECDSA P-256, P-384 or Ed25519"
+            ));
+        }
+    };
+    if parsed.algorithm.oid.to_string() != signs_with {
         return Err(format!(
-            "certificate {profile}: the key is not ECDSA P-256, P-384 or Ed25519"
+            "certificate {profile}: the request is signed with another algorithm than its key's \
+             (P-256 with ECDSA-SHA256, P-384 with ECDSA-SHA384, Ed25519)"
         ));
     }
     let spki = spki_info
@@ -81,7 +92,21 @@ pub fn verify_request(request: &CertificateRequest) -> Result<VerifiedCsr, Strin
     let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
         der_bytes.as_slice(),
     ))
-    .map_err(|e| format!("certificate {profile}: the request does not verify: {e}"))?;
+    .map_err(|e| match e {
+        rcgen::Error::InvalidCertificationRequestSignature => {
+            format!("certificate {profile}: the request's signature does not verify")
+        }
+        other => format!(
+            "certificate {profile}: the request cannot be used ({other}): only the \
+             subjectAltName, key usage, extended key usage and basic constraints extensions \
+             are accepted"
+        ),
+    })?;
+    // What is certified is exactly the key the request carries (and REPORT_DATA binds).
+    let public_key = rcgen::SubjectPublicKeyInfo::from_der(&spki)
+        .ok()
+        .filter(|k| rcgen::PublicKeyData::subject_public_key_info(k) == spki)
+        .ok_or_else(|| format!("certificate {profile}: the key cannot be certified as sent"))?;
     let mut names = Vec::new();
     for san in &csr.params.subject_alt_names {
         names.push(match san {
@@ -104,6 +129,6 @@ pub fn verify_request(request: &CertificateRequest) -> Result<VerifiedCsr, Strin
         profile,
         spki,
         names,
-        public_key: csr.public_key,
+        public_key,
     })
 }

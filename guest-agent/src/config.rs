@@ -162,8 +162,7 @@ pub struct CertificateSpec {
     pub owner: Option<String>,
     /// Group of the files.
     pub group: Option<String>,
-    /// Mode of the key file (the certificates are 0644 less what `key_mode` withholds from
-    /// the group: never more than the key's directory allows).
+    /// Mode of the key file (the certificate files are 0644, in the private directory).
     pub key_mode: u32,
 }
 

@@ -63,7 +63,9 @@ pub fn write_secret(spec: &SecretSpec, value: &[u8]) -> Result<(), AgentError> {
 
 /// Writes a certificate from the broker's CA: its key (`key_mode`), then the certificate
 /// with the CA certificates below the root, then the CA chain with its root (0644), each
-/// atomically.
+/// atomically. The three are not replaced as one: a crash between the key and the
+/// certificate leaves a key that does not match the certificate beside it (the next run of
+/// the agent writes both again).
 pub fn write_certificate(
     spec: &CertificateSpec,
     key_pem: &[u8],

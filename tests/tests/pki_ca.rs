@@ -192,6 +192,15 @@ fn a_request_signed_by_an_offline_root_is_imported_and_wrong_chains_are_refused(
         &chain("leaf.pem", "Offline Root.pem"),
         "not a CA certificate",
     );
+    // A CA that may not sign CRLs.
+    let no_crl = t("no-crl.ext");
+    std::fs::write(
+        &no_crl,
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign\n",
+    )
+    .unwrap();
+    sign(&csr, "no-crl.pem", &no_crl);
+    refused(&chain("no-crl.pem", "Offline Root.pem"), "cRLSign");
     // The right certificate under another root.
     sign(&csr, "ca.pem", &ext);
     refused(&chain("ca.pem", "Other Root.pem"), "would not verify");

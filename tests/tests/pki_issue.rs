@@ -385,6 +385,48 @@ async fn requests_are_issued_only_for_the_bound_key_the_granted_names_and_the_me
         "{body}"
     );
 
+    // A P-384 key whose request is signed with ECDSA-SHA256 (made by OpenSSL): refused, the
+    // key would be certified under another curve's name.
+    let tmp = tempfile::tempdir().unwrap();
+    let der = tmp.path().join("p384.der");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-sha256",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=web",
+            "-addext",
+            "subjectAltName=DNS:web.internal",
+            "-outform",
+            "DER",
+            "-out",
+        ])
+        .arg(&der)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let mismatched = CertificateRequest {
+        profile: "web".into(),
+        csr: encode_b64(&std::fs::read(&der).unwrap()),
+    };
+    let (status, body) = attest(&b, &guest, vec![mismatched], v2(vec![vec![0]])).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("another algorithm"),
+        "{body}"
+    );
+
     let (req, spki) = csr("web", &["web.internal", "evil.internal"]);
     let (status, body) = attest(&b, &guest, vec![req], v2(vec![spki])).await;
     assert_eq!(

@@ -370,3 +370,105 @@ fn ocsp_and_crls_follow_revocations_by_operators_and_by_policy() {
         "{audit}"
     );
 }
+
+/// A CA certified by an offline OpenSSL root (its key identifier is OpenSSL's SHA-1 one): its
+/// CRL names that identifier, so `openssl verify -crl_check` finds it and sees the revocation.
+#[test]
+fn an_imported_cas_crl_is_found_by_openssl() {
+    let b = Broker::start();
+    let text = std::fs::read_to_string(b.dir.join("policy.json")).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    doc["certificates"] = serde_json::json!({
+        "web": { "rules": ["simulated-guest"], "dns": ["web.internal"], "usages": ["serverAuth"] }
+    });
+    let policy = b.dir.join("policy-pki.json");
+    std::fs::write(&policy, doc.to_string()).unwrap();
+    b.provision(&policy);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let csr = t.join("ca.csr");
+    ok(&b.cli(&["ca", "init", "--csr", p(&csr)]));
+    ok(&openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-keyout",
+        p(&t.join("root.key")),
+        "-out",
+        p(&t.join("root.pem")),
+        "-subj",
+        "/O=Example/CN=Offline Root",
+        "-days",
+        "30",
+    ]));
+    let ext = t.join("ca.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .unwrap();
+    ok(&openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        p(&csr),
+        "-CA",
+        p(&t.join("root.pem")),
+        "-CAkey",
+        p(&t.join("root.key")),
+        "-days",
+        "10",
+        "-extfile",
+        p(&ext),
+        "-out",
+        p(&t.join("ca.pem")),
+    ]));
+    let chain = t.join("chain.pem");
+    std::fs::write(
+        &chain,
+        std::fs::read_to_string(t.join("ca.pem")).unwrap()
+            + &std::fs::read_to_string(t.join("root.pem")).unwrap(),
+    )
+    .unwrap();
+    ok(&b.cli(&["ca", "import", p(&chain)]));
+
+    let store = certificate(&b, &t.join("a"), "web", "\"web.internal\"");
+    let cert = store.join("web.pem");
+    let check = |expect_ok: bool| {
+        let (code, der) = curl(&b, &[], "/v1/pki/crl");
+        assert_eq!(code, 200);
+        std::fs::write(t.join("crl.der"), &der).unwrap();
+        ok(&openssl(&[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            p(&t.join("crl.der")),
+            "-out",
+            p(&t.join("crl.pem")),
+        ]));
+        let out = openssl(&[
+            "verify",
+            "-crl_check",
+            "-CRLfile",
+            p(&t.join("crl.pem")),
+            "-CAfile",
+            p(&store.join("web.ca.pem")),
+            p(&cert),
+        ]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert_eq!(out.status.success(), expect_ok, "{text}");
+        text
+    };
+    check(true);
+    let serial = ok(&openssl(&["x509", "-noout", "-serial", "-in", p(&cert)]));
+    let serial = serial.trim().trim_start_matches("serial=").to_string();
+    ok(&b.cli(&["cert", "revoke", &serial, "--reason", "superseded"]));
+    let text = check(false);
+    assert!(text.contains("certificate revoked"), "{text}");
+}

@@ -127,7 +127,19 @@ fn network(entry: &str) -> Option<(IpAddr, u8)> {
         }
     };
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((addr, len))
+    if len > max {
+        return None;
+    }
+    // A network's address has no host bits set (10.0.0.0/8, not 10.1.2.3/8: a likely
+    // mistake about what is granted).
+    let (bits, width) = bits(addr);
+    let host = u32::from(width - len);
+    let host_bits = if host >= 128 {
+        bits
+    } else {
+        bits & ((1u128 << host) - 1)
+    };
+    (host_bits == 0).then_some((addr, len))
 }
 
 fn bits(a: IpAddr) -> (u128, u8) {
@@ -414,6 +426,10 @@ mod tests {
             ),
             (
                 json!({"rules": ["r"], "ip": ["10.0.0.0/33"], "usages": ["serverAuth"]}),
+                "/certificates/web/ip/0",
+            ),
+            (
+                json!({"rules": ["r"], "ip": ["10.1.2.3/8"], "usages": ["serverAuth"]}),
                 "/certificates/web/ip/0",
             ),
             (

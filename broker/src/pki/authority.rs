@@ -70,9 +70,18 @@ impl Authority {
     /// The responder of `signer`'s CA version, certified anew when none exists or half of
     /// its validity has passed.
     pub fn responder(&self, signer: &Signer, now: SystemTime) -> Result<Arc<Responder>, Error> {
+        if signer.end() <= now {
+            return Err(Error::Input(format!(
+                "CA version {} has expired",
+                signer.version
+            )));
+        }
+        // Reused until half its validity has passed, or to the CA's own end when that comes
+        // first (a responder never outlives its CA).
+        let renew_at = (now + RESPONDER_VALIDITY / 2).min(signer.end());
         if let Ok(g) = self.responders.lock()
             && let Some(r) = g.get(&signer.version)
-            && r.not_after > now + RESPONDER_VALIDITY / 2
+            && r.not_after >= renew_at
         {
             return Ok(r.clone());
         }

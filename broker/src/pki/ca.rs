@@ -429,10 +429,13 @@ fn check_ca_certificate(der_bytes: &[u8], key: &KeyPair) -> Result<i64, Error> {
     let may_sign = tbs
         .get_extension::<KeyUsage>()
         .map_err(|e| Error::Input(format!("CA certificate: keyUsage: {e}")))?
-        .is_none_or(|(_, ku)| ku.0.contains(KeyUsages::KeyCertSign));
+        .is_none_or(|(_, ku)| {
+            ku.0.contains(KeyUsages::KeyCertSign) && ku.0.contains(KeyUsages::CRLSign)
+        });
     if !may_sign {
         return Err(Error::Input(
-            "the certificate's key usage does not allow keyCertSign".into(),
+            "the certificate's key usage must allow keyCertSign and cRLSign (it signs the CRLs of what it issues)"
+                .into(),
         ));
     }
     let not_after = tbs.validity().not_after.to_unix_duration().as_secs();

@@ -93,7 +93,20 @@ impl Signer {
         })))
     }
 
-    fn end(&self) -> SystemTime {
+    /// The subjectKeyIdentifier of its certificate, if it has one.
+    pub fn subject_key_identifier(&self) -> Option<Vec<u8>> {
+        use der::Decode;
+        use x509_cert::ext::pkix::SubjectKeyIdentifier;
+        let cert = x509_cert::Certificate::from_der(&self.ca_der).ok()?;
+        let (_, ski) = cert
+            .tbs_certificate()
+            .get_extension::<SubjectKeyIdentifier>()
+            .ok()??;
+        Some(ski.0.as_bytes().to_vec())
+    }
+
+    /// The end of its certificate's validity.
+    pub fn end(&self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0))
     }
 
@@ -214,7 +227,7 @@ fn unix(t: SystemTime) -> i64 {
 
 fn name_text(n: &RequestedName) -> String {
     match n {
-        RequestedName::Dns(d) => format!("dns:{d}"),
+        RequestedName::Dns(d) => format!("dns:{}", d.to_ascii_lowercase()),
         RequestedName::Ip(a) => format!("ip:{a}"),
         RequestedName::Uri(u) => format!("uri:{u}"),
     }
@@ -253,7 +266,11 @@ pub fn issue(
         RequestedName::Ip(a) => a.to_string(),
         RequestedName::Uri(u) => u.clone(),
     });
-    let subject = subject.unwrap_or_else(|| csr.profile.clone());
+    // A common name is at most 64 characters (RFC 5280 ub-common-name); the names are in the
+    // subjectAltName whatever it is.
+    let subject = subject
+        .filter(|s| s.len() <= 64)
+        .unwrap_or_else(|| csr.profile.chars().take(64).collect());
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, subject.clone());
     params.distinguished_name = dn;
@@ -309,6 +326,18 @@ pub fn issue(
     let cert = params
         .signed_by(csr.public_key(), &signer.issuer)
         .map_err(|e| IssueError::Internal(format!("issuing: {e}")))?;
+    // What was signed certifies exactly the key REPORT_DATA bound.
+    let certified = {
+        use der::{Decode, Encode};
+        x509_cert::Certificate::from_der(cert.der())
+            .ok()
+            .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der().ok())
+    };
+    if certified.as_deref() != Some(csr.spki.as_slice()) {
+        return Err(IssueError::Internal(
+            "the issued certificate's key differs from the request's".into(),
+        ));
+    }
     Ok(Issued {
         profile: csr.profile.clone(),
         serial: serial_hex,

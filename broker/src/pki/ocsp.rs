@@ -163,6 +163,16 @@ pub fn malformed() -> Vec<u8> {
         .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x01])
 }
 
+/// The response when the responder failed (DER): `internalError`.
+pub fn internal_error() -> Vec<u8> {
+    OcspResponse {
+        response_status: x509_ocsp::OcspResponseStatus::InternalError,
+        response_bytes: None,
+    }
+    .to_der()
+    .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x02])
+}
+
 /// The response for requests about CAs this broker does not hold (DER): `unauthorized`.
 pub fn unauthorized() -> Vec<u8> {
     OcspResponse {

@@ -168,15 +168,44 @@ fn requested(name: &str) -> Option<RequestedName> {
     }
 }
 
+/// The extended key usages a certificate carries (those a profile can grant; any other
+/// makes it ungranted).
+fn usages_of(der_bytes: &[u8]) -> Option<Vec<attestation::policy::Usage>> {
+    use attestation::policy::Usage;
+    use der::Decode;
+    use x509_cert::ext::pkix::ExtendedKeyUsage;
+    let cert = x509_cert::Certificate::from_der(der_bytes).ok()?;
+    let (_, eku) = cert
+        .tbs_certificate()
+        .get_extension::<ExtendedKeyUsage>()
+        .ok()??;
+    eku.0
+        .iter()
+        .map(|oid| match oid.to_string().as_str() {
+            "1.3.6.1.5.5.7.3.1" => Some(Usage::ServerAuth),
+            "1.3.6.1.5.5.7.3.2" => Some(Usage::ClientAuth),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether `policy` still grants what `record` was issued for: a rule of its profile holds
-/// for the claims it was issued on, and the profile grants each of its names.
+/// for the claims it was issued on, and the profile grants each of its names, each of its
+/// extended key usages and a lifetime as long as its own.
 pub fn still_granted(policy: &Policy, record: &IssuedRecord) -> bool {
     let Some(profile) = policy.certificate_profile(&record.profile) else {
         return false;
     };
+    // Issued from a minute back: that minute is not part of the granted lifetime.
+    let lifetime = record.not_after - record.not_before - 60;
+    let lifetime_granted = u64::try_from(lifetime).is_ok_and(|l| l <= profile.max_lifetime_secs());
+    let usages_granted = usages_of(&record.certificate)
+        .is_some_and(|u| u.iter().all(|x| profile.usages().contains(x)));
     policy
         .decide_certificate(&record.profile, &record.claims)
         .released
+        && lifetime_granted
+        && usages_granted
         && record
             .names
             .iter()
@@ -196,6 +225,11 @@ pub async fn revoke_withdrawn<S: Store>(
     for record in store.unexpired_certificates(unix(now)).await? {
         if still_granted(policy, &record) {
             continue;
+        }
+        // A newer policy set meanwhile decides instead (its own pass revokes what it drops):
+        // never revoke, finally, on a policy that is no longer the active one.
+        if store.active_policy().await?.map(|p| p.version) != Some(policy_version) {
+            break;
         }
         let by = format!("{actor} (policy v{policy_version})");
         match revoke(store, &record.serial, Reason::PrivilegeWithdrawn, &by, now).await {
@@ -229,19 +263,29 @@ pub fn crl(signer: &Signer, revoked: &[IssuedRecord], now: SystemTime) -> Result
             Some(RevokedCertParams {
                 serial_number: rcgen::SerialNumber::from_slice(&serial),
                 revocation_time: at(r.revoked_at?),
-                reason_code: Some(reason.rcgen()),
+                // RFC 5280 §5.3.1: no reason code rather than `unspecified`.
+                reason_code: (reason != Reason::Unspecified).then(|| reason.rcgen()),
                 invalidity_date: None,
             })
         })
         .collect();
-    let now_secs = u64::try_from(unix(now)).unwrap_or(0);
+    // Numbered by the signing time in milliseconds: two CRLs of one CA version never share a
+    // number (one is signed at most per revocation change or half validity).
+    let number = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
     let params = CertificateRevocationListParams {
         this_update: at(unix(now)),
         next_update: time::OffsetDateTime::from(now + CRL_VALIDITY),
-        crl_number: rcgen::SerialNumber::from(now_secs),
+        crl_number: rcgen::SerialNumber::from(number),
         issuing_distribution_point: None,
         revoked_certs,
-        key_identifier_method: KeyIdMethod::Sha256,
+        // The CA certificate's own key identifier (what its certificates' AKI carry), so that
+        // relying parties match the CRL to its issuer; SHA-256 of the key if it has none.
+        key_identifier_method: signer
+            .subject_key_identifier()
+            .map_or(KeyIdMethod::Sha256, KeyIdMethod::PreSpecified),
     };
     signer.sign_crl(&params)
 }

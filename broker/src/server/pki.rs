@@ -190,14 +190,20 @@ async fn ocsp_answer<S: Store>(state: &AppState<S>, der: &[u8]) -> Response {
     match ocsp_statuses(state, &query).await {
         Ok(Some(der)) => ocsp_response(StatusCode::OK, der),
         Ok(None) => ocsp_response(StatusCode::OK, ocsp::unauthorized()),
-        Err(problem) => problem.into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "OCSP request failed");
+            ocsp_response(StatusCode::INTERNAL_SERVER_ERROR, ocsp::internal_error())
+        }
     }
 }
 
+/// The signed answer, or `None` when the request is not one this broker may answer: it
+/// names none of its CA versions, several of them (each signs only for itself), or one whose
+/// certificate has expired.
 async fn ocsp_statuses<S: Store>(
     state: &AppState<S>,
     query: &ocsp::Query,
-) -> Result<Option<Vec<u8>>, Problem> {
+) -> Result<Option<Vec<u8>>, crate::Error> {
     let now = SystemTime::now();
     let pki = state.broker.pki();
     let signers = pki
@@ -208,19 +214,19 @@ async fn ocsp_statuses<S: Store>(
     let Some(first) = which.iter().flatten().next().copied() else {
         return Ok(None);
     };
+    if which.iter().flatten().any(|i| *i != first) {
+        return Ok(None);
+    }
     let signer = &signers[first];
+    if signer.end() <= now {
+        return Ok(None);
+    }
     let responder = pki.responder(signer, now)?;
     let mut statuses = Vec::new();
     for (serial, ca) in query.serials().iter().zip(&which) {
         let status = match ca {
             Some(i) if *i == first => {
-                match state
-                    .broker
-                    .store()
-                    .issued_certificate(serial)
-                    .await
-                    .map_err(crate::Error::from)?
-                {
+                match state.broker.store().issued_certificate(serial).await? {
                     Some(r) if r.ca_version == signer.version => match r.revoked_at {
                         Some(at) => ocsp::Status::Revoked(
                             at,
@@ -242,7 +248,7 @@ async fn ocsp_statuses<S: Store>(
     responder
         .answer(query, &statuses, now)
         .map(Some)
-        .map_err(|e| crate::Error::Crypto(format!("OCSP response: {e}")).into())
+        .map_err(|e| crate::Error::Crypto(format!("OCSP response: {e}")))
 }
 
 async fn show<S: Store>(
