@@ -6,25 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use e2e::{Broker, stderr};
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        stderr(o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn openssl(args: &[&str]) -> Output {
-    Command::new("openssl").args(args).output().unwrap()
-}
+use e2e::{Broker, arg as p, ok, openssl, stderr};
 
 /// `GET /v1/pki/ca` with curl: status and body.
 fn bundle(b: &Broker) -> (u16, String) {

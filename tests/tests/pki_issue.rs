@@ -16,21 +16,7 @@ use attestation::protocol::{
     AttestResponse, CertificateRequest, ChallengeResponse, EphemeralKey, Evidence, Kem, encode_b64,
 };
 use base64::Engine;
-use e2e::{Broker, Guest, binary, free_port, stderr};
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        stderr(o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use e2e::{Broker, Guest, arg as p, binary, free_port, ok, stderr};
 
 /// The dev policy with a certificate profile `web`, for guests with the default measurement.
 fn policy(b: &Broker) -> PathBuf {

@@ -6,28 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
-use e2e::{Broker, binary, stderr};
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        stderr(o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn openssl(args: &[&str]) -> Output {
-    Command::new("openssl").args(args).output().unwrap()
-}
+use e2e::{Broker, arg as p, binary, ok, openssl, stderr};
 
 /// A broker whose certificates name its own responder and CRLs, with a certificate profile
 /// `web` for guests with the default measurement, and a CA.

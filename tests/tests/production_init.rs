@@ -8,31 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{binary, free_port, production_binary, softhsm::SoftHsm, stderr};
+use e2e::{arg as p, binary, free_port, ok, openssl, production_binary, softhsm::SoftHsm, stderr};
 
 fn broker(args: &[&str]) -> Output {
     Command::new(production_binary("broker").unwrap())
         .args(args)
         .output()
         .unwrap()
-}
-
-fn openssl(args: &[&str]) -> Output {
-    Command::new("openssl").args(args).output().unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        stderr(o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// A `broker serve` of the production build, killed on drop.
