@@ -23,10 +23,15 @@ struct CachedCrl {
     der: Vec<u8>,
 }
 
+/// How long the list of active CA versions is used before the store is read again: a CA
+/// version made, certified or rotated on another replica is used here within this.
+pub const ACTIVE_TTL: Duration = Duration::from_secs(5);
+
 /// What the broker's CA signs with.
 #[derive(Default)]
 pub struct Authority {
     signers: Mutex<HashMap<u64, Arc<Signer>>>,
+    active: Mutex<Option<(std::time::Instant, Vec<Arc<Signer>>)>>,
     responders: Mutex<HashMap<u64, Arc<Responder>>>,
     crls: Mutex<HashMap<u64, CachedCrl>>,
 }
@@ -49,6 +54,12 @@ impl Authority {
         store: &S,
         keyring: &Keyring,
     ) -> Result<Vec<Arc<Signer>>, Error> {
+        if let Ok(g) = self.active.lock()
+            && let Some((at, list)) = g.as_ref()
+            && at.elapsed() < ACTIVE_TTL
+        {
+            return Ok(list.clone());
+        }
         let records = store.broker_keys(super::ca::PURPOSE).await?;
         if records.iter().any(|r| r.key_version > keyring.current()) {
             keyring.refresh(store).await?;
@@ -64,7 +75,18 @@ impl Authority {
         if let Ok(mut g) = self.signers.lock() {
             *g = active.iter().map(|s| (s.version, s.clone())).collect();
         }
+        if let Ok(mut g) = self.active.lock() {
+            *g = Some((std::time::Instant::now(), active.clone()));
+        }
         Ok(active)
+    }
+
+    /// Forgets the list of active versions: the next use reads the store (this replica
+    /// changed the CA).
+    pub fn invalidate(&self) {
+        if let Ok(mut g) = self.active.lock() {
+            *g = None;
+        }
     }
 
     /// The responder of `signer`'s CA version, certified anew when none exists or half of

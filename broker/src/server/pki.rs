@@ -290,6 +290,7 @@ async fn make<S: Store>(
         SystemTime::now(),
     )
     .await?;
+    state.broker.pki().invalidate();
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -307,6 +308,7 @@ async fn import<S: Store>(
         SystemTime::now(),
     )
     .await?;
+    state.broker.pki().invalidate();
     Ok(Json(info).into_response())
 }
 
