@@ -20,7 +20,7 @@ use attestation::Product;
 use attestation::sim::{ReportFields, SimulatedAmd};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::Error;
@@ -392,17 +392,11 @@ fn server_san(name: &str) -> Result<SanType, Error> {
 
 /// Sets a certificate's validity from `now` for `days`, and a random 16-byte serial.
 fn validity(params: &mut CertificateParams, now: SystemTime, days: u64) -> Result<(), Error> {
-    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
     // Five minutes back, for clocks slightly behind the broker's.
     let from = now - Duration::from_secs(300);
     params.not_before = time::OffsetDateTime::from(from);
     params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(days * 86_400));
-    let mut serial = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut serial)
-        .map_err(|_| Error::Crypto("random serial".into()))?;
-    serial[0] &= 0x7f; // a positive INTEGER
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.serial_number = Some(crate::pki::random_serial()?);
     Ok(())
 }
 

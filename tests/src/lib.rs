@@ -344,6 +344,17 @@ impl Broker {
         .unwrap()
     }
 
+    /// The dev setup's policy with `certificates` (certificate profiles) added, written as
+    /// `name` in the setup directory.
+    pub fn policy_with_certificates(&self, name: &str, certificates: serde_json::Value) -> PathBuf {
+        let text = std::fs::read_to_string(self.dir.join("policy.json")).unwrap();
+        let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        doc["certificates"] = certificates;
+        let path = self.dir.join(name);
+        std::fs::write(&path, doc.to_string()).unwrap();
+        path
+    }
+
     /// An HTTPS client that pins this broker's CA, with a client certificate if given.
     pub fn guest_client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

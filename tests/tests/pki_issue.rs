@@ -20,20 +20,18 @@ use e2e::{Broker, Guest, arg as p, binary, free_port, ok, stderr};
 
 /// The dev policy with a certificate profile `web`, for guests with the default measurement.
 fn policy(b: &Broker) -> PathBuf {
-    let text = std::fs::read_to_string(b.dir.join("policy.json")).unwrap();
-    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    doc["certificates"] = serde_json::json!({
-        "web": {
-            "rules": ["simulated-guest"],
-            "dns": ["web.internal", "*.svc.internal"],
-            "uri": ["spiffe://example.org/web"],
-            "usages": ["serverAuth", "clientAuth"],
-            "max_lifetime_hours": 2
-        }
-    });
-    let path = b.dir.join("policy-pki.json");
-    std::fs::write(&path, doc.to_string()).unwrap();
-    path
+    b.policy_with_certificates(
+        "policy-pki.json",
+        serde_json::json!({
+            "web": {
+                "rules": ["simulated-guest"],
+                "dns": ["web.internal", "*.svc.internal"],
+                "uri": ["spiffe://example.org/web"],
+                "usages": ["serverAuth", "clientAuth"],
+                "max_lifetime_hours": 2
+            }
+        }),
+    )
 }
 
 fn setup() -> Broker {

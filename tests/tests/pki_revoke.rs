@@ -11,23 +11,26 @@ use std::sync::Arc;
 
 use e2e::{Broker, arg as p, binary, ok, openssl, stderr};
 
+/// A certificate profile `web` granting `dns` to guests with the default measurement.
+fn web_profile(dns: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "web": {
+            "rules": ["simulated-guest"],
+            "dns": dns,
+            "usages": ["serverAuth", "clientAuth"]
+        }
+    })
+}
+
 /// A broker whose certificates name its own responder and CRLs, with a certificate profile
 /// `web` for guests with the default measurement, and a CA.
 fn setup() -> Broker {
     // `init --dev` names the broker's own address as `[pki] base_url`.
     let b = Broker::start();
-    let text = std::fs::read_to_string(b.dir.join("policy.json")).unwrap();
-    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    doc["certificates"] = serde_json::json!({
-        "web": {
-            "rules": ["simulated-guest"],
-            "dns": ["web.internal", "*.svc.internal"],
-            "usages": ["serverAuth", "clientAuth"]
-        }
-    });
-    let policy = b.dir.join("policy-pki.json");
-    std::fs::write(&policy, doc.to_string()).unwrap();
-    b.provision(&policy);
+    b.provision(&b.policy_with_certificates(
+        "policy-pki.json",
+        web_profile(&["web.internal", "*.svc.internal"]),
+    ));
     ok(&b.cli(&["ca", "init", "--days", "30"]));
     b
 }
@@ -117,6 +120,47 @@ fn ocsp_status(b: &Broker, tmp: &Path, issuer: &Path, cert: &Path, root: &Path) 
     text
 }
 
+/// Fetches the CRL at `path` and runs `openssl verify -crl_check` of `cert` with it and the
+/// CA certificates in `ca_file`: the CRL (DER), and OpenSSL's output (Err when it refuses).
+fn crl_verify(
+    b: &Broker,
+    t: &Path,
+    path: &str,
+    ca_file: &Path,
+    cert: &Path,
+) -> (Vec<u8>, Result<String, String>) {
+    let (code, der) = curl(b, &[], path);
+    assert_eq!(code, 200);
+    std::fs::write(t.join("crl.der"), &der).unwrap();
+    ok(&openssl(&[
+        "crl",
+        "-inform",
+        "DER",
+        "-in",
+        p(&t.join("crl.der")),
+        "-out",
+        p(&t.join("crl.pem")),
+    ]));
+    let out = openssl(&[
+        "verify",
+        "-crl_check",
+        "-CRLfile",
+        p(&t.join("crl.pem")),
+        "-CAfile",
+        p(ca_file),
+        p(cert),
+    ]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    (
+        der,
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(text)
+        },
+    )
+}
+
 /// The CA certificate (the first of the chain file).
 fn ca_certificate(store: &Path, name: &str, tmp: &Path) -> PathBuf {
     let chain = std::fs::read_to_string(store.join(format!("{name}.ca.pem"))).unwrap();
@@ -184,28 +228,8 @@ fn ocsp_and_crls_follow_revocations_by_operators_and_by_policy() {
     let issuer_der = openssl(&["x509", "-in", p(&issuer), "-outform", "DER"]);
     assert_eq!(der, issuer_der.stdout);
     let crl_check = |expect_ok: bool| {
-        let (code, der) = curl(&b, &[], "/v1/pki/crl/1");
-        assert_eq!(code, 200);
-        std::fs::write(t.join("crl.der"), &der).unwrap();
-        ok(&openssl(&[
-            "crl",
-            "-inform",
-            "DER",
-            "-in",
-            p(&t.join("crl.der")),
-            "-out",
-            p(&t.join("crl.pem")),
-        ]));
-        let out = openssl(&[
-            "verify",
-            "-crl_check",
-            "-CRLfile",
-            p(&t.join("crl.pem")),
-            "-CAfile",
-            p(&root),
-            p(&cert),
-        ]);
-        assert_eq!(out.status.success(), expect_ok, "{}", stderr(&out));
+        let (der, text) = crl_verify(&b, t, "/v1/pki/crl/1", &root, &cert);
+        assert_eq!(text.is_ok(), expect_ok, "{text:?}");
         der
     };
     crl_check(true);
@@ -319,11 +343,8 @@ fn ocsp_and_crls_follow_revocations_by_operators_and_by_policy() {
     // the policy is set; one still granted is not.
     let other = certificate(&b, &t.join("b"), "svc", "\"a.svc.internal\"");
     let kept = certificate(&b, &t.join("c"), "kept", "\"web.internal\"");
-    let text = std::fs::read_to_string(b.dir.join("policy-pki.json")).unwrap();
-    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    doc["certificates"]["web"]["dns"] = serde_json::json!(["web.internal"]);
-    let narrowed = b.dir.join("policy-narrowed.json");
-    std::fs::write(&narrowed, doc.to_string()).unwrap();
+    let narrowed =
+        b.policy_with_certificates("policy-narrowed.json", web_profile(&["web.internal"]));
     let set = ok(&b.cli(&["policy", "set", p(&narrowed)]));
     assert!(set.contains("revoked"), "{set}");
     let other_issuer = ca_certificate(&other, "svc", t);
@@ -358,14 +379,7 @@ fn ocsp_and_crls_follow_revocations_by_operators_and_by_policy() {
 #[test]
 fn an_imported_cas_crl_is_found_by_openssl() {
     let b = Broker::start();
-    let text = std::fs::read_to_string(b.dir.join("policy.json")).unwrap();
-    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    doc["certificates"] = serde_json::json!({
-        "web": { "rules": ["simulated-guest"], "dns": ["web.internal"], "usages": ["serverAuth"] }
-    });
-    let policy = b.dir.join("policy-pki.json");
-    std::fs::write(&policy, doc.to_string()).unwrap();
-    b.provision(&policy);
+    b.provision(&b.policy_with_certificates("policy-pki.json", web_profile(&["web.internal"])));
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let csr = t.join("ca.csr");
@@ -422,30 +436,9 @@ fn an_imported_cas_crl_is_found_by_openssl() {
     let store = certificate(&b, &t.join("a"), "web", "\"web.internal\"");
     let cert = store.join("web.pem");
     let check = |expect_ok: bool| {
-        let (code, der) = curl(&b, &[], "/v1/pki/crl");
-        assert_eq!(code, 200);
-        std::fs::write(t.join("crl.der"), &der).unwrap();
-        ok(&openssl(&[
-            "crl",
-            "-inform",
-            "DER",
-            "-in",
-            p(&t.join("crl.der")),
-            "-out",
-            p(&t.join("crl.pem")),
-        ]));
-        let out = openssl(&[
-            "verify",
-            "-crl_check",
-            "-CRLfile",
-            p(&t.join("crl.pem")),
-            "-CAfile",
-            p(&store.join("web.ca.pem")),
-            p(&cert),
-        ]);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
-        assert_eq!(out.status.success(), expect_ok, "{text}");
-        text
+        let (_, text) = crl_verify(&b, t, "/v1/pki/crl", &store.join("web.ca.pem"), &cert);
+        assert_eq!(text.is_ok(), expect_ok, "{text:?}");
+        text.unwrap_or_else(|e| e)
     };
     check(true);
     let serial = ok(&openssl(&["x509", "-noout", "-serial", "-in", p(&cert)]));

@@ -131,11 +131,9 @@ impl Authority {
         else {
             return Ok(None);
         };
-        let now_secs = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        let revoked = store.revoked_certificates(version, now_secs).await?;
+        let revoked = store
+            .revoked_certificates(version, super::unix(now))
+            .await?;
         let serials: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
         if let Ok(g) = self.crls.lock()
             && let Some(c) = g.get(&version)
@@ -159,10 +157,7 @@ impl Authority {
     }
 
     /// The issuer hashes of `signers`' certificates, in order (for OCSP CertIDs).
-    pub fn hashes(signers: &[Arc<Signer>]) -> Result<Vec<IssuerHashes>, Error> {
-        signers
-            .iter()
-            .map(|s| IssuerHashes::of(&s.ca_der).map_err(Error::Crypto))
-            .collect()
+    pub fn hashes(signers: &[Arc<Signer>]) -> Vec<IssuerHashes> {
+        signers.iter().map(|s| s.hashes.clone()).collect()
     }
 }

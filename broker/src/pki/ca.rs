@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use zeroize::Zeroizing;
 
+use super::{random_serial, unix};
 use crate::Error;
 
 use crate::keyring::Keyring;
@@ -96,12 +97,6 @@ fn rc(e: rcgen::Error) -> Error {
     Error::Crypto(format!("CA certificate: {e}"))
 }
 
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 fn info(record: &BrokerKey) -> Result<CaInfo, Error> {
     let public: CaPublic = serde_json::from_value(record.public.clone()).map_err(|e| {
         Error::Store(StoreError::Unavailable(format!(
@@ -167,18 +162,6 @@ fn ca_params(subject: &str) -> CertificateParams {
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params
-}
-
-/// A random positive 16-byte serial.
-pub(crate) fn random_serial() -> Result<SerialNumber, Error> {
-    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-    let mut serial = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut serial)
-        .map_err(|_| Error::Crypto("random serial".into()))?;
-    serial[0] &= 0x7f;
-    serial[0] |= 0x01; // never a shorter encoding
-    Ok(SerialNumber::from_slice(&serial))
 }
 
 /// Makes a new CA version: the first (`rotate` false: refused if one exists) or the next

@@ -12,7 +12,8 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 
-use super::ca::{CaPublic, PURPOSE, random_serial};
+use super::ca::{CaPublic, PURPOSE};
+use super::{random_serial, unix};
 use crate::Error;
 use crate::keyring::Keyring;
 use crate::store::{BrokerKey, broker_key_sealed_name};
@@ -27,6 +28,8 @@ pub struct Signer {
     pub chain: Vec<String>,
     /// Its certificate (DER).
     pub ca_der: Vec<u8>,
+    /// What OCSP CertIDs name it by (hashes of its name and key), computed once.
+    pub hashes: super::ocsp::IssuerHashes,
     not_after: i64,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -81,6 +84,7 @@ impl Signer {
             .ok_or_else(|| Error::Crypto("CA record without a certificate".into()))?;
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(der.as_slice()), key)
             .map_err(|e| Error::Crypto(format!("CA certificate v{}: {e}", record.version)))?;
+        let hashes = super::ocsp::IssuerHashes::of(&der).map_err(Error::Crypto)?;
         let mut full = vec![certificate];
         full.extend(chain);
         Ok(Some(Arc::new(Signer {
@@ -88,6 +92,7 @@ impl Signer {
             fingerprint,
             chain: full,
             ca_der: der,
+            hashes,
             not_after,
             issuer,
         })))
@@ -217,12 +222,6 @@ pub struct Issued {
     pub not_after: i64,
     /// The CA version that issued it.
     pub ca_version: u64,
-}
-
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn name_text(n: &RequestedName) -> String {

@@ -13,3 +13,26 @@ pub mod ocsp;
 pub mod revoke;
 
 pub use ca::{CaInfo, CaPublic, NewCa};
+
+use std::time::SystemTime;
+
+use crate::Error;
+
+/// Seconds since the epoch (0 before it, saturating).
+pub(crate) fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A random positive 16-byte serial.
+pub(crate) fn random_serial() -> Result<rcgen::SerialNumber, Error> {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut serial = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut serial)
+        .map_err(|_| Error::Crypto("random serial".into()))?;
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01; // never a shorter encoding
+    Ok(rcgen::SerialNumber::from_slice(&serial))
+}

@@ -8,6 +8,7 @@ use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, Revo
 use serde_json::json;
 
 use super::issue::Signer;
+use super::unix;
 use crate::Error;
 use crate::store::{AuditRecord, IssuedRecord, Store};
 
@@ -82,12 +83,6 @@ impl Reason {
             Reason::PrivilegeWithdrawn => RevocationReason::PrivilegeWithdrawn,
         }
     }
-}
-
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A serial as operators type it (hex, any case, optional `0x` and colons) in the store's

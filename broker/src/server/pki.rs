@@ -209,7 +209,7 @@ async fn ocsp_statuses<S: Store>(
     let signers = pki
         .active(state.broker.store(), state.broker.keyring())
         .await?;
-    let hashes = Authority::hashes(&signers)?;
+    let hashes = Authority::hashes(&signers);
     let which = query.issuers(&hashes);
     let Some(first) = which.iter().flatten().next().copied() else {
         return Ok(None);
