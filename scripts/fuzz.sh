@@ -15,7 +15,7 @@ fi
 
 data=../tests/data
 seed() { mkdir -p "corpus/$1"; shift; for f in "$@"; do [ -f "$f" ] && cp "$f" "corpus/${target}/" ; done; true; }
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request ocsp_response; do
   case $target in
     report) seed report $data/*/report.bin $data/invalid/derived-tampered-go-sev-guest-milan-v2/*.bin ;;
     hcl) seed hcl $data/*/hcl-report.bin $data/invalid/kinvolk-azure-wrong-chip-vcek/hcl-report-snp.bin ;;
@@ -67,6 +67,16 @@ PY
       openssl ocsp -sha256 -issuer corpus/ocsp_request/ca.pem -serial 0x01 -serial 0x02 \
         -reqout corpus/ocsp_request/sha256.der 2>/dev/null
       rm -f corpus/ocsp_request/ca.pem; true ;;
+    ocsp_response) seed ocsp_response
+      # A response as OpenSSL's responder signs one (good, with a nextUpdate).
+      t=$(mktemp -d)
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$t/ca.key" \
+        -subj /CN=ca -days 1 -out "$t/ca.pem" 2>/dev/null &&
+      printf 'V\t300101000000Z\t\t0123456789ABCDEF\tunknown\t/CN=web\n' > "$t/index.txt" &&
+      openssl ocsp -issuer "$t/ca.pem" -serial 0x0123456789abcdef -reqout "$t/req.der" 2>/dev/null &&
+      openssl ocsp -index "$t/index.txt" -rsigner "$t/ca.pem" -rkey "$t/ca.key" -CA "$t/ca.pem" \
+        -ndays 1 -reqin "$t/req.der" -respout corpus/ocsp_response/openssl.der >/dev/null 2>&1
+      rm -rf "$t"; true ;;
     broker_evidence) seed broker_evidence
       # A genuine Genoa report and its VCEK in the shape of a broker's own evidence.
       python3 - "$data/trustee-e2e-genoa-v3" > corpus/broker_evidence/genoa.json <<'PY'
@@ -84,7 +94,7 @@ done
 export RUSTC_BOOTSTRAP=1
 failed=0
 passed=0
-for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request; do
+for target in report hcl cert_table chain tpm_quote policy ovmf kbs_evidence broker_evidence csr ocsp_request ocsp_response; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   if cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -print_final_stats=0 2> "fuzz-$target.log"; then

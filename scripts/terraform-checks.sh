@@ -26,7 +26,7 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 check "terraform fmt -check -recursive" terraform fmt -check -recursive terraform
 
 mod=terraform/modules/guest-agent-cloud-init
-for unit in guest-agent.service snp-secrets.target; do
+for unit in guest-agent.service snp-secrets.target guest-agent-renew.service guest-agent-renew.timer; do
   check "$mod/files/$unit matches guest-agent/systemd/$unit" cmp "$mod/files/$unit" "guest-agent/systemd/$unit"
 done
 check "init $mod" terraform -chdir=$mod init -backend=false -input=false

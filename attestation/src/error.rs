@@ -359,6 +359,47 @@ pub enum Error {
         /// The other's.
         second: usize,
     },
+    /// An OCSP responder did not answer `successful` (e.g. `unauthorized`, `tryLater`).
+    #[error("OCSP responder answered {status}")]
+    OcspNotSuccessful {
+        /// The responseStatus it sent.
+        status: String,
+    },
+    /// An OCSP response could not be decoded.
+    #[error("malformed OCSP response: {detail}")]
+    OcspMalformed {
+        /// What was wrong.
+        detail: String,
+    },
+    /// A signed OCSP response says nothing about the certificate asked about.
+    #[error("the OCSP response has no status for serial {serial}")]
+    OcspNoAnswer {
+        /// The serial asked about (hex).
+        serial: String,
+    },
+    /// An OCSP response is not signed by the certificate's issuer or by a responder the
+    /// issuer delegated (id-kp-OCSPSigning).
+    #[error("OCSP response signature: {detail}")]
+    OcspSignature {
+        /// Why it is not accepted.
+        detail: String,
+    },
+    /// An OCSP response is not current: produced in the future, or past its nextUpdate (or
+    /// without one).
+    #[error(
+        "the OCSP response is not current at {}: thisUpdate {}, nextUpdate {}",
+        rfc3339(now),
+        rfc3339(this_update),
+        next_update.as_ref().map(rfc3339).unwrap_or_else(|| "absent".into())
+    )]
+    OcspNotCurrent {
+        /// Its thisUpdate (seconds since the epoch).
+        this_update: u64,
+        /// Its nextUpdate, if any.
+        next_update: Option<u64>,
+        /// The time of the check.
+        now: u64,
+    },
 }
 
 /// Formats seconds since the Unix epoch as an RFC 3339 UTC time.
@@ -418,6 +459,11 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::KbsEvidence { .. } => "kbs_evidence",
             Error::UntrustedBroker { .. } => "untrusted_broker",
+            Error::OcspNotSuccessful { .. } => "ocsp_status",
+            Error::OcspMalformed { .. } => "ocsp_malformed",
+            Error::OcspNoAnswer { .. } => "ocsp_no_answer",
+            Error::OcspSignature { .. } => "ocsp_signature",
+            Error::OcspNotCurrent { .. } => "ocsp_not_current",
             Error::FirmwareNotOvmf { .. } => "firmware_not_ovmf",
             Error::FirmwareNoSevMetadata => "firmware_no_sev_metadata",
             Error::FirmwareSevMetadata { .. } => "firmware_sev_metadata",

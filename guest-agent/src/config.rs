@@ -74,6 +74,10 @@ struct RawCertificate {
     owner: Option<String>,
     group: Option<String>,
     key_mode: Option<String>,
+    #[serde(default = "yes")]
+    ocsp: bool,
+    #[serde(default)]
+    reload: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +168,12 @@ pub struct CertificateSpec {
     pub group: Option<String>,
     /// Mode of the key file (the certificate files are 0644, in the private directory).
     pub key_mode: u32,
+    /// Fetch the certificate's OCSP response (from its AuthorityInfoAccess) and keep it
+    /// beside the certificate as `<name>.ocsp.der`, for servers to staple.
+    pub ocsp: bool,
+    /// Run after the certificate or its OCSP response changed (program by absolute path, then
+    /// its arguments; no shell), e.g. `["/usr/bin/systemctl", "reload", "nginx"]`.
+    pub reload: Vec<String>,
 }
 
 impl CertificateSpec {
@@ -178,6 +188,10 @@ impl CertificateSpec {
     /// The CA chain with its root (what peers verify against).
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join(format!("{}.ca.pem", self.name))
+    }
+    /// The certificate's OCSP response (DER), for servers to staple.
+    pub fn ocsp_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.ocsp.der", self.name))
     }
 }
 
@@ -299,6 +313,13 @@ fn certificate_specs(
         if names.is_empty() {
             return Err(format!("{at}: ask for at least one name (dns, ip or uri)"));
         }
+        if let Some(program) = c.reload.first()
+            && !Path::new(program).is_absolute()
+        {
+            return Err(format!(
+                "{at}.reload: the program must be an absolute path (no shell, no PATH lookup), not {program:?}"
+            ));
+        }
         specs.push(CertificateSpec {
             profile: c.profile,
             name,
@@ -313,6 +334,8 @@ fn certificate_specs(
                 c.key_mode.as_deref().unwrap_or("0400"),
                 &format!("{at}.key_mode"),
             )?,
+            ocsp: c.ocsp,
+            reload: c.reload,
         });
     }
     Ok(specs)

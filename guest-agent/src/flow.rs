@@ -167,7 +167,12 @@ pub struct Agent {
     source: std::sync::Arc<dyn EvidenceSource>,
     thim: tokio::sync::Mutex<Option<Vec<attestation::protocol::CertificateEntry>>>,
     attested: Option<AttestedBrokers>,
+    /// For OCSP responders (signed answers; the pinned CA and, if configured, system roots).
+    ocsp_http: reqwest::Client,
 }
+
+/// The largest OCSP response read.
+const MAX_OCSP_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// `broker_attested_policy`: what each broker must prove, a client that only fetches its
 /// evidence (and sees the server certificate of that connection), and the keys proven.
@@ -487,13 +492,44 @@ impl Agent {
             Some((attested, http)) => (Some(attested), http),
             None => (None, client(tls_config(&settings)?, false)?),
         };
+        let ocsp_http = client(tls_config(&settings)?, false)?;
         Ok(Agent {
             settings,
             http,
             source: source.into(),
             thim: tokio::sync::Mutex::new(None),
             attested,
+            ocsp_http,
         })
+    }
+
+    /// Asks the OCSP responder at `url` about one certificate (POST of the DER request, RFC
+    /// 6960 appendix A). The answer is checked by the caller: it is signed, so the transport
+    /// only has to deliver it.
+    pub async fn ocsp(&self, url: &str, request: Vec<u8>) -> Result<Vec<u8>, String> {
+        let mut resp = self
+            .ocsp_http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/ocsp-request")
+            .body(request)
+            .send()
+            .await
+            .map_err(|e| match transport(&e) {
+                Failure::Transient(t, _) | Failure::Final(t) => format!("{url}: {t}"),
+            })?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: HTTP {}", resp.status().as_u16()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_OCSP_RESPONSE_BYTES {
+                return Err(format!(
+                    "{url}: response larger than {MAX_OCSP_RESPONSE_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// The VCEK and chain from Azure's THIM endpoint, fetched once per run.

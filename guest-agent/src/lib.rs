@@ -9,6 +9,7 @@ pub mod azure;
 pub mod config;
 pub mod evidence;
 pub mod flow;
+pub mod renew;
 pub mod sink;
 
 /// Why the agent stopped.
@@ -30,6 +31,10 @@ pub enum AgentError {
     /// A secret could not be written.
     #[error("write: {0}")]
     Write(String),
+    /// `renew`: a certificate due was not renewed, an OCSP response could not be kept
+    /// current, or a reload command failed (everything else was still done).
+    #[error("renew: {0}")]
+    Renew(String),
 }
 
 /// What a run did.
@@ -41,6 +46,9 @@ pub struct Summary {
     pub missing_optional: Vec<(String, String)>,
     /// Certificates written (or that would be): name, serial, not-after, certificate path.
     pub certificates: Vec<(String, String, i64, std::path::PathBuf)>,
+    /// What became of each written certificate's OCSP response (a failure is a warning at
+    /// boot: the certificate works without it).
+    pub staples: Vec<String>,
 }
 
 /// Fetches every configured secret and certificate and, when `write` is set, writes them.
@@ -103,6 +111,21 @@ pub async fn run(
             c.not_after,
             spec.cert_path(),
         ));
+        if write {
+            let staple = match renew::installed(spec) {
+                Ok(Some(installed)) => {
+                    renew::staple(agent, spec, &installed, std::time::SystemTime::now(), true).await
+                }
+                Ok(None) => Err("not found after writing".into()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &staple {
+                tracing::warn!(certificate = %c.name, "{e}");
+            }
+            summary
+                .staples
+                .extend(renew::describe_staple(&c.name, &staple));
+        }
     }
     Ok(summary)
 }

@@ -30,6 +30,14 @@ enum Command {
     Run,
     /// Run the whole flow except writing: report what would be written.
     Check,
+    /// Renew the `[[certificate]]`s that are due (two thirds of their lifetime, missing,
+    /// expired or revoked) with fresh evidence, refresh their OCSP responses, and run their
+    /// reload commands if anything changed. Run by guest-agent-renew.timer.
+    Renew {
+        /// Renew every certificate now, due or not.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check the configuration file and exit (0 when it is valid).
     ConfigCheck,
     /// Get a report (REPORT_DATA zero unless --data) and its certificates, for
@@ -117,6 +125,25 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
             Ok(())
         }
         Command::ConfigCheck => Ok(()),
+        Command::Renew { force } => {
+            if settings.certificates.is_empty() {
+                return Err(AgentError::Config(
+                    "renew: the configuration has no [[certificate]]".into(),
+                ));
+            }
+            let agent = flow::Agent::new(settings.clone(), source)?;
+            let renewal =
+                guest_agent::renew::renew(&settings, &agent, force, std::time::SystemTime::now())
+                    .await?;
+            for line in &renewal.lines {
+                println!("{line}");
+            }
+            if renewal.failures.is_empty() {
+                Ok(())
+            } else {
+                Err(AgentError::Renew(renewal.failures.join("; ")))
+            }
+        }
         Command::Check | Command::Run => {
             tracing::info!(brokers = ?settings.brokers, source = source.name(), "attesting");
             let agent = flow::Agent::new(settings.clone(), source)?;
@@ -134,6 +161,9 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
                     "{verb} certificate {name} (serial {serial}, valid until {not_after}) to {}",
                     path.display()
                 );
+            }
+            for line in &summary.staples {
+                println!("{line}");
             }
             for (name, reason) in &summary.missing_optional {
                 println!("warning: optional secret {name} not obtained: {reason}");

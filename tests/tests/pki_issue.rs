@@ -138,6 +138,9 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
             "-Verify",
             "1",
             "-verify_return_error",
+            // The OCSP response the server's agent keeps beside its certificate, stapled.
+            "-status_file",
+            p(&s.join("web.ocsp.der")),
             "-www",
         ])
         .stdout(Stdio::null())
@@ -173,7 +176,7 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
                 "-verify_hostname",
                 hostname,
                 "-ign_eof",
-                "-brief",
+                "-status",
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -192,6 +195,11 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
         )
     };
     let (connected, out) = s_client(&c.join("peer.pem"), &c.join("peer.key"), "web.internal");
+    // The client received the server's stapled OCSP response: successful, and good.
+    assert!(
+        out.contains("OCSP Response Status: successful") && out.contains("Cert Status: good"),
+        "{out}"
+    );
     // Twins: the server's certificate does not name other.internal; a client certificate
     // from another CA (the dev setup's workload CA) is refused by the server.
     let (wrong_name, _) = s_client(&c.join("peer.pem"), &c.join("peer.key"), "other.internal");

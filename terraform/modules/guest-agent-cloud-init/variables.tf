@@ -75,6 +75,39 @@ variable "deadline_secs" {
   }
 }
 
+variable "certificates" {
+  description = "Certificates from the broker's CA, for keys made in the guest ([[certificate]] in docs/guest-agent.md): profile, and optionally name (file base name, default the profile), dns, ip, uri (at least one name), owner, group, key_mode, ocsp (keep an OCSP response for stapling, default true) and reload (argv run when the files change; the program by absolute path). With any, the renewal timer is installed and enabled."
+  type = list(object({
+    profile  = string
+    name     = optional(string)
+    dns      = optional(list(string), [])
+    ip       = optional(list(string), [])
+    uri      = optional(list(string), [])
+    owner    = optional(string, "root")
+    group    = optional(string, "root")
+    key_mode = optional(string, "0400")
+    ocsp     = optional(bool, true)
+    reload   = optional(list(string), [])
+  }))
+  default = []
+  validation {
+    condition     = length(var.certificates) <= 8 && alltrue([for c in var.certificates : can(regex("^[A-Za-z0-9._-]{1,128}$", c.profile)) && (c.name == null || can(regex("^[A-Za-z0-9._-]{1,128}$", c.name)))])
+    error_message = "at most 8 certificates; profiles and names use letters, digits, '.', '_', '-'."
+  }
+  validation {
+    condition     = alltrue([for c in var.certificates : length(c.dns) + length(c.ip) + length(c.uri) > 0])
+    error_message = "each certificate asks for at least one name (dns, ip or uri)."
+  }
+  validation {
+    condition     = alltrue([for c in var.certificates : can(regex("^0?[0-7][0-7]0$", c.key_mode)) && can(regex("^[A-Za-z0-9._-]+$", c.owner)) && can(regex("^[A-Za-z0-9._-]+$", c.group))])
+    error_message = "key modes are octal and give no access to others; owners and groups are names or numeric ids."
+  }
+  validation {
+    condition     = alltrue([for c in var.certificates : length(c.reload) == 0 || startswith(try(c.reload[0], ""), "/")])
+    error_message = "a reload command starts with its program's absolute path (it runs without a shell)."
+  }
+}
+
 variable "secrets" {
   description = "Secrets to fetch: name, and optionally path (absolute), owner, group, mode (octal, no access for others) and required."
   type = list(object({
@@ -85,9 +118,10 @@ variable "secrets" {
     mode     = optional(string, "0400")
     required = optional(bool, true)
   }))
+  default = []
   validation {
-    condition     = length(var.secrets) > 0 && alltrue([for s in var.secrets : can(regex("^[A-Za-z0-9._-]{1,128}$", s.name))])
-    error_message = "secrets must name at least one secret; names use letters, digits, '.', '_', '-'."
+    condition     = (length(var.secrets) > 0 || length(var.certificates) > 0) && alltrue([for s in var.secrets : can(regex("^[A-Za-z0-9._-]{1,128}$", s.name))])
+    error_message = "secrets must name at least one secret (or certificates one certificate); names use letters, digits, '.', '_', '-'."
   }
   validation {
     condition     = alltrue([for s in var.secrets : can(regex("^0?[0-7][0-7]0$", s.mode))])
@@ -102,8 +136,8 @@ variable "secrets" {
     error_message = "owners and groups are user/group names or numeric ids."
   }
   validation {
-    condition     = anytrue([for s in var.secrets : s.required])
-    error_message = "at least one secret must be required."
+    condition     = anytrue([for s in var.secrets : s.required]) || length(var.certificates) > 0
+    error_message = "at least one secret must be required (or a certificate asked for)."
   }
   validation {
     condition     = length(distinct([for s in var.secrets : s.name])) == length(var.secrets)

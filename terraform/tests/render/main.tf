@@ -11,6 +11,9 @@ module "agent" {
     { name = "db-key" },
     { name = "metrics-token", path = "/run/app/metrics", required = false },
   ]
+  certificates = [
+    { profile = "web", dns = ["web.example.internal"], uri = ["spiffe://example.internal/web"], group = "www-data", key_mode = "0440", reload = ["/usr/bin/systemctl", "reload", "nginx"] },
+  ]
 }
 
 output "user_data" {

@@ -53,6 +53,64 @@ run "renders_config_units_and_install" {
   }
 }
 
+run "no_certificates_no_renewal_timer" {
+  command = plan
+  assert {
+    condition     = !strcontains(output.user_data, "guest-agent-renew") && !strcontains(output.agent_config, "[[certificate]]")
+    error_message = "without certificates nothing about renewal is installed"
+  }
+}
+
+run "certificates_render_and_enable_the_renewal_timer" {
+  command = plan
+  variables {
+    certificates = [
+      { profile = "web", dns = ["web.example.internal"], uri = ["spiffe://example.internal/web"], reload = ["/usr/bin/systemctl", "reload", "nginx"] },
+      { profile = "client", name = "svc-client", ip = ["10.0.0.7"], ocsp = false },
+    ]
+  }
+  assert {
+    condition     = strcontains(output.agent_config, "[[certificate]]\nprofile = \"web\"\ndns = [\"web.example.internal\"]\nuri = [\"spiffe://example.internal/web\"]")
+    error_message = "the web certificate renders with its names"
+  }
+  assert {
+    condition     = strcontains(output.agent_config, "reload = [\"/usr/bin/systemctl\",\"reload\",\"nginx\"]") && strcontains(output.agent_config, "name = \"svc-client\"") && strcontains(output.agent_config, "ocsp = false")
+    error_message = "reload, name and ocsp render"
+  }
+  assert {
+    condition     = strcontains(output.user_data, "/etc/systemd/system/guest-agent-renew.timer") && strcontains(output.user_data, "systemctl enable --now guest-agent-renew.timer")
+    error_message = "the renewal units are installed and the timer enabled"
+  }
+}
+
+run "certificates_only_is_enough" {
+  command = plan
+  variables {
+    secrets      = []
+    certificates = [{ profile = "web", dns = ["web.example.internal"] }]
+  }
+  assert {
+    condition     = strcontains(output.agent_config, "profile = \"web\"") && !strcontains(output.agent_config, "[[secrets]]")
+    error_message = "a VM may ask only for a certificate"
+  }
+}
+
+run "rejects_a_reload_command_found_on_path" {
+  command = plan
+  variables {
+    certificates = [{ profile = "web", dns = ["web.example.internal"], reload = ["systemctl", "reload", "nginx"] }]
+  }
+  expect_failures = [var.certificates]
+}
+
+run "rejects_a_certificate_without_names" {
+  command = plan
+  variables {
+    certificates = [{ profile = "web" }]
+  }
+  expect_failures = [var.certificates]
+}
+
 run "local_binary_is_copied" {
   command = plan
   variables {

@@ -1,5 +1,9 @@
-//! OCSP requests (RFC 6960) as a responder receives them from anyone: parsed with bounds,
-//! their CertIDs matched to the CA certificates a responder answers for.
+//! OCSP (RFC 6960). This module: requests as a responder receives them from anyone, parsed
+//! with bounds, their CertIDs matched to the CA certificates a responder answers for.
+//! [`status`]: the relying side (a stapler or a client), which asks about one certificate and
+//! checks the signed answer.
+
+pub mod status;
 
 use aws_lc_rs::digest;
 use der07::{Decode, Encode};
@@ -10,7 +14,7 @@ pub const MAX_REQUESTS: usize = 16;
 /// Largest request accepted (DER bytes).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
-const OID_SHA1: &str = "1.3.14.3.2.26";
+pub(crate) const OID_SHA1: &str = "1.3.14.3.2.26";
 const OID_SHA256: &str = "2.16.840.1.101.3.4.2.1";
 const OID_NONCE: &str = "1.3.6.1.5.5.7.48.1.2";
 
@@ -49,7 +53,7 @@ impl IssuerHashes {
         Ok(IssuerHashes { sha1, sha256 })
     }
 
-    fn matches(&self, id: &CertId) -> bool {
+    pub(crate) fn matches(&self, id: &CertId) -> bool {
         let (name, key) = (
             id.issuer_name_hash.as_bytes(),
             id.issuer_key_hash.as_bytes(),
