@@ -94,9 +94,15 @@ struct RawTls {
     key: PathBuf,
     operator_ca: PathBuf,
     ocsp: Option<PathBuf>,
+    #[serde(default = "yes")]
+    staple_ocsp: bool,
     operator_names: Option<Vec<String>>,
     #[serde(default = "default_reload")]
     reload_interval_secs: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_reload() -> u64 {
@@ -213,8 +219,12 @@ pub struct TlsSettings {
     /// When set, only these operator names (from `urn:snp-key-broker:operator:<name>`) may
     /// use the admin API.
     pub operator_names: Option<Vec<String>>,
-    /// Optional DER OCSP response to staple.
+    /// A DER OCSP response to staple, kept current by the operator (when set, the broker
+    /// does not fetch one itself).
     pub ocsp: Option<PathBuf>,
+    /// Fetch and staple the OCSP response for the server certificate from the responder its
+    /// AuthorityInfoAccess names (in the background; default on, unless `ocsp` is set).
+    pub staple_ocsp: bool,
     /// How often certificate, key and OCSP files are checked for changes.
     pub reload_interval: Duration,
 }
@@ -613,6 +623,7 @@ impl Settings {
                     }
                     None => None,
                 },
+                staple_ocsp: raw.tls.staple_ocsp && raw.tls.ocsp.is_none(),
                 ocsp: raw.tls.ocsp.map(|p| resolve(base, p)),
                 reload_interval: Duration::from_secs(raw.tls.reload_interval_secs.max(1)),
             },

@@ -36,6 +36,7 @@ pub struct Metrics {
     latency: Histogram,
     connections_refused: Family<ReasonLabels, Counter>,
     simulated_root: Gauge,
+    ocsp_staple_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,6 +80,12 @@ impl Metrics {
             "1 when this broker trusts a SIMULATED AMD root (attestation.dangerous_trust_simulated_root): never in production",
             simulated_root.clone(),
         );
+        let ocsp_staple_expiry = Gauge::default();
+        registry.register(
+            "tls_ocsp_staple_expiry_timestamp_seconds",
+            "The nextUpdate (Unix time) of the OCSP response stapled to the server certificate; 0 when nothing is stapled",
+            ocsp_staple_expiry.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -86,6 +93,7 @@ impl Metrics {
             latency,
             connections_refused,
             simulated_root,
+            ocsp_staple_expiry,
         }
     }
 
@@ -140,6 +148,11 @@ impl Metrics {
     /// Marks the broker as trusting a simulated AMD root.
     pub fn set_simulated_root(&self, trusted: bool) {
         self.simulated_root.set(i64::from(trusted));
+    }
+
+    /// The gauge the OCSP stapler keeps at the stapled response's nextUpdate.
+    pub fn ocsp_staple_expiry(&self) -> Gauge {
+        self.ocsp_staple_expiry.clone()
     }
 
     /// Records an attestation's duration.

@@ -38,6 +38,7 @@ mod drain;
 pub mod metrics;
 mod pki;
 pub mod problem;
+pub mod stapler;
 pub mod tls;
 
 pub use problem::Problem;
@@ -1086,6 +1087,13 @@ pub async fn serve<S: Store>(
             }
         })
     };
+    // The server certificate's OCSP response, fetched and stapled in the background.
+    let stapler = tls_state.staples_itself().then(|| {
+        tokio::spawn(stapler::run(
+            tls_state.clone(),
+            state.metrics.ocsp_staple_expiry(),
+        ))
+    });
     // Data keys: pick up a rotation another replica or `broker keys rotate` began, so that new
     // records and nonces move to the new key and superseded nonce keys age out.
     let refresh_keys = {
@@ -1192,6 +1200,9 @@ pub async fn serve<S: Store>(
     reload.abort();
     purge.abort();
     refresh_keys.abort();
+    if let Some(stapler) = stapler {
+        stapler.abort();
+    }
     drop(listener);
     let _ = shutdown_tx.send(true);
     let all = u32::try_from(settings.limits.max_connections).unwrap_or(u32::MAX);

@@ -1,5 +1,6 @@
-//! TLS: the server configuration (rustls, aws-lc), operator client certificates, and reloading
-//! certificate, key and OCSP response when their files change.
+//! TLS: the server configuration (rustls, aws-lc), operator client certificates, reloading
+//! certificate, key and OCSP response when their files change, and the stapled OCSP response
+//! (swapped by [`super::stapler`]).
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -8,8 +9,9 @@ use std::time::SystemTime;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -237,14 +239,38 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// The server certificate and key every handshake gets, with the OCSP response stapled now:
+/// the response is swapped (by the stapler) without rebuilding the configuration, so
+/// sessions and tickets survive a refresh and a handshake never waits for one.
+#[derive(Debug)]
+pub struct Stapled {
+    key: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Stapled {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.key.read().ok().map(|k| k.clone())
+    }
+}
+
+/// What connections are served with now, swapped as one when the files change.
+#[derive(Debug, Clone)]
+struct Current {
+    config: Arc<ServerConfig>,
+    /// The certificate chain (leaf first), as in the certificate file.
+    chain: Vec<CertificateDer<'static>>,
+    stapled: Arc<Stapled>,
+}
+
 /// The live server configuration, swapped when the certificate files change.
 #[derive(Debug)]
 pub struct TlsState {
     settings: TlsSettings,
     operator: Arc<OperatorVerifier>,
-    /// The configuration and the leaf certificate it serves, swapped together.
-    current: RwLock<(Arc<ServerConfig>, CertificateDer<'static>)>,
+    current: RwLock<Current>,
     stamps: RwLock<Vec<Option<(SystemTime, u64)>>>,
+    /// Signalled when a new certificate was loaded (the stapler starts over for it).
+    reloaded: tokio::sync::Notify,
 }
 
 impl TlsState {
@@ -254,23 +280,65 @@ impl TlsState {
             &settings.operator_ca,
             settings.operator_names.clone(),
         )?);
-        let (config, leaf) = build(settings, operator.clone())?;
+        let current = build(settings, operator.clone())?;
         Ok(TlsState {
             settings: settings.clone(),
             operator,
-            current: RwLock::new((config, leaf)),
+            current: RwLock::new(current),
             stamps: RwLock::new(stamps(settings)),
+            reloaded: tokio::sync::Notify::new(),
         })
     }
 
     /// The configuration for the next connection.
     pub fn config(&self) -> Option<Arc<ServerConfig>> {
-        self.current.read().ok().map(|c| c.0.clone())
+        self.current.read().ok().map(|c| c.config.clone())
     }
 
     /// The server certificate connections are served with now.
     pub fn leaf(&self) -> Option<CertificateDer<'static>> {
-        self.current.read().ok().map(|c| c.1.clone())
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.chain.first().cloned())
+    }
+
+    /// The server certificate chain (leaf first), as in the certificate file.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current
+            .read()
+            .map(|c| c.chain.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether the broker fetches the OCSP response to staple itself (`tls.staple_ocsp`, and
+    /// no `tls.ocsp` file).
+    pub fn staples_itself(&self) -> bool {
+        self.settings.staple_ocsp
+    }
+
+    /// Staples `response` (or nothing) from the next handshake on, if `leaf` is still the
+    /// certificate served; returns whether it was.
+    pub fn set_staple(&self, leaf: &CertificateDer<'_>, response: Option<Vec<u8>>) -> bool {
+        let Ok(current) = self.current.read() else {
+            return false;
+        };
+        if current.chain.first().map(|c| c.as_ref()) != Some(leaf.as_ref()) {
+            return false;
+        }
+        let Ok(mut key) = current.stapled.key.write() else {
+            return false;
+        };
+        let mut next = CertifiedKey::clone(&key);
+        next.ocsp = response;
+        *key = Arc::new(next);
+        true
+    }
+
+    /// Waits until a new certificate is loaded (a notification sent while nobody waited is
+    /// kept for the next wait).
+    pub async fn reloaded(&self) {
+        self.reloaded.notified().await;
     }
 
     /// The operator CA verifier.
@@ -286,13 +354,14 @@ impl TlsState {
         if !changed {
             return Ok(false);
         }
-        let (config, leaf) = build(&self.settings, self.operator.clone())?;
+        let next = build(&self.settings, self.operator.clone())?;
         if let Ok(mut c) = self.current.write() {
-            *c = (config, leaf);
+            *c = next;
         }
         if let Ok(mut s) = self.stamps.write() {
             *s = now;
         }
+        self.reloaded.notify_one();
         Ok(true)
     }
 }
@@ -305,10 +374,7 @@ fn stamps(s: &TlsSettings) -> Vec<Option<(SystemTime, u64)>> {
     v
 }
 
-fn build(
-    settings: &TlsSettings,
-    operator: Arc<OperatorVerifier>,
-) -> Result<(Arc<ServerConfig>, CertificateDer<'static>), Error> {
+fn build(settings: &TlsSettings, operator: Arc<OperatorVerifier>) -> Result<Current, Error> {
     let cfg = |p: &Path, e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", p.display()));
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&settings.cert)
         .map_err(|e| cfg(&settings.cert, &e))?
@@ -328,24 +394,33 @@ fn build(
             settings.cert.display()
         )));
     }
-    let leaf = certs[0].clone();
     crate::keys::check_private_file(&settings.key)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| cfg(&settings.key, &e))?;
     let ocsp = match &settings.ocsp {
-        Some(p) => std::fs::read(p).map_err(|e| cfg(p, &e))?,
-        None => Vec::new(),
+        Some(p) => Some(std::fs::read(p).map_err(|e| cfg(p, &e))?),
+        None => None,
     };
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let mut certified = CertifiedKey::from_der(certs.clone(), key, &provider)
+        .map_err(|e| Error::Config(format!("TLS certificate and key: {e}")))?;
+    certified.ocsp = ocsp;
+    let stapled = Arc::new(Stapled {
+        key: RwLock::new(Arc::new(certified)),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?
         .with_client_cert_verifier(Arc::new(HandshakeVerifier(operator)))
-        .with_single_cert_with_ocsp(certs, key, ocsp)
-        .map_err(|e| Error::Config(format!("TLS certificate and key: {e}")))?;
+        .with_cert_resolver(stapled.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // TLS 1.3 resumption: stateless tickets (and the default in-memory session cache).
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| Error::Config(format!("TLS tickets: {e}")))?;
-    Ok((Arc::new(config), leaf))
+    Ok(Current {
+        config: Arc::new(config),
+        chain: certs,
+        stapled,
+    })
 }
 
 /// The SHA-256 fingerprint of a DER certificate (hex), for audit records.
