@@ -153,6 +153,63 @@ ratio = (k["flows_per_broker_cpu_second"] or 0) / max(n["flows_per_broker_cpu_se
 print(f"KBS/native per broker CPU-second: {ratio:.2f}x "
       f"(Trustee's KBS measured earlier on this machine kind: ~258 SNP resource deliveries per KBS core-second)")
 PY
+# The OCSP responder beside OpenSSL's (`openssl ocsp -index … -port …`), both on the broker's
+# core, answering about the same serial set: 32 certificates the broker's CA issued to a
+# simulated guest, and the same serials in an OpenSSL CA's index. OpenSSL's responder speaks
+# HTTP/1.0 and closes every connection; the broker's is measured over HTTPS with keep-alive and
+# with a new TLS connection per request. Every 8th answer is checked (signature, serial,
+# current, good) by attestation::ocsp::status.
+echo "== OCSP responses per responder CPU-second: broker vs openssl ocsp (5 s each)"
+"$B" ca init --days 30 > /dev/null
+python3 - "$dev/policy-kbs.json" "$dev/policy-ocsp.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+p["certificates"] = {"bench": {"rules": list(p["rules"]), "dns": ["*.bench.internal"], "usages": ["serverAuth"]}}
+json.dump(p, open(sys.argv[2], "w"))
+PY
+"$B" policy set "$dev/policy-ocsp.json" > /dev/null
+ocsp_dir="$work/ocsp"
+mkdir -p "$ocsp_dir"
+{
+  printf 'broker_url = "%s"\nbroker_ca = "%s"\nplatform = "simulated"\nsecrets_dir = "%s"\n' "$url" "$dev/ca.pem" "$ocsp_dir/credstore"
+  for i in 1 2 3 4 5 6 7 8; do printf '[[certificate]]\nprofile = "bench"\nname = "c%s"\ndns = ["c%s.bench.internal"]\nocsp = false\n' "$i" "$i"; done
+  printf '[simulated]\ndir = "%s"\n' "$dev/sim"
+} > "$ocsp_dir/agent.toml"
+for _ in 1 2 3 4; do target/release/guest-agent --config "$ocsp_dir/agent.toml" > /dev/null 2>> "$ocsp_dir/agent.log"; done
+"$B" cert list | python3 -c 'import json,sys; print("\n".join(c["serial"] for c in json.load(sys.stdin)["certificates"]))' > "$ocsp_dir/serials"
+# The issuing CA: the first certificate of the chain file (self-signed here).
+sed -n '1,/END CERTIFICATE/p' "$ocsp_dir/credstore/c1.ca.pem" > "$ocsp_dir/broker-ca.pem"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$ocsp_dir/ca.key" \
+  -out "$ocsp_dir/ca.pem" -subj "/CN=bench OpenSSL CA" -days 2 2> /dev/null
+while read -r serial; do
+  printf 'V\t301231000000Z\t\t%s\tunknown\t/CN=bench-%s\n' "$(echo "$serial" | tr a-f A-F)" "$serial"
+done < "$ocsp_dir/serials" > "$ocsp_dir/index.txt"
+ocsp_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"${pin_broker[@]}" openssl ocsp -index "$ocsp_dir/index.txt" -port "$ocsp_port" -rsigner "$ocsp_dir/ca.pem" \
+  -rkey "$ocsp_dir/ca.key" -CA "$ocsp_dir/ca.pem" -nmin 60 -ignore_err > /dev/null 2> "$ocsp_dir/openssl.log" &
+openssl_pid=$!
+# Ready when it says so (a bare probe connection would wedge it: one connection at a time).
+for _ in $(seq 1 100); do grep -q "waiting for OCSP client connections" "$ocsp_dir/openssl.log" && break; sleep 0.1; done
+grep -q "waiting for OCSP client connections" "$ocsp_dir/openssl.log" ||
+  { echo "openssl ocsp did not start: $(cat "$ocsp_dir/openssl.log")" >&2; exit 1; }
+ocsp_load() { "${pin_load[@]}" "$L" ocsp --serials "$ocsp_dir/serials" --duration 5 --concurrency 4 --json "$@"; }
+b_keep=$(ocsp_load --url "$url/v1/pki/ocsp" --ca "$dev/ca.pem" --issuer "$ocsp_dir/broker-ca.pem" --server-pid "$pid" --mode keepalive)
+b_new=$(ocsp_load --url "$url/v1/pki/ocsp" --ca "$dev/ca.pem" --issuer "$ocsp_dir/broker-ca.pem" --server-pid "$pid" --mode new-conn)
+o_new=$(ocsp_load --url "http://127.0.0.1:$ocsp_port/" --issuer "$ocsp_dir/ca.pem" --server-pid "$openssl_pid" --mode new-conn)
+kill "$openssl_pid" 2> /dev/null; wait "$openssl_pid" 2> /dev/null || true
+record ocsp "$b_keep" '{"responder": "broker", "transport": "https keep-alive"}'
+record ocsp "$b_new" '{"responder": "broker", "transport": "https new connection"}'
+record ocsp "$o_new" '{"responder": "openssl", "transport": "http/1.0 new connection"}'
+python3 - "$b_keep" "$b_new" "$o_new" <<'PY'
+import json, sys
+rows = [("broker, HTTPS keep-alive", json.loads(sys.argv[1])), ("broker, HTTPS new connection", json.loads(sys.argv[2])),
+        ("openssl ocsp, HTTP/1.0", json.loads(sys.argv[3]))]
+base = rows[2][1]["responses_per_server_cpu_second"] or 1e-9
+for label, v in rows:
+    per = v["responses_per_server_cpu_second"] or 0
+    print(f"{label:30} {v['responses_per_second']:7.0f}/s {per:7.0f} per responder CPU-s = {per/base:.2f}x openssl  "
+          f"p50 {v['latency_ms']['p50']:.2f} ms p99 {v['latency_ms']['p99']:.2f} ms  checked {v['checked']} errors {v['errors']}")
+PY
 echo "== concurrency sweep (4 s each)"
 for mode in keepalive resumed new-conn; do
   for c in 1 2 4 8 16 32 64; do

@@ -194,6 +194,39 @@ impl Subject {
             .subject_public_key_info
             .subject_public_key
             .raw_bytes();
+        Subject::from_parts(
+            issuer_der,
+            &name,
+            key,
+            cert.tbs_certificate.serial_number.clone(),
+        )
+    }
+
+    /// A certificate known only by its serial (big-endian bytes, as encoded in it) and its
+    /// issuer, as `openssl ocsp -serial` asks; the issuer is not checked against a
+    /// certificate.
+    pub fn for_serial(issuer_der: &[u8], serial: &[u8]) -> Result<Subject, Error> {
+        let issuer = Certificate::from_der(issuer_der).map_err(invalid)?;
+        let name = issuer.tbs_certificate.subject.to_der().map_err(invalid)?;
+        let key = issuer
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes();
+        Subject::from_parts(
+            issuer_der,
+            &name,
+            key,
+            x509_cert02::serial_number::SerialNumber::new(serial).map_err(invalid)?,
+        )
+    }
+
+    fn from_parts(
+        issuer_der: &[u8],
+        name: &[u8],
+        key: &[u8],
+        serial_number: x509_cert02::serial_number::SerialNumber,
+    ) -> Result<Subject, Error> {
         let sha1 = |b: &[u8]| {
             OctetString::new(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, b).as_ref())
                 .map_err(invalid)
@@ -203,9 +236,9 @@ impl Subject {
                 oid: super::OID_SHA1.parse().map_err(invalid)?,
                 parameters: Some(Null.into()),
             },
-            issuer_name_hash: sha1(&name)?,
+            issuer_name_hash: sha1(name)?,
             issuer_key_hash: sha1(key)?,
-            serial_number: cert.tbs_certificate.serial_number.clone(),
+            serial_number,
         };
         Ok(Subject {
             serial: hex::encode(id.serial_number.as_bytes()),
@@ -488,6 +521,8 @@ mod tests {
         assert_eq!((checked.this_update, checked.next_update), (T0, T0 + 3600));
         assert_eq!(checked.refresh_at(), T0 + 1800);
         assert_eq!(f.subject.serial(), "1234");
+        let by_serial = Subject::for_serial(&f.ca, &[0x12, 0x34]).unwrap();
+        assert_eq!(by_serial.request().unwrap(), f.subject.request().unwrap());
         // The request asks about this certificate, as a responder parses it.
         let query = super::super::parse(&f.subject.request().unwrap()).unwrap();
         assert_eq!(query.serials(), vec!["1234".to_string()]);

@@ -156,6 +156,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measures an OCSP responder (the broker's, or `openssl ocsp -index … -port …`): POSTs
+    /// of requests about `--serials` under `--issuer`, one after another per worker; every
+    /// `--check-every`th answer is checked (the issuer's or its delegate's signature, this
+    /// serial, current) and must say `good`.
+    Ocsp {
+        /// The responder's URL (http:// or https://).
+        #[arg(long)]
+        url: String,
+        /// The CA to pin for an https:// responder (PEM).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The issuing CA certificate (PEM) the serials are under.
+        #[arg(long)]
+        issuer: PathBuf,
+        /// A file with one serial (hex) per line: the set asked about, round robin.
+        #[arg(long)]
+        serials: PathBuf,
+        /// Keep connections alive (`keepalive`) or open one per request (`new-conn`).
+        #[arg(long, value_enum, default_value = "keepalive")]
+        mode: Mode,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// The responder's process id, for its CPU time.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Check every Nth answer fully (0: none).
+        #[arg(long, default_value_t = 8)]
+        check_every: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measures the crypto floor of one attestation on this thread.
     Floor {
         /// Seconds to measure.
@@ -645,6 +681,133 @@ async fn handshakes(
     }))
 }
 
+/// OCSP requests against a responder for `duration`; see [`Command::Ocsp`].
+#[allow(clippy::too_many_arguments)]
+async fn ocsp(
+    url: &str,
+    ca: Option<&PathBuf>,
+    subjects: Vec<attestation::ocsp::status::Subject>,
+    mode: Mode,
+    concurrency: usize,
+    duration: Duration,
+    server_pid: Option<u32>,
+    check_every: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let tls = match ca {
+        Some(ca) => tls_config(ca, false)?,
+        // Plain HTTP (OpenSSL's responder): TLS is configured but trusts nothing.
+        None => rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth(),
+    };
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .tls_backend_preconfigured(tls);
+    if mode != Mode::Keepalive {
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    let http = builder.build()?;
+    let requests: Vec<Vec<u8>> = subjects
+        .iter()
+        .map(|s| s.request())
+        .collect::<Result<_, _>>()?;
+    let subjects = Arc::new(subjects);
+    let requests = Arc::new(requests);
+    let ask = {
+        let (http, url) = (http.clone(), url.to_string());
+        move |i: usize, check: bool| {
+            let (http, url, requests, subjects) = (
+                http.clone(),
+                url.clone(),
+                requests.clone(),
+                subjects.clone(),
+            );
+            async move {
+                let k = i % requests.len();
+                let resp = http
+                    .post(&url)
+                    .header("content-type", "application/ocsp-request")
+                    .body(requests[k].clone())
+                    .send()
+                    .await?;
+                if !resp.status().is_success() {
+                    bail!("HTTP {}", resp.status());
+                }
+                let body = resp.bytes().await?;
+                if check {
+                    let checked = subjects[k].check(&body, std::time::SystemTime::now())?;
+                    if checked.status != attestation::ocsp::status::CertificateStatus::Good {
+                        bail!("serial {}: {:?}", subjects[k].serial(), checked.status);
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+        }
+    };
+    // Warm-up: the first request, checked.
+    ask(0, true).await.context("first request")?;
+    let before = server_pid.map(process_usage).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let (ask, stop) = (ask.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut latencies, mut errors, mut checked) = (Vec::new(), 0u64, 0u64);
+            let mut n = w;
+            while !stop.load(Ordering::Relaxed) {
+                let check = check_every > 0 && (n as u64).is_multiple_of(check_every);
+                let t = Instant::now();
+                match ask(n, check).await {
+                    Ok(()) => {
+                        latencies.push(t.elapsed());
+                        checked += u64::from(check);
+                    }
+                    Err(_) => errors += 1,
+                }
+                n += concurrency.max(1);
+            }
+            (latencies, errors, checked)
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut latencies, mut errors, mut checked) = (Vec::new(), 0, 0);
+    for w in workers {
+        let (l, e, c) = w.await?;
+        latencies.extend(l);
+        errors += e;
+        checked += c;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = server_pid.map(process_usage).transpose()?;
+    let cpu = match (before, after) {
+        (Some((a, _)), Some((b, _))) => Some(b - a),
+        _ => None,
+    };
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let n = latencies.len();
+    Ok(json!({
+        "responses": n,
+        "checked": checked,
+        "errors": errors,
+        "seconds": elapsed,
+        "responses_per_second": n as f64 / elapsed,
+        "server_cpu_seconds": cpu,
+        "responses_per_server_cpu_second": cpu.filter(|c| *c > 0.0).map(|c| n as f64 / c),
+        "latency_ms": { "p50": pct(0.5), "p99": pct(0.99) },
+        "mode": format!("{mode:?}").to_lowercase(),
+    }))
+}
+
 /// One ECDSA P-384 verify (the report signature) and one HPKE seal (the release), as many
 /// times as fit in `duration` on this thread.
 fn floor(duration: Duration) -> anyhow::Result<serde_json::Value> {
@@ -690,6 +853,75 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "crypto floor (ECDSA P-384 verify + HPKE seal): {:.0}/s on one core",
                         v["floor_per_second"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                return Ok(());
+            }
+            v
+        }
+        Command::Ocsp {
+            url,
+            ca,
+            issuer,
+            serials,
+            mode,
+            concurrency,
+            duration,
+            server_pid,
+            check_every,
+            json,
+        } => {
+            let issuer_pem =
+                std::fs::read(&issuer).with_context(|| issuer.display().to_string())?;
+            let issuer_der = attestation::certs::decode_pem_or_der(&issuer_pem, "issuer")?
+                .into_iter()
+                .next()
+                .context("--issuer: no certificate")?;
+            let subjects = std::fs::read_to_string(&serials)
+                .with_context(|| serials.display().to_string())?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| -> anyhow::Result<_> {
+                    let mut hex_serial = l.to_ascii_lowercase();
+                    if hex_serial.len() % 2 == 1 {
+                        hex_serial.insert(0, '0');
+                    }
+                    let bytes = hex::decode(&hex_serial).context("--serials: hex")?;
+                    Ok(attestation::ocsp::status::Subject::for_serial(
+                        &issuer_der,
+                        &bytes,
+                    )?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if subjects.is_empty() {
+                bail!("--serials: no serial");
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let v = rt.block_on(ocsp(
+                &url,
+                ca.as_ref(),
+                subjects,
+                mode,
+                concurrency,
+                Duration::from_secs(duration.max(1)),
+                server_pid,
+                check_every,
+            ))?;
+            if !json {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!(
+                        "{} responses ({} checked, {} errors): {:.0}/s, {} per server CPU-second; p50 {:.2} ms p99 {:.2} ms",
+                        v["responses"],
+                        v["checked"],
+                        v["errors"],
+                        v["responses_per_second"].as_f64().unwrap_or(0.0),
+                        v["responses_per_server_cpu_second"],
+                        v["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                        v["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
                     );
                 }
                 return Ok(());
