@@ -246,8 +246,10 @@ pub async fn staple(
             ));
         }
     }
+    // Kept when the one on disk is not half way through its validity yet, or when the
+    // responder answered with nothing newer (it caches): no rewrite, no reload.
     if let Some(kept) = on_disk
-        && unix(now) < kept.refresh_at()
+        && (unix(now) < kept.refresh_at() || checked.this_update <= kept.this_update)
     {
         return Ok(Staple::Kept(kept));
     }
@@ -318,7 +320,7 @@ pub async fn renew(
             due_specs.push((spec.clone(), reason));
             continue;
         }
-        let staple = staple(agent, spec, &current, now, true).await;
+        let staple = staple(agent, spec, &current, SystemTime::now(), true).await;
         match &staple {
             Ok(Staple::Revoked(_)) => {
                 due_specs.push((spec.clone(), Reason::Revoked));
@@ -352,12 +354,16 @@ pub async fn renew(
                     else {
                         continue;
                     };
-                    sink::write_certificate(
+                    if let Err(e) = sink::write_certificate(
                         spec,
                         c.key_pem.as_bytes(),
                         &c.certificate_pem,
                         &c.ca_pem,
-                    )?;
+                    ) {
+                        out.failures
+                            .push(format!("{}: renewed but not written: {e}", c.name));
+                        continue;
+                    }
                     tracing::info!(certificate = %c.name, serial = %c.serial, %reason, "certificate renewed");
                     out.lines.push(format!(
                         "{}: renewed ({reason}): serial {}, valid until {}",
@@ -368,7 +374,7 @@ pub async fn renew(
                     if let Some(spec) = settings.certificates.iter().find(|s| s.name == c.name) {
                         changed.push(spec);
                         let staple = match installed(spec) {
-                            Ok(Some(i)) => staple(agent, spec, &i, now, true).await,
+                            Ok(Some(i)) => staple(agent, spec, &i, SystemTime::now(), true).await,
                             Ok(None) => Err("not found after writing".into()),
                             Err(e) => Err(e),
                         };
@@ -383,6 +389,18 @@ pub async fn renew(
                 for (spec, reason) in &due_specs {
                     out.failures
                         .push(format!("{}: not renewed ({reason}): {e}", spec.name));
+                    // The old certificate stays until it expires: its OCSP response is
+                    // refreshed while good, and removed when revoked or no longer current.
+                    if let Ok(Some(old)) = installed(spec) {
+                        let staple = staple(agent, spec, &old, SystemTime::now(), true).await;
+                        if let Ok(Staple::Written(_)) = staple
+                            && let Some(spec) =
+                                settings.certificates.iter().find(|s| s.name == spec.name)
+                        {
+                            changed.push(spec);
+                        }
+                        out.lines.extend(describe_staple(&spec.name, &staple));
+                    }
                 }
             }
         }

@@ -121,6 +121,30 @@ fn two_measured_guests_run_mutual_tls_with_their_certificates() {
         ])
         .output()
         .unwrap());
+    // Twin: the same certificate a minute after its notAfter (the profile's 2 hours) is refused
+    // as expired.
+    let end = ok(&Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in", p(&s.join("web.pem"))])
+        .output()
+        .unwrap());
+    let end = end.trim().trim_start_matches("notAfter=");
+    let end = ok(&Command::new("date")
+        .args(["-u", "-d", end, "+%s"])
+        .output()
+        .unwrap());
+    let after = end.trim().parse::<u64>().unwrap() + 60;
+    let expired = Command::new("openssl")
+        .args(["verify", "-attime", &after.to_string(), "-CAfile"])
+        .args([p(&s.join("web.ca.pem")), p(&s.join("web.pem"))])
+        .output()
+        .unwrap();
+    assert!(!expired.status.success());
+    assert!(
+        String::from_utf8_lossy(&expired.stdout).contains("certificate has expired")
+            || stderr(&expired).contains("certificate has expired"),
+        "{}",
+        stderr(&expired)
+    );
 
     // Mutual TLS between the two guests: each verifies the other's certificate to the CA.
     let port = free_port();

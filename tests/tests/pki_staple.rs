@@ -2,8 +2,8 @@
 //! wrote: `openssl ocsp -index … -port …` answering for an OpenSSL CA whose server
 //! certificate names it in AuthorityInfoAccess. Checked with `openssl s_client -status`:
 //! nothing stapled while the responder is down (and the broker serves all the same), a good
-//! response once it answers, the same response kept after it goes away, and nothing stapled
-//! once that response's nextUpdate has passed. About 70 seconds: OpenSSL's shortest response
+//! response once it answers, kept across a reload of the same certificate and after the
+//! responder goes away, and nothing stapled once that response's nextUpdate has passed. About 70 seconds: OpenSSL's shortest response
 //! validity is one minute.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -230,6 +230,25 @@ fn the_broker_staples_what_the_responder_says_until_it_expires() {
         )),
         "{metrics}"
     );
+
+    // The same certificate reloaded (its file touched): the staple stays (the stapler would
+    // not ask again before half the response's validity, 30 s away).
+    let cert = b.dir.join("server.pem");
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .append(true)
+        .open(&cert)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    wait_for(
+        &b,
+        "the certificate reloaded",
+        Duration::from_secs(25),
+        || b.log_text().contains("TLS certificate reloaded"),
+    );
+    let reloaded = stapled(&b, w);
+    assert!(reloaded.contains("Cert Status: good"), "{reloaded}");
 
     // It goes away: the response is kept while it is current, then withdrawn.
     let _ = ocsp.kill();

@@ -563,6 +563,17 @@ mod tests {
             f.subject.check(&good(&f, &key, vec![foreign]), at(T0 + 10)),
             Err(Error::OcspSignature { .. })
         ));
+        // Twin: the issuer's OCSP signer, expired.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::OcspSigning];
+        params.not_before = time::OffsetDateTime::from(at(T0 - 7200));
+        params.not_after = time::OffsetDateTime::from(at(T0 - 3600));
+        let expired = params.signed_by(&key, &f.issuer).unwrap().der().to_vec();
+        assert!(matches!(
+            f.subject.check(&good(&f, &key, vec![expired]), at(T0 + 10)),
+            Err(Error::OcspSignature { .. })
+        ));
         // Twin: a key with no certificate at all.
         let stranger = KeyPair::generate().unwrap();
         assert!(matches!(
@@ -574,13 +585,46 @@ mod tests {
     #[test]
     fn a_changed_byte_breaks_the_signature() {
         let f = fixture();
-        let mut response = good(&f, f.issuer.key(), vec![]);
-        // The last byte is in the signature; flip one in the middle of the signed data too.
-        let end = response.len() - 1;
-        response[end] ^= 1;
+        let response = good(&f, f.issuer.key(), vec![]);
+        // A byte of the signed data: the responder ID (twenty 0x01 bytes in this fixture),
+        // changed without breaking the encoding.
+        let at_id = response
+            .windows(20)
+            .position(|w| w.iter().all(|b| *b == 1))
+            .unwrap();
+        let mut tampered = response.clone();
+        tampered[at_id + 3] = 2;
+        assert!(matches!(
+            f.subject.check(&tampered, at(T0 + 10)),
+            Err(Error::OcspSignature { .. })
+        ));
+        // The last byte is in the signature itself.
+        let mut tampered = response;
+        let end = tampered.len() - 1;
+        tampered[end] ^= 1;
+        assert!(matches!(
+            f.subject.check(&tampered, at(T0 + 10)),
+            Err(Error::OcspSignature { .. } | Error::OcspMalformed { .. })
+        ));
+    }
+
+    #[test]
+    fn the_serial_alone_is_not_enough_the_issuer_must_match() {
+        let f = fixture();
+        // The same serial under another CA's name and key, signed by our issuer.
+        let (other, _) = ca("Other CA");
+        let foreign = Subject::for_serial(&other, &[0x12, 0x34]).unwrap();
+        let response = respond(
+            &foreign.id,
+            CertStatus::good(),
+            T0,
+            Some(T0 + 3600),
+            f.issuer.key(),
+            vec![],
+        );
         assert!(matches!(
             f.subject.check(&response, at(T0 + 10)),
-            Err(Error::OcspSignature { .. } | Error::OcspMalformed { .. })
+            Err(Error::OcspNoAnswer { .. })
         ));
     }
 

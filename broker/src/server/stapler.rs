@@ -40,9 +40,15 @@ pub fn backoff(failures: u32) -> u64 {
         .min(MAX_BACKOFF)
 }
 
-/// When to fetch again after a good response `checked` at `now`.
+/// When to fetch again after a good response `checked` at `now`: half way through its
+/// validity; for a response already past that (a responder that caches), a quarter of what is
+/// left, and never sooner than [`MIN_REFRESH`].
 pub fn refresh_after(checked: &Checked, now: u64) -> u64 {
-    checked.refresh_at().max(now + MIN_REFRESH)
+    let half = checked.refresh_at();
+    if half > now {
+        return half.max(now + MIN_REFRESH);
+    }
+    now + (checked.next_update.saturating_sub(now) / 4).max(MIN_REFRESH)
 }
 
 /// Whether the stapled response (valid until `next_update`) must be withdrawn at `now`.
@@ -233,9 +239,11 @@ mod tests {
             next_update: 1000 + 3600,
         };
         assert_eq!(refresh_after(&checked, 1001), 2800);
-        // A response fetched late in its validity (a responder that caches): refreshed at
-        // the earliest MIN_REFRESH later.
-        assert_eq!(refresh_after(&checked, 4000), 4000 + MIN_REFRESH);
+        assert_eq!(refresh_after(&checked, 2795), 2795 + MIN_REFRESH);
+        // A response fetched late in its validity (a responder that caches): a quarter of
+        // what is left, not every MIN_REFRESH.
+        assert_eq!(refresh_after(&checked, 3000), 3000 + 400);
+        assert_eq!(refresh_after(&checked, 4590), 4590 + MIN_REFRESH);
     }
 
     #[test]

@@ -356,6 +356,17 @@ impl TlsState {
         }
         let next = build(&self.settings, self.operator.clone())?;
         if let Ok(mut c) = self.current.write() {
+            // The same certificate again (a touched file, a new key file with the same
+            // certificate, …): the fetched OCSP response still speaks for it.
+            if self.settings.staple_ocsp
+                && c.chain.first() == next.chain.first()
+                && let (Ok(old), Ok(mut new)) = (c.stapled.key.read(), next.stapled.key.write())
+                && old.ocsp.is_some()
+            {
+                let mut carried = CertifiedKey::clone(&new);
+                carried.ocsp = old.ocsp.clone();
+                *new = Arc::new(carried);
+            }
             *c = next;
         }
         if let Ok(mut s) = self.stamps.write() {
@@ -397,7 +408,8 @@ fn build(settings: &TlsSettings, operator: Arc<OperatorVerifier>) -> Result<Curr
     crate::keys::check_private_file(&settings.key)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| cfg(&settings.key, &e))?;
     let ocsp = match &settings.ocsp {
-        Some(p) => Some(std::fs::read(p).map_err(|e| cfg(p, &e))?),
+        // An empty file staples nothing (an empty CertificateStatus would break clients).
+        Some(p) => Some(std::fs::read(p).map_err(|e| cfg(p, &e))?).filter(|r| !r.is_empty()),
         None => None,
     };
     let provider = provider();
