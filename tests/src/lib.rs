@@ -59,6 +59,16 @@ pub fn openssl(args: &[&str]) -> Output {
     Command::new("openssl").args(args).output().unwrap()
 }
 
+/// `openssl req` with a new EC key on `curve` (e.g. `P-256`) written to `key`, and a request
+/// (or, with `-x509` in `extra`, a self-signed certificate) for `subject` written to `out`.
+pub fn openssl_ec_req(curve: &str, key: &Path, out: &Path, subject: &str, extra: &[&str]) {
+    let curve = format!("ec_paramgen_curve:{curve}");
+    let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", &curve, "-nodes"];
+    args.extend(["-keyout", arg(key), "-out", arg(out), "-subj", subject]);
+    args.extend(extra);
+    ok(&openssl(&args));
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -352,6 +362,27 @@ impl Broker {
         doc["certificates"] = certificates;
         let path = self.dir.join(name);
         std::fs::write(&path, doc.to_string()).unwrap();
+        path
+    }
+
+    /// A guest agent configuration in `dir` (`agent.toml`) for this broker on the simulated
+    /// platform, files into `dir/credstore`: the common settings, then `body` (`[[secrets]]`
+    /// and `[[certificate]]` tables), then `[simulated]` with `simulated` added.
+    pub fn agent_config(&self, dir: &Path, body: &str, simulated: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "broker_url = \"{}\"\nbroker_ca = \"{}\"\nplatform = \"simulated\"\ndeadline_secs = 20\n\
+                 secrets_dir = \"{}\"\n{body}\n[simulated]\ndir = \"{}\"\n{simulated}\n",
+                self.url(""),
+                arg(&self.dir.join("ca.pem")),
+                arg(&dir.join("credstore")),
+                arg(&self.dir.join("sim")),
+            ),
+        )
+        .unwrap();
         path
     }
 

@@ -43,23 +43,11 @@ fn setup() -> Broker {
 
 /// An agent configuration asking for `db-key` and one certificate.
 fn agent_config(b: &Broker, dir: &Path, certificate: &str, extra_sim: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("agent.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "broker_url = \"{}\"\nbroker_ca = \"{}\"\nplatform = \"simulated\"\ndeadline_secs = 20\nsecrets_dir = \"{}\"\n\
-             [[secrets]]\nname = \"db-key\"\n\
-             [[certificate]]\n{certificate}\n\
-             [simulated]\ndir = \"{}\"\n{extra_sim}\n",
-            b.url(""),
-            p(&b.dir.join("ca.pem")),
-            p(&dir.join("credstore")),
-            p(&b.dir.join("sim")),
-        ),
+    b.agent_config(
+        dir,
+        &format!("[[secrets]]\nname = \"db-key\"\n[[certificate]]\n{certificate}"),
+        extra_sim,
     )
-    .unwrap();
-    path
 }
 
 fn agent(config: &Path) -> Output {

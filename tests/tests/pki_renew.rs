@@ -30,27 +30,16 @@ fn setup() -> Broker {
 
 /// An agent configuration for one certificate `web`, with `reload` (a TOML array or "").
 fn config(b: &Broker, dir: &Path, reload: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("agent.toml");
     let reload = if reload.is_empty() {
         String::new()
     } else {
         format!("reload = {reload}\n")
     };
-    std::fs::write(
-        &path,
-        format!(
-            "broker_url = \"{}\"\nbroker_ca = \"{}\"\nplatform = \"simulated\"\ndeadline_secs = 20\nsecrets_dir = \"{}\"\n\
-             [[certificate]]\nprofile = \"web\"\ndns = [\"web.internal\"]\n{reload}\
-             [simulated]\ndir = \"{}\"\n",
-            b.url(""),
-            p(&b.dir.join("ca.pem")),
-            p(&dir.join("credstore")),
-            p(&b.dir.join("sim")),
-        ),
+    b.agent_config(
+        dir,
+        &format!("[[certificate]]\nprofile = \"web\"\ndns = [\"web.internal\"]\n{reload}"),
+        "",
     )
-    .unwrap();
-    path
 }
 
 fn serial(store: &Path) -> String {

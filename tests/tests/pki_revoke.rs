@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use e2e::{Broker, arg as p, binary, ok, openssl, stderr};
+use e2e::{Broker, arg as p, binary, ok, openssl, openssl_ec_req, stderr};
 
 /// A certificate profile `web` granting `dns` to guests with the default measurement.
 fn web_profile(dns: &[&str]) -> serde_json::Value {
@@ -37,21 +37,11 @@ fn setup() -> Broker {
 
 /// Runs an agent for one certificate named `name` with `dns` names; its credstore.
 fn certificate(b: &Broker, dir: &Path, name: &str, dns: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "broker_url = \"{}\"\nbroker_ca = \"{}\"\nplatform = \"simulated\"\ndeadline_secs = 20\nsecrets_dir = \"{}\"\n\
-             [[certificate]]\nprofile = \"web\"\nname = \"{name}\"\ndns = [{dns}]\n\
-             [simulated]\ndir = \"{}\"\n",
-            b.url(""),
-            p(&b.dir.join("ca.pem")),
-            p(&dir.join("credstore")),
-            p(&b.dir.join("sim")),
-        ),
-    )
-    .unwrap();
+    let config = b.agent_config(
+        dir,
+        &format!("[[certificate]]\nprofile = \"web\"\nname = \"{name}\"\ndns = [{dns}]"),
+        "",
+    );
     ok(&Command::new(binary("guest-agent").unwrap())
         .args(["--config", p(&config)])
         .output()
@@ -384,23 +374,13 @@ fn an_imported_cas_crl_is_found_by_openssl() {
     let t = tmp.path();
     let csr = t.join("ca.csr");
     ok(&b.cli(&["ca", "init", "--csr", p(&csr)]));
-    ok(&openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        "-keyout",
-        p(&t.join("root.key")),
-        "-out",
-        p(&t.join("root.pem")),
-        "-subj",
+    openssl_ec_req(
+        "P-384",
+        &t.join("root.key"),
+        &t.join("root.pem"),
         "/O=Example/CN=Offline Root",
-        "-days",
-        "30",
-    ]));
+        &["-x509", "-days", "30"],
+    );
     let ext = t.join("ca.ext");
     std::fs::write(
         &ext,

@@ -11,51 +11,31 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{Broker, arg as p, free_port, ok, openssl};
+use e2e::{Broker, arg as p, free_port, ok, openssl, openssl_ec_req};
 
 /// An OpenSSL CA, and a server certificate from it for 127.0.0.1 naming the responder at
 /// `ocsp_port`, written over the dev setup's server certificate (leaf, then the CA).
 fn server_certificate(dir: &Path, work: &Path, ocsp_port: u16) {
     let ca_key = work.join("ca.key");
     let ca = work.join("ca.pem");
-    ok(&openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        p(&ca_key),
-        "-out",
-        p(&ca),
-        "-subj",
+    openssl_ec_req(
+        "P-256",
+        &ca_key,
+        &ca,
         "/CN=Stapling Test CA",
-        "-days",
-        "2",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]));
+        &[
+            "-x509",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
     let csr = work.join("server.csr");
     let key = dir.join("server.key");
-    ok(&openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        p(&key),
-        "-out",
-        p(&csr),
-        "-subj",
-        "/CN=broker",
-    ]));
+    openssl_ec_req("P-256", &key, &csr, "/CN=broker", &[]);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let ext = work.join("ext.cnf");

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{arg as p, binary, free_port, ok, openssl, production_binary, softhsm::SoftHsm, stderr};
+use e2e::{
+    arg as p, binary, free_port, ok, openssl, openssl_ec_req, production_binary, softhsm::SoftHsm,
+    stderr,
+};
 
 fn broker(args: &[&str]) -> Output {
     Command::new(production_binary("broker").unwrap())
@@ -144,23 +147,13 @@ fn a_csr_signed_by_the_operators_openssl_ca_serves_the_admin_api() {
 
     // The operator's own CA, made and used by OpenSSL.
     let ca_key = tmp.path().join("their-ca.key");
-    ok(&openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        p(&ca_key),
-        "-out",
-        p(&dir.join("ca.pem")),
-        "-subj",
+    openssl_ec_req(
+        "P-256",
+        &ca_key,
+        &dir.join("ca.pem"),
         "/CN=Their CA",
-        "-days",
-        "2",
-    ]));
+        &["-x509", "-days", "2"],
+    );
     ok(&openssl(&[
         "x509",
         "-req",

@@ -187,25 +187,22 @@ impl Subject {
     pub fn new(cert_der: &[u8], issuer_der: &[u8]) -> Result<Subject, Error> {
         issued_by(cert_der, issuer_der)?;
         let cert = Certificate::from_der(cert_der).map_err(invalid)?;
-        let issuer = Certificate::from_der(issuer_der).map_err(invalid)?;
-        let name = issuer.tbs_certificate.subject.to_der().map_err(invalid)?;
-        let key = issuer
-            .tbs_certificate
-            .subject_public_key_info
-            .subject_public_key
-            .raw_bytes();
-        Subject::from_parts(
-            issuer_der,
-            &name,
-            key,
-            cert.tbs_certificate.serial_number.clone(),
-        )
+        Subject::with_serial(issuer_der, cert.tbs_certificate.serial_number)
     }
 
     /// A certificate known only by its serial (big-endian bytes, as encoded in it) and its
     /// issuer, as `openssl ocsp -serial` asks; the issuer is not checked against a
     /// certificate.
     pub fn for_serial(issuer_der: &[u8], serial: &[u8]) -> Result<Subject, Error> {
+        let serial = x509_cert02::serial_number::SerialNumber::new(serial).map_err(invalid)?;
+        Subject::with_serial(issuer_der, serial)
+    }
+
+    /// The SHA-1 CertID of `serial_number` under the CA certificate `issuer_der`.
+    fn with_serial(
+        issuer_der: &[u8],
+        serial_number: x509_cert02::serial_number::SerialNumber,
+    ) -> Result<Subject, Error> {
         let issuer = Certificate::from_der(issuer_der).map_err(invalid)?;
         let name = issuer.tbs_certificate.subject.to_der().map_err(invalid)?;
         let key = issuer
@@ -213,20 +210,6 @@ impl Subject {
             .subject_public_key_info
             .subject_public_key
             .raw_bytes();
-        Subject::from_parts(
-            issuer_der,
-            &name,
-            key,
-            x509_cert02::serial_number::SerialNumber::new(serial).map_err(invalid)?,
-        )
-    }
-
-    fn from_parts(
-        issuer_der: &[u8],
-        name: &[u8],
-        key: &[u8],
-        serial_number: x509_cert02::serial_number::SerialNumber,
-    ) -> Result<Subject, Error> {
         let sha1 = |b: &[u8]| {
             OctetString::new(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, b).as_ref())
                 .map_err(invalid)
@@ -236,7 +219,7 @@ impl Subject {
                 oid: super::OID_SHA1.parse().map_err(invalid)?,
                 parameters: Some(Null.into()),
             },
-            issuer_name_hash: sha1(name)?,
+            issuer_name_hash: sha1(&name)?,
             issuer_key_hash: sha1(key)?,
             serial_number,
         };
