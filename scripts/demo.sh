@@ -2,8 +2,9 @@
 # The demo: the whole flow on one machine, with the embedded store and the simulated platform.
 # A broker is set up and started, an operator uploads a TLS key, generates a data key and sets
 # a policy; a simulated measured guest receives both secrets, a guest with another
-# measurement is refused, and an emulated Azure confidential VM receives them through its
-# vTPM. Everything happens in a temporary directory, removed at the end.
+# measurement is refused, an emulated Azure confidential VM receives them through its vTPM,
+# and the measured guest gets a certificate from the broker's CA, which is revoked and renewed.
+# Everything happens in a temporary directory, removed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BROKER=${BROKER:-$PWD/target/debug/broker}
@@ -114,7 +115,46 @@ run "$BROKER" verify --report "$WORK/azure/evidence.bin" --vek "$WORK/azure/evid
   --quote "$WORK/azure/evidence.bin.quote.json" --dangerous-trust-simulated-root "$WORK/broker/sim/ark.pem" 2>/dev/null \
   | grep -E 'verified|azure|vTPM|pcr (0|7) '
 
-step "8. The audit log records every decision."
+step "8. The private CA: the measured guest gets a certificate for a key it makes, with OCSP to staple."
+run "$BROKER" ca init --subject "Demo workload CA" --days 30 | grep -E '"(state|subject)"' | head -n 2
+python3 - "$WORK/broker/policy.json" "$WORK/broker/policy-pki.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+p["certificates"] = {"web": {"rules": list(p["rules"]), "dns": ["web.demo.internal"],
+                             "uri": ["spiffe://demo.internal/web"], "usages": ["serverAuth", "clientAuth"],
+                             "max_lifetime_hours": 24}}
+json.dump(p, open(sys.argv[2], "w"), indent=2)
+PY
+run "$BROKER" policy set "$WORK/broker/policy-pki.json" > /dev/null
+mkdir -p "$WORK/pki"
+cat > "$WORK/pki/agent.toml" <<TOML
+broker_url = "https://127.0.0.1:$PORT"
+broker_ca = "$WORK/broker/ca.pem"
+platform = "simulated"
+secrets_dir = "$WORK/pki/credstore"
+[[certificate]]
+profile = "web"
+dns = ["web.demo.internal"]
+uri = ["spiffe://demo.internal/web"]
+[simulated]
+dir = "$WORK/broker/sim"
+TOML
+run "$AGENT" --config "$WORK/pki/agent.toml" 2>/dev/null
+C="$WORK/pki/credstore"
+run openssl verify -CAfile "$C/web.ca.pem" "$C/web.pem"
+openssl x509 -noout -ext subjectAltName -in "$C/web.pem" | tail -n 1
+sed -n '1,/END CERTIFICATE/p' "$C/web.ca.pem" > "$WORK/pki/issuer.pem"
+echo "The OCSP response the agent keeps for the server to staple, checked by OpenSSL:"
+openssl ocsp -respin "$C/web.ocsp.der" -issuer "$WORK/pki/issuer.pem" -cert "$C/web.pem" \
+  -CAfile "$C/web.ca.pem" 2>&1 | grep -E 'verify|: good|: revoked'
+echo "The renewal timer's run: nothing is due yet."
+run "$AGENT" --config "$WORK/pki/agent.toml" renew 2>/dev/null
+SERIAL=$(openssl x509 -noout -serial -in "$C/web.pem" | cut -d= -f2)
+run "$BROKER" cert revoke "$SERIAL" --reason keyCompromise | grep -E '"(serial|revocation_reason)"'
+echo "The next run learns of the revocation by OCSP and renews with fresh evidence:"
+run "$AGENT" --config "$WORK/pki/agent.toml" renew 2>/dev/null
+
+step "9. The audit log records every decision."
 run "$BROKER" audit --action attest
 
-printf '\nDone: the measured guest and the Azure guest received their TLS key and data key; the other guest received nothing.\n'
+printf '\nDone: the measured guest and the Azure guest received their TLS key and data key, the measured guest a certificate (renewed after its revocation); the other guest received nothing.\n'

@@ -158,7 +158,8 @@ async fn main_inner(cli: Cli) -> Result<(), AgentError> {
             for (name, serial, not_after, path) in &summary.certificates {
                 let verb = if write { "wrote" } else { "would write" };
                 println!(
-                    "{verb} certificate {name} (serial {serial}, valid until {not_after}) to {}",
+                    "{verb} certificate {name} (serial {serial}, valid until {}) to {}",
+                    attestation::error::rfc3339(&u64::try_from(*not_after).unwrap_or(0)),
                     path.display()
                 );
             }
