@@ -132,6 +132,15 @@ p["secrets"]["default.key.db"] = p["secrets"]["db-key"]
 json.dump(p, open(sys.argv[2], "w"))
 PY
 "$B" policy set "$dev/policy-kbs.json" > /dev/null
+# Memory with 1 000 idle keep-alive connections open (each made one request), on the fresh broker.
+v=$("${pin_load[@]}" "$L" hold --url "$url" --ca "$dev/ca.pem" --connections 1000 --broker-pid "$pid")
+record hold "$v"
+python3 - "$v" <<'PY'
+import json, sys
+v = json.loads(sys.argv[1])
+print(f"RSS with {v['connections']} idle keep-alive connections open: {v['broker_rss_held_bytes']/2**20:.1f} MiB "
+      f"(before: {v['broker_rss_before_bytes']/2**20:.1f} MiB; errors {v['errors']})")
+PY
 for mode in keepalive resumed new-conn; do
   v=$(load --mode "$mode" --concurrency 16 --duration 10)
   record flows "$v"

@@ -12,12 +12,17 @@
 //! ECDSA P-384 verify and one HPKE seal) on the calling thread, to compare in the same run.
 //! `handshake` measures what a TLS setup costs the broker: connections per second and per
 //! broker CPU-second, and the time to the first answer on a new connection, for a choice of
-//! protocol version, key exchange, resumption and client certificate.
+//! protocol version, key exchange, resumption and client certificate. `hold` measures the
+//! broker's memory with many idle keep-alive connections open; `ocsp` measures an OCSP
+//! responder (the broker's or OpenSSL's), checking a sample of its answers.
 //!
 //! ```sh
 //! broker-load run --url https://127.0.0.1:8443 --ca DEV/ca.pem --sim-dir DEV/sim \
 //!   --mode keepalive --concurrency 16 --duration 10 --broker-pid PID --json
 //! broker-load floor --duration 5 --json
+//! broker-load hold --url https://127.0.0.1:8443 --ca DEV/ca.pem --connections 1000 --broker-pid PID
+//! broker-load ocsp --url https://127.0.0.1:8443/v1/pki/ocsp --ca DEV/ca.pem --issuer CA.pem \
+//!   --serials SERIALS --server-pid PID --json
 //! broker-load handshake --url https://127.0.0.1:8443 --ca DEV/ca.pem --kx x25519 \
 //!   --client-cert DEV/operator.pem --client-key DEV/operator.key --broker-pid PID --json
 //! ```
@@ -191,6 +196,26 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Measures the broker's memory with many open, idle keep-alive connections: opens
+    /// `--connections` TLS connections (spread over loopback sources), makes one request on
+    /// each, holds them all, and reads the broker's RSS before and while they are open.
+    Hold {
+        /// The broker's base URL.
+        #[arg(long)]
+        url: String,
+        /// The broker's CA (PEM), pinned.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Connections to hold open.
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// The broker's process id.
+        #[arg(long)]
+        broker_pid: u32,
+        /// Loopback source addresses to spread the connections over.
+        #[arg(long, default_value_t = 16)]
+        sources: u8,
     },
     /// Measures the crypto floor of one attestation on this thread.
     Floor {
@@ -808,6 +833,66 @@ async fn ocsp(
     }))
 }
 
+/// Opens and holds `connections` keep-alive connections; see [`Command::Hold`].
+async fn hold(
+    url: &str,
+    ca: &PathBuf,
+    connections: usize,
+    broker_pid: u32,
+    sources: u8,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let parsed = url::Url::parse(url)?;
+    let host = parsed.host_str().context("--url: a host")?.to_string();
+    let port = parsed.port_or_known_default().context("--url: a port")?;
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .next()
+        .context("no address")?;
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(ca, false)?));
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let (_, rss_before) = process_usage(broker_pid)?;
+    let mut held = Vec::with_capacity(connections);
+    let mut errors = 0u64;
+    for i in 0..connections {
+        let opened = async {
+            let tcp = match source_for(url, sources, i) {
+                Some(ip) => {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(addr).await?
+                }
+                None => tokio::net::TcpStream::connect(addr).await?,
+            };
+            tcp.set_nodelay(true)?;
+            let mut tls = connector.connect(server_name.clone(), tcp).await?;
+            tls.write_all(request.as_bytes()).await?;
+            let mut buf = [0u8; 512];
+            let n = tls.read(&mut buf).await?;
+            if !buf[..n].starts_with(b"HTTP/1.1 200") {
+                bail!("answer: {}", String::from_utf8_lossy(&buf[..n.min(40)]));
+            }
+            Ok::<_, anyhow::Error>(tls)
+        };
+        match opened.await {
+            Ok(tls) => held.push(tls),
+            Err(_) => errors += 1,
+        }
+    }
+    // Let the broker settle (its per-connection buffers are allocated by now).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, rss_held) = process_usage(broker_pid)?;
+    let open = held.len();
+    drop(held);
+    Ok(json!({
+        "connections": open,
+        "errors": errors,
+        "broker_rss_before_bytes": rss_before,
+        "broker_rss_held_bytes": rss_held,
+    }))
+}
+
 /// One ECDSA P-384 verify (the report signature) and one HPKE seal (the release), as many
 /// times as fit in `duration` on this thread.
 fn floor(duration: Duration) -> anyhow::Result<serde_json::Value> {
@@ -858,6 +943,18 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             v
+        }
+        Command::Hold {
+            url,
+            ca,
+            connections,
+            broker_pid,
+            sources,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(hold(&url, &ca, connections, broker_pid, sources))?
         }
         Command::Ocsp {
             url,
