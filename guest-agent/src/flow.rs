@@ -171,9 +171,6 @@ pub struct Agent {
     ocsp_http: reqwest::Client,
 }
 
-/// The largest OCSP response read.
-const MAX_OCSP_RESPONSE_BYTES: usize = 64 * 1024;
-
 /// `broker_attested_policy`: what each broker must prove, a client that only fetches its
 /// evidence (and sees the server certificate of that connection), and the keys proven.
 struct AttestedBrokers {
@@ -488,11 +485,18 @@ async fn problem(resp: reqwest::Response, what: &str) -> Failure {
 impl Agent {
     /// An agent for `settings` getting evidence from `source`.
     pub fn new(settings: Settings, source: Box<dyn EvidenceSource>) -> Result<Agent, AgentError> {
-        let (attested, http) = match AttestedBrokers::load(&settings)? {
-            Some((attested, http)) => (Some(attested), http),
-            None => (None, client(tls_config(&settings)?, false)?),
+        let (attested, http, ocsp_http) = match AttestedBrokers::load(&settings)? {
+            // The protocol client only accepts keys a broker proved: responders get the
+            // pinned CA's client.
+            Some((attested, http)) => {
+                let ocsp_http = client(tls_config(&settings)?, false)?;
+                (Some(attested), http, ocsp_http)
+            }
+            None => {
+                let http = client(tls_config(&settings)?, false)?;
+                (None, http.clone(), http)
+            }
         };
-        let ocsp_http = client(tls_config(&settings)?, false)?;
         Ok(Agent {
             settings,
             http,
@@ -522,10 +526,9 @@ impl Agent {
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
-            if body.len() + chunk.len() > MAX_OCSP_RESPONSE_BYTES {
-                return Err(format!(
-                    "{url}: response larger than {MAX_OCSP_RESPONSE_BYTES} bytes"
-                ));
+            let max = attestation::ocsp::status::MAX_RESPONSE_BYTES;
+            if body.len() + chunk.len() > max {
+                return Err(format!("{url}: response larger than {max} bytes"));
             }
             body.extend_from_slice(&chunk);
         }

@@ -112,13 +112,7 @@ pub async fn run(
             spec.cert_path(),
         ));
         if write {
-            let staple = match renew::installed(spec) {
-                Ok(Some(installed)) => {
-                    renew::staple(agent, spec, &installed, std::time::SystemTime::now(), true).await
-                }
-                Ok(None) => Err("not found after writing".into()),
-                Err(e) => Err(e),
-            };
+            let staple = renew::staple_installed(agent, spec, true).await;
             if let Err(e) = &staple {
                 tracing::warn!(certificate = %c.name, "{e}");
             }

@@ -266,6 +266,18 @@ pub async fn staple(
     Ok(Staple::Written(checked))
 }
 
+/// [`staple`] for the certificate `spec` names as it is on disk now (just written).
+pub async fn staple_installed(
+    agent: &Agent,
+    spec: &CertificateSpec,
+    write: bool,
+) -> Result<Staple, String> {
+    match installed(spec)? {
+        Some(current) => staple(agent, spec, &current, SystemTime::now(), write).await,
+        None => Err(format!("{}: no certificate", spec.cert_path().display())),
+    }
+}
+
 /// What `renew` did, one line per certificate (and per reload command).
 #[derive(Debug, Default)]
 pub struct Renewal {
@@ -302,28 +314,28 @@ pub async fn renew(
     now: SystemTime,
 ) -> Result<Renewal, AgentError> {
     let mut out = Renewal::default();
-    let mut due_specs: Vec<(CertificateSpec, Reason)> = Vec::new();
+    let mut due_specs: Vec<(&CertificateSpec, Reason)> = Vec::new();
     let mut changed: Vec<&CertificateSpec> = Vec::new();
     for spec in &settings.certificates {
         let current = match installed(spec) {
             Ok(None) => {
-                due_specs.push((spec.clone(), Reason::Missing));
+                due_specs.push((spec, Reason::Missing));
                 continue;
             }
             Err(e) => {
-                due_specs.push((spec.clone(), Reason::Unusable(e)));
+                due_specs.push((spec, Reason::Unusable(e)));
                 continue;
             }
             Ok(Some(i)) => i,
         };
         if let Some(reason) = due(&current, now, force) {
-            due_specs.push((spec.clone(), reason));
+            due_specs.push((spec, reason));
             continue;
         }
         let staple = staple(agent, spec, &current, SystemTime::now(), true).await;
         match &staple {
             Ok(Staple::Revoked(_)) => {
-                due_specs.push((spec.clone(), Reason::Revoked));
+                due_specs.push((spec, Reason::Revoked));
                 continue;
             }
             Ok(Staple::Written(_)) => changed.push(spec),
@@ -345,12 +357,13 @@ pub async fn renew(
             .extend(describe_staple(&spec.name, &staple).filter(|_| staple.is_ok()));
     }
     if !due_specs.is_empty() {
-        let specs: Vec<CertificateSpec> = due_specs.iter().map(|(s, _)| s.clone()).collect();
+        let specs: Vec<CertificateSpec> = due_specs.iter().map(|(s, _)| (*s).clone()).collect();
         let deadline = std::time::Instant::now() + settings.deadline;
         match agent.fetch(&[], &specs, deadline).await {
             Ok(released) => {
                 for c in &released.certificates {
-                    let Some((spec, reason)) = due_specs.iter().find(|(s, _)| s.name == c.name)
+                    let Some(&(spec, ref reason)) =
+                        due_specs.iter().find(|(s, _)| s.name == c.name)
                     else {
                         continue;
                     };
@@ -371,32 +384,23 @@ pub async fn renew(
                         c.serial,
                         rfc3339(u64::try_from(c.not_after).unwrap_or(0))
                     ));
-                    if let Some(spec) = settings.certificates.iter().find(|s| s.name == c.name) {
-                        changed.push(spec);
-                        let staple = match installed(spec) {
-                            Ok(Some(i)) => staple(agent, spec, &i, SystemTime::now(), true).await,
-                            Ok(None) => Err("not found after writing".into()),
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = &staple {
-                            out.failures.push(format!("{}: {e}", spec.name));
-                        }
-                        out.lines.extend(describe_staple(&spec.name, &staple));
+                    changed.push(spec);
+                    let staple = staple_installed(agent, spec, true).await;
+                    if let Err(e) = &staple {
+                        out.failures.push(format!("{}: {e}", spec.name));
                     }
+                    out.lines.extend(describe_staple(&spec.name, &staple));
                 }
             }
             Err(e) => {
-                for (spec, reason) in &due_specs {
+                for &(spec, ref reason) in &due_specs {
                     out.failures
                         .push(format!("{}: not renewed ({reason}): {e}", spec.name));
                     // The old certificate stays until it expires: its OCSP response is
                     // refreshed while good, and removed when revoked or no longer current.
                     if let Ok(Some(old)) = installed(spec) {
                         let staple = staple(agent, spec, &old, SystemTime::now(), true).await;
-                        if let Ok(Staple::Written(_)) = staple
-                            && let Some(spec) =
-                                settings.certificates.iter().find(|s| s.name == spec.name)
-                        {
+                        if let Ok(Staple::Written(_)) = staple {
                             changed.push(spec);
                         }
                         out.lines.extend(describe_staple(&spec.name, &staple));

@@ -6,7 +6,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::digest;
 use der07::asn1::{Null, ObjectIdentifier, OctetString};
 use der07::{Decode, Encode};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -23,6 +22,8 @@ const OID_AIA: &str = "1.3.6.1.5.5.7.1.1";
 const OID_AD_OCSP: &str = "1.3.6.1.5.5.7.48.1";
 /// id-kp-OCSPSigning (1.3.6.1.5.5.7.3.9), the DER contents of the OID.
 const EKU_OCSP_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x09];
+/// The largest response accepted (DER bytes): what a fetcher reads at most.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// How far a responder's clock may run ahead of ours.
 const CLOCK_SKEW_SECS: u64 = 300;
 
@@ -66,6 +67,8 @@ impl Checked {
 pub struct Subject {
     id: CertId,
     issuer: Vec<u8>,
+    /// The issuer's name and key hashes, to match the CertIDs of a response.
+    hashes: super::IssuerHashes,
     serial: String,
 }
 
@@ -203,30 +206,21 @@ impl Subject {
         issuer_der: &[u8],
         serial_number: x509_cert02::serial_number::SerialNumber,
     ) -> Result<Subject, Error> {
-        let issuer = Certificate::from_der(issuer_der).map_err(invalid)?;
-        let name = issuer.tbs_certificate.subject.to_der().map_err(invalid)?;
-        let key = issuer
-            .tbs_certificate
-            .subject_public_key_info
-            .subject_public_key
-            .raw_bytes();
-        let sha1 = |b: &[u8]| {
-            OctetString::new(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, b).as_ref())
-                .map_err(invalid)
-        };
+        let hashes = super::IssuerHashes::of(issuer_der).map_err(invalid)?;
         let id = CertId {
             hash_algorithm: x509_cert02::spki::AlgorithmIdentifierOwned {
                 oid: super::OID_SHA1.parse().map_err(invalid)?,
                 parameters: Some(Null.into()),
             },
-            issuer_name_hash: sha1(&name)?,
-            issuer_key_hash: sha1(key)?,
+            issuer_name_hash: OctetString::new(hashes.sha1.0.to_vec()).map_err(invalid)?,
+            issuer_key_hash: OctetString::new(hashes.sha1.1.to_vec()).map_err(invalid)?,
             serial_number,
         };
         Ok(Subject {
             serial: hex::encode(id.serial_number.as_bytes()),
             id,
             issuer: issuer_der.to_vec(),
+            hashes,
         })
     }
 
@@ -256,6 +250,9 @@ impl Subject {
     /// Checks `response` (DER) answers for this certificate, is signed by its issuer or a
     /// responder the issuer delegated, and is current at `now`.
     pub fn check(&self, response: &[u8], now: SystemTime) -> Result<Checked, Error> {
+        if response.len() > MAX_RESPONSE_BYTES {
+            return Err(malformed(format!("larger than {MAX_RESPONSE_BYTES} bytes")));
+        }
         let response = OcspResponse::from_der(response).map_err(malformed)?;
         if response.response_status != OcspResponseStatus::Successful {
             return Err(Error::OcspNotSuccessful {
@@ -310,8 +307,7 @@ impl Subject {
     /// A CertID in a response names this certificate: same serial and issuer, by SHA-1 or
     /// SHA-256.
     fn answers(&self, id: &CertId) -> bool {
-        id.serial_number == self.id.serial_number
-            && super::IssuerHashes::of(&self.issuer).is_ok_and(|h| h.matches(id))
+        id.serial_number == self.id.serial_number && self.hashes.matches(id)
     }
 
     /// The issuer signed the response, or a certificate in it that the issuer issued for OCSP
@@ -710,7 +706,8 @@ mod tests {
             f.subject.check(&unauthorized, at(T0)),
             Err(Error::OcspNotSuccessful { status }) if status == "Unauthorized"
         ));
-        for garbage in [&[][..], &[0x30, 0x00], b"<html>"] {
+        let oversized = vec![0x30; MAX_RESPONSE_BYTES + 1];
+        for garbage in [&[][..], &[0x30, 0x00], b"<html>", &oversized] {
             assert!(matches!(
                 f.subject.check(garbage, at(T0)),
                 Err(Error::OcspMalformed { .. })

@@ -26,8 +26,6 @@ const MAX_BACKOFF: u64 = 600;
 const MIN_REFRESH: u64 = 10;
 /// Longest sleep: the task looks at the certificate at least this often.
 const MAX_SLEEP: u64 = 3600;
-/// Largest response read.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -121,7 +119,7 @@ async fn fetch(http: &reqwest::Client, target: &Target) -> Result<(Vec<u8>, Chec
         .await
         .map_err(|e| format!("{}: {e}", target.url))?
     {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        if body.len() + chunk.len() > status::MAX_RESPONSE_BYTES {
             return Err(format!("{}: response too large", target.url));
         }
         body.extend_from_slice(&chunk);
