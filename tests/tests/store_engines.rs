@@ -639,13 +639,25 @@ fn groups(s: &impl Store) -> (u64, u64) {
     (value("g_count "), value("g_sum "))
 }
 
+/// Audit records of `action`.
+async fn count(s: &impl Store, action: &str) -> usize {
+    s.query_audit(&AuditQuery {
+        action: Some(action.into()),
+        limit: Some(1000),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .len()
+}
+
 /// Group commit: decisions that queue while the database is busy commit together, each
 /// answered; a purge of many expired nonces goes in small transactions and forgets them all.
 /// `hold` blocks the store's next write transaction until the returned guard is dropped.
 async fn group_commit<S, H, F>(s: S, hold: H)
 where
     S: Store + Clone,
-    H: FnOnce() -> F,
+    H: Fn() -> F,
     F: std::future::Future<Output = Box<dyn std::any::Any + Send>>,
 {
     let g = s.decision_inputs(&[], None).await.unwrap().generation;
@@ -697,6 +709,101 @@ where
     );
     assert_eq!(s.purge_nonces(51).await.unwrap(), 1220);
     assert_eq!(s.purge_nonces(51).await.unwrap(), 0);
+
+    // One group of mixed outcomes: a nonce twice (one spends it, the other is a replay), a
+    // decision on another generation (stale), a fresh one; only the two done are audited.
+    let audited = count(&s, "attest.group").await;
+    let guard = hold().await;
+    let mixed = [
+        spend(5000),
+        spend(5000),
+        Spend {
+            generation: g ^ 1,
+            ..spend(5001)
+        },
+        spend(5002),
+    ];
+    let tasks: Vec<_> = mixed
+        .into_iter()
+        .map(|d| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit_decision(d, audit("attest.group")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(guard);
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap().unwrap());
+    }
+    assert_eq!(outcomes[2], Committed::Stale);
+    assert_eq!(outcomes[3], Committed::Done);
+    let mut twice = [outcomes[0], outcomes[1]];
+    twice.sort_by_key(|c| *c == Committed::Replay);
+    assert_eq!(twice, [Committed::Done, Committed::Replay]);
+    assert_eq!(count(&s, "attest.group").await, audited + 2);
+
+    // A group that fails (two decisions issued the same serial) writes nothing of anyone in
+    // it: both are refused, and the nonces stay unspent. The first decision queued while the
+    // database is held commits on its own (it is the writer's when the others queue).
+    let serial = |n: u16| broker::store::IssuedRecord {
+        serial: "0dd1".into(),
+        ca_version: 1,
+        profile: "web".into(),
+        subject: format!("w{n}.internal"),
+        names: vec![format!("dns:w{n}.internal")],
+        claims_digest: "cd".repeat(32),
+        claims: serde_json::json!({}),
+        not_before: 10,
+        not_after: 20,
+        issued_at: 11,
+        certificate: vec![0x30, 0x00],
+        revoked_at: None,
+        revocation_reason: None,
+    };
+    let issuing = move |n: u16| Spend {
+        issued: vec![serial(n)],
+        ..spend(n)
+    };
+    let audited = count(&s, "attest.group").await;
+    let guard = hold().await;
+    let first = {
+        let s = s.clone();
+        tokio::spawn(async move { s.commit_decision(spend(6000), audit("attest.group")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let clashing: Vec<_> = [6001, 6002]
+        .into_iter()
+        .map(|n| {
+            let s = s.clone();
+            tokio::spawn(async move { s.commit_decision(issuing(n), audit("attest.group")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(guard);
+    assert_eq!(first.await.unwrap().unwrap(), Committed::Done);
+    for t in clashing {
+        let refused = t.await.unwrap();
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(count(&s, "attest.group").await, audited + 1);
+    assert!(
+        s.issued_certificates(100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.serial != "0dd1")
+    );
+    // Unspent: decided again alone, it commits.
+    assert_eq!(
+        s.commit_decision(issuing(6001), audit("attest.group"))
+            .await
+            .unwrap(),
+        Committed::Done
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,14 +813,17 @@ async fn sqlite_group_commit() {
     let path = dir.path().join("b.db");
     let s = SqliteStore::open(&path).await.unwrap();
     let url = format!("sqlite://{}", path.display());
-    group_commit(s, || async move {
-        // Another connection holds SQLite's write lock.
-        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(&mut c)
-            .await
-            .unwrap();
-        Box::new(c) as Box<dyn std::any::Any + Send>
+    group_commit(s, || {
+        let url = url.clone();
+        async move {
+            // Another connection holds SQLite's write lock.
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Box::new(c) as Box<dyn std::any::Any + Send>
+        }
     })
     .await;
 }
@@ -724,14 +834,17 @@ async fn postgres_group_commit() {
     let mut pg = PgServer::start();
     let url = pg.create_database("group");
     let s = PgStore::open(&pg_settings(url.clone())).await.unwrap();
-    group_commit(s, || async move {
-        // Another session holds the generation row, as a write to secrets would.
-        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::raw_sql("BEGIN; SELECT value FROM generation WHERE id = 1 FOR UPDATE")
-            .execute(&mut c)
-            .await
-            .unwrap();
-        Box::new(c) as Box<dyn std::any::Any + Send>
+    group_commit(s, || {
+        let url = url.clone();
+        async move {
+            // Another session holds the generation row, as a write to secrets would.
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql("BEGIN; SELECT value FROM generation WHERE id = 1 FOR UPDATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Box::new(c) as Box<dyn std::any::Any + Send>
+        }
     })
     .await;
 }

@@ -10,6 +10,7 @@ pub(crate) mod group;
 mod postgres;
 pub(crate) mod sql;
 mod sqlite;
+mod sqlite_writer;
 
 pub use group::{CommitMetrics, Committed, DecisionInputs, IssuedRecord, Spend};
 pub use postgres::{PgSettings, PgStore};

@@ -195,6 +195,100 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Commits a group of decisions in one transaction: each on the current
+    /// generation spends its nonce (the first of a nonce in the group; a spent one
+    /// is a replay) and appends its audit record.
+    async fn commit_group(
+        &self,
+        work: Vec<(crate::store::Spend, AuditRecord)>,
+    ) -> Result<Vec<crate::store::Committed>, StoreError> {
+        use crate::store::Committed;
+        let (mut tx, _writer) = self.begin_write().await?;
+        let current: i64 = sqlx::query_scalar(Self::GENERATION_FOR_COMMIT)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut outcomes = vec![Committed::Stale; work.len()];
+        let mut seen = std::collections::HashSet::new();
+        let mut candidates = Vec::with_capacity(work.len());
+        let mut done = Vec::with_capacity(work.len());
+        for (i, (spend, _)) in work.iter().enumerate() {
+            if spend.generation != current {
+                continue;
+            }
+            match spend.nonce {
+                None => {
+                    outcomes[i] = Committed::Done;
+                    done.push(i);
+                }
+                Some(nonce) if seen.insert(nonce) => candidates.push((i, nonce)),
+                Some(_) => outcomes[i] = Committed::Replay,
+            }
+        }
+        if !candidates.is_empty() {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO used_nonces (digest, expires_at) ",
+            );
+            insert.push_values(&candidates, |mut b, (i, nonce)| {
+                b.push_bind(nonce.to_vec()).push_bind(work[*i].0.expires_at);
+            });
+            insert.push(" ON CONFLICT DO NOTHING RETURNING digest");
+            let spent: std::collections::HashSet<Vec<u8>> = insert
+                .build()
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<Vec<u8>, _>(0))
+                .collect::<Result<_, _>>()?;
+            for (i, nonce) in &candidates {
+                if spent.contains(&nonce[..]) {
+                    outcomes[*i] = Committed::Done;
+                    done.push(*i);
+                } else {
+                    outcomes[*i] = Committed::Replay;
+                }
+            }
+        }
+        done.sort_unstable();
+        if !done.is_empty() {
+            let mut audit = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO audit (at, actor, action, outcome, detail) ",
+            );
+            audit.push_values(&done, |mut b, &i| {
+                let r = &work[i].1;
+                b.push_bind(r.at)
+                    .push_bind(r.actor.clone())
+                    .push_bind(r.action.clone())
+                    .push_bind(r.outcome.clone())
+                    .push_bind(r.detail.to_string());
+            });
+            audit.build().execute(&mut *tx).await?;
+            let issued: Vec<&crate::store::IssuedRecord> =
+                done.iter().flat_map(|&i| work[i].0.issued.iter()).collect();
+            if !issued.is_empty() {
+                let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                    "INSERT INTO issued_certificates (serial, ca_version, profile, subject, names,
+                     claims_digest, claims, not_before, not_after, issued_at, certificate) ",
+                );
+                insert.push_values(&issued, |mut b, c| {
+                    b.push_bind(c.serial.clone())
+                        .push_bind(to_i64(c.ca_version))
+                        .push_bind(c.profile.clone())
+                        .push_bind(c.subject.clone())
+                        .push_bind(serde_json::json!(c.names).to_string())
+                        .push_bind(c.claims_digest.clone())
+                        .push_bind(c.claims.to_string())
+                        .push_bind(c.not_before)
+                        .push_bind(c.not_after)
+                        .push_bind(c.issued_at)
+                        .push_bind(c.certificate.clone());
+                });
+                insert.build().execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         // PostgreSQL's DDL is transactional: every migration and its version row commit
         // together, and the transaction-scoped advisory lock makes the other replicas wait
@@ -260,6 +354,18 @@ impl PgStore {
     /// Nothing to do: a deleted record's old row version stays in the table file until
     /// VACUUM reclaims it (docs/operations.md).
     async fn after_delete(&self) {}
+
+    /// The readiness probe's committed write.
+    async fn heartbeat(&self, at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO heartbeat (id, at) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        )
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
 }
 
 impl PgStore {

@@ -51,8 +51,9 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 }
 
 /// Implements [`Store`](super::Store) for `$store` (with `pool` and `decisions` fields, the
-/// hooks `begin_write`, `writer_turn`, `after_delete` and `fetch_lock`, which returns a
-/// `$lock`, and the statement `GENERATION_FOR_COMMIT`) over database `$db`.
+/// hooks `begin_write`, `writer_turn`, `after_delete`, `heartbeat` and `fetch_lock`, which
+/// returns a `$lock`) over database `$db`. Each engine commits release decisions its own way (its
+/// `Decisions` writer).
 macro_rules! sql_store {
     ($store:ty, $db:ty, $lock:ty) => {
         async fn insert_audit(
@@ -147,14 +148,7 @@ macro_rules! sql_store {
                 // A committed write, not a read: a store that answers reads but cannot write (disk
                 // full, locked, read-only) is not ready.
                 let _writer = self.writer_turn().await;
-                sqlx::query(
-                    "INSERT INTO heartbeat (id, at) VALUES (1, $1)
-                     ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                )
-                .bind($crate::store::sql::now())
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                self.heartbeat($crate::store::sql::now()).await
             }
 
             async fn last_secret_version(&self, name: &str) -> Result<u64, StoreError> {
@@ -905,100 +899,6 @@ macro_rules! sql_store {
                     loaded.secrets.push((name, secret));
                 }
                 Ok(self.decisions.cache.fill(loaded, names, cached_policy))
-            }
-
-            /// Commits a group of decisions in one transaction: each on the current
-            /// generation spends its nonce (the first of a nonce in the group; a spent one
-            /// is a replay) and appends its audit record.
-            async fn commit_group(
-                &self,
-                work: Vec<($crate::store::Spend, AuditRecord)>,
-            ) -> Result<Vec<$crate::store::Committed>, StoreError> {
-                use $crate::store::Committed;
-                let (mut tx, _writer) = self.begin_write().await?;
-                let current: i64 = sqlx::query_scalar(Self::GENERATION_FOR_COMMIT)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let mut outcomes = vec![Committed::Stale; work.len()];
-                let mut seen = std::collections::HashSet::new();
-                let mut candidates = Vec::with_capacity(work.len());
-                let mut done = Vec::with_capacity(work.len());
-                for (i, (spend, _)) in work.iter().enumerate() {
-                    if spend.generation != current {
-                        continue;
-                    }
-                    match spend.nonce {
-                        None => {
-                            outcomes[i] = Committed::Done;
-                            done.push(i);
-                        }
-                        Some(nonce) if seen.insert(nonce) => candidates.push((i, nonce)),
-                        Some(_) => outcomes[i] = Committed::Replay,
-                    }
-                }
-                if !candidates.is_empty() {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO used_nonces (digest, expires_at) ",
-                    );
-                    insert.push_values(&candidates, |mut b, (i, nonce)| {
-                        b.push_bind(nonce.to_vec()).push_bind(work[*i].0.expires_at);
-                    });
-                    insert.push(" ON CONFLICT DO NOTHING RETURNING digest");
-                    let spent: std::collections::HashSet<Vec<u8>> = insert
-                        .build()
-                        .fetch_all(&mut *tx)
-                        .await?
-                        .iter()
-                        .map(|row| row.try_get::<Vec<u8>, _>(0))
-                        .collect::<Result<_, _>>()?;
-                    for (i, nonce) in &candidates {
-                        if spent.contains(&nonce[..]) {
-                            outcomes[*i] = Committed::Done;
-                            done.push(*i);
-                        } else {
-                            outcomes[*i] = Committed::Replay;
-                        }
-                    }
-                }
-                done.sort_unstable();
-                if !done.is_empty() {
-                    let mut audit = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO audit (at, actor, action, outcome, detail) ",
-                    );
-                    audit.push_values(&done, |mut b, &i| {
-                        let r = &work[i].1;
-                        b.push_bind(r.at)
-                            .push_bind(r.actor.clone())
-                            .push_bind(r.action.clone())
-                            .push_bind(r.outcome.clone())
-                            .push_bind(r.detail.to_string());
-                    });
-                    audit.build().execute(&mut *tx).await?;
-                    let issued: Vec<&$crate::store::IssuedRecord> =
-                        done.iter().flat_map(|&i| work[i].0.issued.iter()).collect();
-                    if !issued.is_empty() {
-                        let mut insert = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO issued_certificates (serial, ca_version, profile, subject, names,
-                             claims_digest, claims, not_before, not_after, issued_at, certificate) ",
-                        );
-                        insert.push_values(&issued, |mut b, c| {
-                            b.push_bind(c.serial.clone())
-                                .push_bind(to_i64(c.ca_version))
-                                .push_bind(c.profile.clone())
-                                .push_bind(c.subject.clone())
-                                .push_bind(serde_json::json!(c.names).to_string())
-                                .push_bind(c.claims_digest.clone())
-                                .push_bind(c.claims.to_string())
-                                .push_bind(c.not_before)
-                                .push_bind(c.not_after)
-                                .push_bind(c.issued_at)
-                                .push_bind(c.certificate.clone());
-                        });
-                        insert.build().execute(&mut *tx).await?;
-                    }
-                }
-                tx.commit().await?;
-                Ok(outcomes)
             }
         }
     };

@@ -124,6 +124,9 @@ pub struct SqliteStore {
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Release decisions: the input cache and the group-commit writer.
     decisions: super::group::Decisions,
+    /// The thread that commits release decisions and the readiness heartbeat
+    /// (sqlite_writer.rs); `None` only while `open` migrates.
+    committer: Option<std::sync::Arc<super::sqlite_writer::GroupWriter>>,
 }
 
 impl SqliteStore {
@@ -151,14 +154,21 @@ impl SqliteStore {
             pool,
             writer: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             decisions: super::group::Decisions::detached(),
+            committer: None,
         };
         store.migrate().await?;
-        // The writer task holds a copy without a queue of its own, so it ends when the
-        // last handle is dropped.
-        let engine = store.clone();
+        // Release decisions commit on a thread of their own (sqlite_writer.rs), in the
+        // writer turn every other write takes too. The writer task's closure holds no store
+        // handle, so it ends when the last handle is dropped, and the thread with it.
+        let writer = std::sync::Arc::new(super::sqlite_writer::GroupWriter::open(path)?);
+        store.committer = Some(writer.clone());
+        let turn = store.writer.clone();
         store.decisions = store.decisions.clone().start(move |work| {
-            let engine = engine.clone();
-            async move { engine.commit_group(work).await }
+            let (writer, turn) = (writer.clone(), turn.clone());
+            async move {
+                let _turn = turn.lock_owned().await;
+                writer.commit(work).await
+            }
         });
         Ok(store)
     }
@@ -309,9 +319,13 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// The generation, read in the group's write transaction (SQLite has one writer: no
-    /// write to secrets or policies can come between this read and the commit).
-    const GENERATION_FOR_COMMIT: &str = "SELECT value FROM generation WHERE id = 1";
+    /// The readiness probe's committed write, on the connection release decisions commit on.
+    async fn heartbeat(&self, at: i64) -> Result<(), StoreError> {
+        match &self.committer {
+            Some(writer) => writer.heartbeat(at).await,
+            None => Err(StoreError::Unavailable("the store is still opening".into())),
+        }
+    }
 
     /// One broker per SQLite file: the KDS client's own single flight is enough.
     async fn fetch_lock(&self, _key: &str) -> Result<(), StoreError> {

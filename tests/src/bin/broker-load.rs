@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -95,9 +95,16 @@ enum Command {
         /// The protocol a flow speaks.
         #[arg(long, value_enum, default_value = "native")]
         protocol: Protocol,
-        /// Flows in flight at once.
+        /// Flows in flight at once (with `--rate`: at most).
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Open loop: start flows at this many per second, evenly spaced, whether or not
+        /// earlier ones have finished (up to `--concurrency` in flight), and measure each
+        /// flow's latency from when it was due to start, so a broker that falls behind is
+        /// charged for the wait. Without it: closed loop, each worker starts its next flow
+        /// when the previous one ends.
+        #[arg(long)]
+        rate: Option<f64>,
         /// Seconds to run.
         #[arg(long, default_value_t = 10)]
         duration: u64,
@@ -306,6 +313,8 @@ struct Tally {
     checked: u64,
     errors: BTreeMap<u16, u64>,
     latencies: Vec<Duration>,
+    /// Open loop: how late the generator's timer started flows that were not due yet.
+    timer_late: Vec<Duration>,
 }
 
 /// What a flow released, and the key that opens it.
@@ -419,12 +428,18 @@ async fn run(
     mode: Mode,
     protocol: Protocol,
     concurrency: usize,
+    rate: Option<f64>,
     duration: Duration,
     secret: String,
     broker_pid: Option<u32>,
     check_every: u64,
     sources: u8,
 ) -> anyhow::Result<serde_json::Value> {
+    if let Some(r) = rate
+        && !(r.is_finite() && r > 0.0)
+    {
+        anyhow::bail!("--rate must be a positive number of flows per second");
+    }
     let amd = guest_agent::evidence::load_simulated_amd(&sim_dir, attestation::Product::Genoa)
         .map_err(|e| anyhow::anyhow!("{}: {e}", sim_dir.display()))?;
     let guest = Arc::new(Guest::new(&amd, |_| {}));
@@ -435,16 +450,19 @@ async fn run(
         .map_err(|s| anyhow::anyhow!("warm-up flow failed with status {s}"))?;
     let before = broker_pid.map(process_usage).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Open loop: the next flow's slot in the schedule (flow k is due at started + k/rate).
+    let next_slot = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for i in 0..concurrency.max(1) {
         let source = source_for(&url, sources, i);
-        let (url, guest, secret, stop, config) = (
+        let (url, guest, secret, stop, config, next_slot) = (
             url.clone(),
             guest.clone(),
             secret.clone(),
             stop.clone(),
             config.clone(),
+            next_slot.clone(),
         );
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
@@ -461,7 +479,28 @@ async fn run(
                         &fresh
                     }
                 };
-                let t = Instant::now();
+                let t = match rate {
+                    None => Instant::now(),
+                    Some(rate) => {
+                        let slot = next_slot.fetch_add(1, Ordering::Relaxed);
+                        let due = started + Duration::from_secs_f64(slot as f64 / rate);
+                        if due >= started + duration {
+                            break;
+                        }
+                        if due > Instant::now() {
+                            // Early for the slot: the flow starts when the timer wakes us.
+                            // The timer's lateness is the generator's, not the broker's: it
+                            // is reported on its own (timer_late_ms).
+                            tokio::time::sleep_until(due.into()).await;
+                            let now = Instant::now();
+                            tally.timer_late.push(now - due);
+                            now
+                        } else {
+                            // Late: every worker was busy; the wait is the broker's.
+                            due
+                        }
+                    }
+                };
                 match flow(http, &url, &guest, &secret, protocol).await {
                     Ok(released) => {
                         tally.latencies.push(t.elapsed());
@@ -490,18 +529,30 @@ async fn run(
             *total.errors.entry(k).or_default() += v;
         }
         total.latencies.extend(t.latencies);
+        total.timer_late.extend(t.timer_late);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = broker_pid.map(process_usage).transpose()?;
+    // Open loop: the flows due before the end that never started (every worker was busy),
+    // which the latencies above do not show.
+    let missed = rate.map(|r| {
+        let due = (duration.as_secs_f64() * r).ceil() as u64;
+        due.saturating_sub(next_slot.load(Ordering::Relaxed).min(due))
+    });
     total.latencies.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        let n = total.latencies.len();
+    total.timer_late.sort_unstable();
+    let pct_of = |v: &[Duration], q: f64| -> f64 {
+        let n = v.len();
         if n == 0 {
             return 0.0;
         }
         let i = ((n as f64 - 1.0) * q).round() as usize;
-        total.latencies[i.min(n - 1)].as_secs_f64() * 1000.0
+        v[i.min(n - 1)].as_secs_f64() * 1000.0
     };
+    let pct = |q: f64| pct_of(&total.latencies, q);
+    let timer_late = rate.map(|_| {
+        json!({ "p50": pct_of(&total.timer_late, 0.5), "p99": pct_of(&total.timer_late, 0.99) })
+    });
     let cpu = match (before, after) {
         (Some((a, _)), Some((b, _))) => Some(b - a),
         _ => None,
@@ -522,6 +573,9 @@ async fn run(
         "mode": format!("{mode:?}").to_lowercase(),
         "protocol": format!("{protocol:?}").to_lowercase(),
         "concurrency": concurrency,
+        "rate": rate,
+        "missed": missed,
+        "timer_late_ms": timer_late,
         "seconds": elapsed,
         "flows": total.ok,
         "flows_per_second": total.ok as f64 / elapsed,
@@ -1090,6 +1144,7 @@ fn main() -> anyhow::Result<()> {
             mode,
             protocol,
             concurrency,
+            rate,
             duration,
             secret,
             broker_pid,
@@ -1110,6 +1165,7 @@ fn main() -> anyhow::Result<()> {
                 mode,
                 protocol,
                 concurrency,
+                rate,
                 Duration::from_secs(duration.max(1)),
                 secret,
                 broker_pid,
