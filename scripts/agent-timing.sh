@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
-cargo build --release --locked -q -p broker -p guest-agent --features broker/simulator,guest-agent/simulator
+# The same build as make bench (every feature: the simulated platform included). Cargo 1.95
+# ignored `-p broker -p guest-agent --features broker/simulator,…`, leaving a production build.
+cargo build --release --locked -q --all-features --bins
 B=$PWD/target/release/broker A=$PWD/target/release/guest-agent
 W=$(mktemp -d); trap 'kill $PID 2>/dev/null; rm -rf "$W"' EXIT
 PORT=18543
