@@ -806,45 +806,41 @@ where
     );
 }
 
+/// A connection to `url` that has run `sql` (which takes a lock) and holds it while alive.
+async fn holding<C>(url: String, sql: &'static str) -> Box<dyn std::any::Any + Send>
+where
+    C: sqlx::Connection + 'static,
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+{
+    let mut c = C::connect(&url).await.unwrap();
+    sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+    Box::new(c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_group_commit() {
-    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.db");
     let s = SqliteStore::open(&path).await.unwrap();
     let url = format!("sqlite://{}", path.display());
+    // Another connection holds SQLite's write lock.
     group_commit(s, || {
-        let url = url.clone();
-        async move {
-            // Another connection holds SQLite's write lock.
-            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
-            sqlx::raw_sql("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Box::new(c) as Box<dyn std::any::Any + Send>
-        }
+        holding::<sqlx::SqliteConnection>(url.clone(), "BEGIN IMMEDIATE")
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_group_commit() {
-    use sqlx::Connection;
     let mut pg = PgServer::start();
     let url = pg.create_database("group");
     let s = PgStore::open(&pg_settings(url.clone())).await.unwrap();
+    // Another session holds the generation row, as a write to secrets would.
     group_commit(s, || {
-        let url = url.clone();
-        async move {
-            // Another session holds the generation row, as a write to secrets would.
-            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::raw_sql("BEGIN; SELECT value FROM generation WHERE id = 1 FOR UPDATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Box::new(c) as Box<dyn std::any::Any + Send>
-        }
+        holding::<sqlx::PgConnection>(
+            url.clone(),
+            "BEGIN; SELECT value FROM generation WHERE id = 1 FOR UPDATE",
+        )
     })
     .await;
 }

@@ -357,13 +357,10 @@ impl PgStore {
 
     /// The readiness probe's committed write.
     async fn heartbeat(&self, at: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO heartbeat (id, at) VALUES (1, $1)
-             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-        )
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(super::sql::HEARTBEAT)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

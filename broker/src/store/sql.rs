@@ -11,6 +11,10 @@ pub struct HeldTx<DB: sqlx::Database> {
     pub(crate) _tx: sqlx::Transaction<'static, DB>,
 }
 
+/// The readiness probe's committed write (`$1`: seconds since the epoch), on either engine.
+pub(crate) const HEARTBEAT: &str = "INSERT INTO heartbeat (id, at) VALUES (1, $1)
+     ON CONFLICT (id) DO UPDATE SET at = excluded.at";
+
 /// A turn as the engine's single writer.
 pub(crate) type Writer = tokio::sync::OwnedMutexGuard<()>;
 

@@ -30,6 +30,16 @@ enum Job {
     Heartbeat(i64, oneshot::Sender<Result<(), StoreError>>),
 }
 
+impl Job {
+    /// Answers `e` without doing the job.
+    fn refuse(self, e: StoreError) {
+        let _ = match self {
+            Job::Group(_, reply) => reply.send(Err(e)).map_err(drop),
+            Job::Heartbeat(_, reply) => reply.send(Err(e)).map_err(drop),
+        };
+    }
+}
+
 /// The handle to the writer thread; the thread ends when the last handle is dropped.
 pub(super) struct GroupWriter {
     jobs: mpsc::Sender<Job>,
@@ -125,11 +135,9 @@ fn serve(path: &Path, conn: Connection, queue: &mpsc::Receiver<Job>) {
                 .ok();
         }
         let Some(c) = conn.as_mut() else {
-            let e = || StoreError::Unavailable("the store's writer has no connection".into());
-            match job {
-                Job::Group(_, reply) => drop(reply.send(Err(e()))),
-                Job::Heartbeat(_, reply) => drop(reply.send(Err(e()))),
-            }
+            job.refuse(StoreError::Unavailable(
+                "the store's writer has no connection".into(),
+            ));
             continue;
         };
         match job {
@@ -138,11 +146,7 @@ fn serve(path: &Path, conn: Connection, queue: &mpsc::Receiver<Job>) {
             }
             Job::Heartbeat(at, reply) => {
                 let done = c
-                    .execute(
-                        "INSERT INTO heartbeat (id, at) VALUES (1, ?1)
-                         ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                        params![at],
-                    )
+                    .execute(super::sql::HEARTBEAT, params![at])
                     .map(|_| ())
                     .map_err(unavailable);
                 let _ = reply.send(done);
