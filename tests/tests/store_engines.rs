@@ -661,6 +661,11 @@ where
     F: std::future::Future<Output = Box<dyn std::any::Any + Send>>,
 {
     let g = s.decision_inputs(&[], None).await.unwrap().generation;
+    // Queues a decision from a task of its own, as concurrent requests do.
+    let queue = |d: Spend, action: &'static str| {
+        let s = s.clone();
+        tokio::spawn(async move { s.commit_decision(d, audit(action)).await })
+    };
     let spend = move |n: u16| Spend {
         nonce: Some({
             let mut d = [0xee; 32];
@@ -673,12 +678,7 @@ where
     };
     let (groups_before, sum_before) = groups(&s);
     let guard = hold().await;
-    let tasks: Vec<_> = (0..20)
-        .map(|n| {
-            let s = s.clone();
-            tokio::spawn(async move { s.commit_decision(spend(n), audit("attest")).await })
-        })
-        .collect();
+    let tasks: Vec<_> = (0..20).map(|n| queue(spend(n), "attest")).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(guard);
     for t in tasks {
@@ -693,12 +693,7 @@ where
     );
 
     // Many expired nonces: purged in several small transactions, every one of them.
-    let tasks: Vec<_> = (20..1220)
-        .map(|n| {
-            let s = s.clone();
-            tokio::spawn(async move { s.commit_decision(spend(n), audit("attest")).await })
-        })
-        .collect();
+    let tasks: Vec<_> = (20..1220).map(|n| queue(spend(n), "attest")).collect();
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), Committed::Done);
     }
@@ -725,10 +720,7 @@ where
     ];
     let tasks: Vec<_> = mixed
         .into_iter()
-        .map(|d| {
-            let s = s.clone();
-            tokio::spawn(async move { s.commit_decision(d, audit("attest.group")).await })
-        })
+        .map(|d| queue(d, "attest.group"))
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(guard);
@@ -767,17 +759,11 @@ where
     };
     let audited = count(&s, "attest.group").await;
     let guard = hold().await;
-    let first = {
-        let s = s.clone();
-        tokio::spawn(async move { s.commit_decision(spend(6000), audit("attest.group")).await })
-    };
+    let first = queue(spend(6000), "attest.group");
     tokio::time::sleep(Duration::from_millis(150)).await;
     let clashing: Vec<_> = [6001, 6002]
         .into_iter()
-        .map(|n| {
-            let s = s.clone();
-            tokio::spawn(async move { s.commit_decision(issuing(n), audit("attest.group")).await })
-        })
+        .map(|n| queue(issuing(n), "attest.group"))
         .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
     drop(guard);
