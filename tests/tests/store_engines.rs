@@ -548,11 +548,19 @@ async fn conformance(s: impl Store + Clone) {
             .unwrap()
     );
     let sealed_before = s.sealed_records().await.unwrap();
+    let before_reseal = s.decision_inputs(&[], None).await.unwrap().generation;
     assert_eq!(
         s.reseal(&resealed).await.unwrap(),
         old.len() as u64 - gone_versions
     );
     assert_eq!(s.sealed_records().await.unwrap(), sealed_before);
+    // Re-encryption changes no plaintext: a decision made before it is not stale.
+    assert_eq!(
+        s.commit_decision(spend(40, before_reseal), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Done
+    );
     assert!(s.current_secret(&gone).await.unwrap().is_none());
     assert!(s.records_under_old_keys(2, 1_000).await.unwrap().is_empty());
     assert_eq!(s.broker_keys("ear-es256").await.unwrap()[0].key_version, 2);
@@ -562,6 +570,13 @@ async fn conformance(s: impl Store + Clone) {
             .unwrap(),
         0,
         "version 1 is the master key, not a stored row"
+    );
+    // The retirement does start a new generation: replicas drop their cached old bytes.
+    assert_eq!(
+        s.commit_decision(spend(41, before_reseal), audit("attest"))
+            .await
+            .unwrap(),
+        Committed::Stale
     );
     let mut late = secret("late", 1);
     late.key_version = 2;

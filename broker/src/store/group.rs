@@ -2,7 +2,8 @@
 //! (the nonce spend and the audit record) committed in groups by one writer task per store.
 //!
 //! A decision reads the active policy and the secrets it names as of a *generation*: a
-//! random token that every write to secrets or policies replaces, in the same transaction.
+//! random token that every write to secrets or policies replaces, in the same transaction
+//! (re-encrypting records under a new data key excepted: it changes no plaintext).
 //! The writer task commits a group of decisions in one transaction (one fsync): it reads the
 //! generation first (on PostgreSQL with a share lock, so a concurrent write to secrets or
 //! policies waits for the group), and a decision made on another generation is not written

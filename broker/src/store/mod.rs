@@ -469,9 +469,9 @@ pub trait Store: Send + Sync + 'static {
         current: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<SealedRecord>, StoreError>> + Send;
-    /// Replaces records with their re-encryption, in one transaction that also starts a new
-    /// generation; a record whose key version changed meanwhile is left alone. How many were
-    /// replaced.
+    /// Replaces records with their re-encryption, in one transaction; a record whose key
+    /// version changed meanwhile is left alone. No new generation: the plaintexts, so the
+    /// decisions, are unchanged. How many were replaced.
     fn reseal(
         &self,
         records: &[(SealedRecord, Vec<u8>, u64)],

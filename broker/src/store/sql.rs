@@ -722,8 +722,14 @@ macro_rules! sql_store {
                 records: &[($crate::store::SealedRecord, Vec<u8>, u64)],
             ) -> Result<u64, StoreError> {
                 use $crate::store::SealedTable;
+                // No new generation: a record re-encrypted under a newer data key holds the
+                // same plaintext, so a decision made on its old bytes is the same decision
+                // (every replica keeps the older keys). A new generation per batch made
+                // decisions on every replica stale once per batch, and a long rotation could
+                // refuse a release that went stale every time it was decided again. The
+                // retirement that ends a rotation does take a new generation, so the replicas
+                // drop their cached old bytes then.
                 let (mut tx, _writer) = self.begin_write().await?;
-                bump_generation(&mut tx).await?;
                 let mut replaced = 0;
                 for (old, sealed, key_version) in records {
                     let sql = match old.table {
@@ -749,7 +755,6 @@ macro_rules! sql_store {
                         .rows_affected();
                 }
                 tx.commit().await?;
-                self.decisions.cache.invalidate();
                 Ok(replaced)
             }
 
