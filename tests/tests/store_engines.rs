@@ -571,7 +571,7 @@ async fn conformance(s: impl Store + Clone) {
         0,
         "version 1 is the master key, not a stored row"
     );
-    // The retirement does start a new generation: replicas drop their cached old bytes.
+    // The retirement does start a new generation: replicas re-read their cached old bytes.
     assert_eq!(
         s.commit_decision(spend(41, before_reseal), audit("attest"))
             .await

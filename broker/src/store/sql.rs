@@ -727,8 +727,8 @@ macro_rules! sql_store {
                 // (every replica keeps the older keys). A new generation per batch made
                 // decisions on every replica stale once per batch, and a long rotation could
                 // refuse a release that went stale every time it was decided again. The
-                // retirement that ends a rotation does take a new generation, so the replicas
-                // drop their cached old bytes then.
+                // retirement that ends a rotation does take a new generation, so each replica
+                // drops its cached old bytes when its next decision is found stale.
                 let (mut tx, _writer) = self.begin_write().await?;
                 let mut replaced = 0;
                 for (old, sealed, key_version) in records {
