@@ -1,4 +1,5 @@
-//! Data-key versions: what seals records and authenticates challenge nonces, and their
+//! Data-key versions: what seals records and KBS session cookies and authenticates challenge
+//! nonces, and their
 //! online rotation.
 //!
 //! Version 1 is the master key itself (what every store written before rotation existed is
@@ -15,12 +16,14 @@
 //! nonce under a version a replica does not know makes it reload (at most every
 //! [`RELOAD_PROMPT_INTERVAL`]), and every replica reloads every [`REFRESH_INTERVAL`]. A
 //! superseded version's nonce key is accepted for one nonce lifetime (plus the refresh
-//! interval, for replicas that had not reloaded yet) after its successor was made.
+//! interval, for replicas that had not reloaded yet) after its successor was made, and its
+//! KBS session key for the longest a session lives (plus that interval).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::aead::LessSafeKey;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
@@ -39,6 +42,8 @@ pub const DEFAULT_BATCH: u32 = 200;
 struct Version {
     records: RecordCipher,
     nonces: aws_lc_rs::hmac::Key,
+    /// Seals KBS session cookies (`crate::kbs::session`).
+    sessions: Arc<LessSafeKey>,
     /// When its successor was made, if it has one.
     superseded_at: Option<i64>,
 }
@@ -230,10 +235,35 @@ impl Keyring {
     /// The nonce keys a nonce is checked against at `now`: the current version's, then each
     /// superseded one's for its grace period.
     pub fn nonce_keys(&self, now: u64) -> Vec<aws_lc_rs::hmac::Key> {
+        self.in_grace(now, self.nonce_grace, |v| v.nonces.clone())
+    }
+
+    /// The key to seal a KBS session cookie with: the current version's.
+    pub fn session_key(&self) -> Result<Arc<LessSafeKey>, Error> {
+        let ring = self
+            .ring
+            .read()
+            .map_err(|_| Error::Crypto("keyring lock poisoned".into()))?;
+        ring.versions
+            .get(&ring.current)
+            .map(|v| v.sessions.clone())
+            .ok_or_else(|| Error::Crypto("no current data key".into()))
+    }
+
+    /// The keys a session cookie is opened with at `now`: the current version's, then each
+    /// superseded one's for `grace` (the longest a session lives, plus the refresh interval)
+    /// after its successor was made.
+    pub fn session_keys(&self, now: u64, grace: Duration) -> Vec<Arc<LessSafeKey>> {
+        self.in_grace(now, grace, |v| v.sessions.clone())
+    }
+
+    /// `take` of the current version, then of each superseded one still within `grace` of
+    /// its successor at `now`; newest first.
+    fn in_grace<T>(&self, now: u64, grace: Duration, take: impl Fn(&Version) -> T) -> Vec<T> {
         let Ok(ring) = self.ring.read() else {
             return Vec::new();
         };
-        let grace = i64::try_from(self.nonce_grace.as_secs()).unwrap_or(i64::MAX);
+        let grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
         let now = i64::try_from(now).unwrap_or(i64::MAX);
         ring.versions
             .values()
@@ -242,7 +272,7 @@ impl Keyring {
                 v.superseded_at
                     .is_none_or(|at| now <= at.saturating_add(grace))
             })
-            .map(|v| v.nonces.clone())
+            .map(take)
             .collect()
     }
 }
@@ -251,6 +281,7 @@ fn derive(key: &MasterKey, superseded_at: Option<i64>) -> Result<Version, Error>
     Ok(Version {
         records: key.record_cipher()?,
         nonces: key.nonce_key()?,
+        sessions: Arc::new(key.kbs_session_key()?),
         superseded_at,
     })
 }

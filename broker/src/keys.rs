@@ -133,7 +133,8 @@ impl MasterKey {
         })
     }
 
-    /// The AEAD key that seals KBS session cookies.
+    /// The AEAD key that seals KBS session cookies (of a data-key version: the keyring
+    /// derives one per version, `Keyring::session_key`).
     pub fn kbs_session_key(&self) -> Result<LessSafeKey, Error> {
         let k = self.derive(b"kbs sessions")?;
         let key = UnboundKey::new(&AES_256_GCM, &k[..])

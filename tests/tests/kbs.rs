@@ -13,13 +13,19 @@ use e2e::kbs::{
 use e2e::{Broker, Guest, stderr};
 use kbs_types::Tee;
 use serde_json::{Value, json};
+use std::process::Command;
 
 const DB_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// A broker with the KBS front end (on in dev setups), an alias, a bundle of the simulated
 /// ARK and ASK (Azure evidence carries only the VCEK), and `edit` applied to its config.
 fn kbs_broker(edit: impl FnOnce(String) -> String) -> Broker {
-    Broker::start_configured(None, |dir, c| {
+    kbs_broker_on(None, edit)
+}
+
+/// [`kbs_broker`] on the PostgreSQL database at `postgres` (or SQLite).
+fn kbs_broker_on(postgres: Option<&str>, edit: impl FnOnce(String) -> String) -> Broker {
+    Broker::start_configured(postgres, |dir, c| {
         let sim = dir.join("sim");
         let bundle = [
             std::fs::read_to_string(sim.join("ark.pem")).unwrap(),
@@ -160,6 +166,60 @@ fn audit(b: &Broker, action: &str) -> Vec<Value> {
     assert!(out.status.success(), "{}", stderr(&out));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     doc["records"].as_array().unwrap().clone()
+}
+
+/// The session cookie is sealed under the current data key: a handshake begun before
+/// `broker keys rotate` finishes after it on a replica that has the new key, and a cookie
+/// that replica seals under the new key is served by one that has not loaded it yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kbs_sessions_cross_a_data_key_rotation_and_replicas() {
+    let mut pg = e2e::postgres::PgServer::start();
+    let url = pg.create_database("kbs_rotation");
+    let mut b = kbs_broker_on(Some(&url), |c| c);
+    assert_eq!(b.add_replica(), 1);
+    provision(&b);
+    let guest = Guest::new(&b.simulated_amd(), |_| {});
+    let mut before = KbsClient::new(b.guest_client(None), b.replica_url(1, ""));
+    let challenge = before.auth(Tee::Snp).await;
+
+    let out = Command::new(e2e::binary("broker").unwrap())
+        .args(["keys", "rotate", "--config"])
+        .arg(b.dir.join("broker.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rotation: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rotation["version"], 2, "{rotation}");
+    // Replica 0 starts again with the new data key current; replica 1 has not loaded it.
+    b.serve();
+    let on = |replica: usize, cookie: Option<String>| {
+        let mut c = KbsClient::new(b.guest_client(None), b.replica_url(replica, ""));
+        c.cookie = cookie;
+        c
+    };
+
+    let key = TeeKeyPair::p256();
+    let mut after = on(0, before.cookie.clone());
+    let (status, body) = after
+        .attest_raw(&snp_body(&guest, &challenge.nonce, &key, &key, true))
+        .await;
+    assert_eq!(
+        status, 200,
+        "a challenge sealed under the old data key: {body}"
+    );
+    let mut elsewhere = on(1, after.cookie.clone());
+    assert_eq!(
+        open(&key, &elsewhere.resource("default/key/db").await),
+        DB_KEY,
+        "a session sealed under the new data key, at a replica that had not loaded it"
+    );
+    // A cookie no replica sealed is still no session, after the reload.
+    let mut forged = on(1, Some(B64URL.encode([7u8; 64])));
+    assert_error(
+        &forged.resource("default/key/db").await,
+        401,
+        "not one of this broker's",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

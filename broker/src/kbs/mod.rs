@@ -61,6 +61,30 @@ impl Kbs {
     pub fn tokens(&self) -> &TokenKeys {
         &self.tokens
     }
+
+    /// The session a cookie carries. One this replica cannot open may be sealed under a data
+    /// key another replica made since this one last loaded them: reload (rate-limited) and
+    /// try again.
+    async fn session<S: Store>(
+        &self,
+        state: &AppState<S>,
+        cookie: Option<&str>,
+        now: u64,
+    ) -> Result<Session, SessionError> {
+        match self.sessions.open(cookie, now) {
+            Err(SessionError::Invalid)
+                if state
+                    .broker
+                    .keyring()
+                    .refresh_prompted(state.broker.store())
+                    .await
+                    .unwrap_or(false) =>
+            {
+                self.sessions.open(cookie, now)
+            }
+            other => other,
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -353,7 +377,7 @@ async fn attest<S: Store>(
     };
     let addr = peer_addr(peer);
     let cookie = session::cookie_value(&headers);
-    let session = match kbs.sessions.open(cookie.as_deref(), unix_now()) {
+    let session = match kbs.session(&state, cookie.as_deref(), unix_now()).await {
         Ok(s) => s,
         Err(e) => return no_session(e),
     };
@@ -545,7 +569,7 @@ async fn authorize<S: Store>(
         )
     } else {
         let cookie = session::cookie_value(headers);
-        match kbs.sessions.open(cookie.as_deref(), now) {
+        match kbs.session(state, cookie.as_deref(), now).await {
             Ok(Session::Attested {
                 tee_pubkey,
                 claims,

@@ -1,13 +1,18 @@
 //! Stateless KBS sessions: the `kbs-session-id` cookie is the session itself, sealed
-//! (AES-256-GCM under a key derived from the master key) and expiring, so any replica serves
-//! any step and nothing is stored per session.
+//! (AES-256-GCM under a key derived from the current data key, so it rotates with
+//! `broker keys rotate`) and expiring, so any replica serves any step and nothing is stored
+//! per session. A cookie sealed under a superseded data key opens for as long as a session
+//! lives after the rotation, so clients mid-flow are not refused.
 //!
 //! `/auth` hands out a *challenge* session (the nonce, the TEE kind, the hash it selected);
 //! `/attest` replaces it with an *attested* one (the verified claims and the TEE key the
-//! resources are encrypted to). A cookie from another broker (another master key), a
+//! resources are encrypted to). A cookie from another broker (another store's keys), a
 //! tampered or truncated one, and an expired one are all simply not a session.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, NONCE_LEN, Nonce};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -72,7 +77,9 @@ pub enum SessionError {
 
 /// Seals and opens session cookies.
 pub struct Sessions {
-    key: LessSafeKey,
+    keyring: Arc<crate::keyring::Keyring>,
+    /// How long a superseded data key's cookies still open.
+    grace: Duration,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -82,9 +89,15 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    /// Sessions sealed with `key` (from [`crate::keys::MasterKey::kbs_session_key`]).
-    pub fn new(key: LessSafeKey) -> Sessions {
-        Sessions { key }
+    /// Sessions sealed under `keyring`'s current data key; `lifetime` is the longest a
+    /// session lives (the nonce's and the token's lifetimes, whichever is longer), for which
+    /// a superseded key's cookies still open after a rotation (plus the keyring's refresh
+    /// interval, for replicas that have not reloaded yet).
+    pub fn new(keyring: Arc<crate::keyring::Keyring>, lifetime: Duration) -> Sessions {
+        Sessions {
+            keyring,
+            grace: lifetime.saturating_add(crate::keyring::REFRESH_INTERVAL),
+        }
     }
 
     /// The cookie value of a session.
@@ -95,7 +108,8 @@ impl Sessions {
             .map_err(|_| crate::Error::Crypto("no randomness".into()))?;
         let mut buf = serde_json::to_vec(session)
             .map_err(|e| crate::Error::Crypto(format!("session encoding: {e}")))?;
-        self.key
+        self.keyring
+            .session_key()?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(AAD),
@@ -119,13 +133,18 @@ impl Sessions {
             return Err(SessionError::Invalid);
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SessionError::Invalid)?;
-        let mut buf = sealed.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(AAD), &mut buf)
-            .map_err(|_| SessionError::Invalid)?;
-        let session: Session = serde_json::from_slice(plain).map_err(|_| SessionError::Invalid)?;
+        // The current data key's, then a superseded one's within its grace: the tag says which.
+        let session = self
+            .keyring
+            .session_keys(now, self.grace)
+            .iter()
+            .find_map(|key| {
+                let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+                let mut buf = sealed.to_vec();
+                let plain = key.open_in_place(nonce, Aad::from(AAD), &mut buf).ok()?;
+                Some(serde_json::from_slice::<Session>(plain).map_err(|_| SessionError::Invalid))
+            })
+            .ok_or(SessionError::Invalid)??;
         if now > session.exp() {
             return Err(SessionError::Expired);
         }
@@ -151,18 +170,68 @@ mod tests {
     use crate::keys::MasterKey;
 
     fn sessions() -> Sessions {
-        Sessions::new(MasterKey::generate().unwrap().kbs_session_key().unwrap())
+        let keyring = crate::keyring::Keyring::new(MasterKey::generate().unwrap(), LIFETIME);
+        Sessions::new(Arc::new(keyring.unwrap()), LIFETIME)
+    }
+
+    const LIFETIME: Duration = Duration::from_secs(300);
+
+    fn challenge(exp: u64) -> Session {
+        Session::Challenge {
+            exp,
+            nonce: "n".into(),
+            tee: "snp".into(),
+            hash: "sha512".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cookies_follow_the_data_key_across_a_rotation() {
+        use crate::keyring::{Keyring, REFRESH_INTERVAL, rotate};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("b.db"))
+            .await
+            .unwrap();
+        let master = MasterKey::generate().unwrap();
+        let copy = || MasterKey::from_bytes(master.expose()).unwrap();
+        let keyring = Arc::new(Keyring::load(copy(), &store, LIFETIME).await.unwrap());
+        let (this, other) = (
+            Sessions::new(keyring.clone(), LIFETIME),
+            // Another replica, which has not reloaded the data keys since the rotation.
+            Sessions::new(
+                Arc::new(Keyring::load(copy(), &store, LIFETIME).await.unwrap()),
+                LIFETIME,
+            ),
+        );
+        let session = challenge(u64::MAX);
+        let before = this.seal(&session).unwrap();
+        let rotated_at = 1_000;
+        let rotation = rotate(&store, copy(), "op", rotated_at, 10, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(rotation.version, 2);
+        keyring.refresh(&store).await.unwrap();
+        let after = this.seal(&session).unwrap();
+        // A new key: the replica that has not reloaded cannot open it yet (the KBS front end
+        // reloads then), and its own cookies, under the old key, still open here.
+        assert_eq!(other.open(Some(&after), 0), Err(SessionError::Invalid));
+        let other_cookie = other.seal(&session).unwrap();
+        assert_eq!(this.open(Some(&other_cookie), 0).unwrap(), session);
+        // A cookie sealed before the rotation opens for a session's lifetime (plus the
+        // refresh interval) after it, then no more; one sealed after it keeps opening.
+        let end = 1_000 + LIFETIME.as_secs() + REFRESH_INTERVAL.as_secs();
+        assert_eq!(this.open(Some(&before), end).unwrap(), session);
+        assert_eq!(
+            this.open(Some(&before), end + 1),
+            Err(SessionError::Invalid)
+        );
+        assert_eq!(this.open(Some(&after), end + 1).unwrap(), session);
     }
 
     #[test]
     fn sessions_round_trip_and_refuse_others() {
         let s = sessions();
-        let session = Session::Challenge {
-            exp: 100,
-            nonce: "n".into(),
-            tee: "snp".into(),
-            hash: "sha512".into(),
-        };
+        let session = challenge(100);
         let cookie = s.seal(&session).unwrap();
         assert_eq!(s.open(Some(&cookie), 100).unwrap(), session);
         assert_eq!(s.open(Some(&cookie), 101), Err(SessionError::Expired));

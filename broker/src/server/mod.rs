@@ -973,7 +973,6 @@ pub async fn build(
         tracing::warn!("{warning}");
     }
     let tls_state = Arc::new(tls::TlsState::load(&settings.tls)?);
-    let sessions_key = master.kbs_session_key()?;
     let keyring = Arc::new(Keyring::load(master, &store, settings.nonce_ttl).await?);
     let broker = Broker::new(store, Verifier::new(anchors), keyring, settings.nonce_ttl)
         .with_kds(crate::kds::Kds::new(&settings.kds)?)
@@ -997,7 +996,10 @@ pub async fn build(
         let tokens =
             crate::kbs::token::TokenKeys::load(broker.store(), broker.keyring(), now_i64()).await?;
         Some(Arc::new(crate::kbs::Kbs::new(
-            crate::kbs::session::Sessions::new(sessions_key),
+            crate::kbs::session::Sessions::new(
+                broker.keyring().clone(),
+                settings.nonce_ttl.max(settings.kbs.token_ttl),
+            ),
             tokens,
             settings.kbs.clone(),
         )))
