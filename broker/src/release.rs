@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use attestation::policy::Policy;
 use attestation::protocol::{
@@ -30,8 +30,18 @@ pub const MAX_SECRETS_PER_REQUEST: usize = 32;
 /// Most certificates one request may carry.
 pub const MAX_CERTIFICATES: usize = 8;
 const CHAIN_CACHE_ENTRIES: usize = 4096;
-/// Times a release is decided again when secrets or policies changed under it.
+/// A release whose inputs (secrets, policy) changed before its commit is decided again on
+/// the new ones: at least this many times...
 const STALE_RETRIES: usize = 4;
+/// ...and then for as long as this since its first try, so that a burst of admin writes
+/// (each a new generation) does not refuse releases that kept losing the race to them.
+const STALE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Whether a release decided `attempts` times, first at `started`, all found stale, is
+/// decided again at `now`.
+fn decide_again(attempts: usize, started: Instant, now: Instant) -> bool {
+    attempts < STALE_RETRIES || now.saturating_duration_since(started) < STALE_PATIENCE
+}
 
 /// Why an attestation released nothing. Each maps to one HTTP status and problem type.
 #[derive(Debug, thiserror::Error)]
@@ -726,8 +736,9 @@ impl<S: Store> Broker<S> {
         }
         let expires = i64::try_from(checked.nonce_expires_at).unwrap_or(i64::MAX);
         // A write to secrets or policies between reading the inputs and the commit makes
-        // the decision stale: decided again on the new inputs, a few times at most.
-        for _ in 0..STALE_RETRIES {
+        // the decision stale: decided again on the new inputs (`decide_again`).
+        let started = Instant::now();
+        for attempt in 1.. {
             let inputs = self.inputs(&checked.secrets).await?;
             let generation = inputs.generation;
             let (outcome, record, issued) = decide(inputs);
@@ -742,7 +753,8 @@ impl<S: Store> Broker<S> {
                     self.remember_spent(checked, unix(SystemTime::now()));
                     return outcome;
                 }
-                Ok(Committed::Stale) => continue,
+                Ok(Committed::Stale) if decide_again(attempt, started, Instant::now()) => continue,
+                Ok(Committed::Stale) => break,
                 Ok(Committed::Replay) => {
                     self.remember_spent(checked, unix(SystemTime::now()));
                     return Err(self.replayed(checked, now).await);
@@ -798,7 +810,8 @@ impl<S: Store> Broker<S> {
             return Err(Refusal::UnknownSecret(secret.to_string()));
         }
         let names = [secret.to_string()];
-        for _ in 0..STALE_RETRIES {
+        let started = Instant::now();
+        for attempt in 1.. {
             let inputs = self.inputs(&names).await?;
             let generation = inputs.generation;
             let outcome = self.decide_vouched(vouched, secret, inputs);
@@ -811,7 +824,8 @@ impl<S: Store> Broker<S> {
             };
             match self.store.commit_decision(spend, record).await {
                 Ok(Committed::Done) => return outcome.map(|(plaintext, _)| plaintext),
-                Ok(_) => continue,
+                Ok(_) if decide_again(attempt, started, Instant::now()) => continue,
+                Ok(_) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "decision commit failed; refusing the release");
                     return Err(Refusal::Store(e));
@@ -1654,4 +1668,26 @@ fn endorsements(
         }
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_decisions_are_decided_again_a_few_times_then_for_a_while() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // However late the first tries end, a few are always made.
+        for attempts in 1..STALE_RETRIES {
+            assert!(decide_again(attempts, t0, at(10_000)));
+        }
+        assert!(!decide_again(STALE_RETRIES, t0, at(10_000)));
+        // Past those, as many as fit in the patience, and no more.
+        let patience = u64::try_from(STALE_PATIENCE.as_millis()).unwrap();
+        assert!(decide_again(500, t0, at(patience - 1)));
+        assert!(!decide_again(500, t0, at(patience)));
+        // A `now` before the start counts as no time spent.
+        assert!(decide_again(STALE_RETRIES, at(5), t0));
+    }
 }
