@@ -170,18 +170,12 @@ impl Keyring {
 
     /// Seals a record (`name`, `version`) under the current data key.
     pub fn seal(&self, name: &str, version: u64, plaintext: &[u8]) -> Result<Sealed, Error> {
-        let ring = self
-            .ring
-            .read()
-            .map_err(|_| Error::Crypto("keyring lock poisoned".into()))?;
-        let current = ring
-            .versions
-            .get(&ring.current)
-            .ok_or_else(|| Error::Crypto("no current data key".into()))?;
-        Ok(Sealed {
-            bytes: current.records.seal(name, version, plaintext)?,
-            key_version: ring.current,
-        })
+        self.of_current(|key_version, v| {
+            Ok(Sealed {
+                bytes: v.records.seal(name, version, plaintext)?,
+                key_version,
+            })
+        })?
     }
 
     /// Opens a record sealed under `key_version`, if this keyring has that version.
@@ -222,14 +216,7 @@ impl Keyring {
 
     /// The nonce key to mint with.
     pub fn nonce_key(&self) -> Result<aws_lc_rs::hmac::Key, Error> {
-        let ring = self
-            .ring
-            .read()
-            .map_err(|_| Error::Crypto("keyring lock poisoned".into()))?;
-        ring.versions
-            .get(&ring.current)
-            .map(|v| v.nonces.clone())
-            .ok_or_else(|| Error::Crypto("no current data key".into()))
+        self.of_current(|_, v| v.nonces.clone())
     }
 
     /// The nonce keys a nonce is checked against at `now`: the current version's, then each
@@ -240,13 +227,18 @@ impl Keyring {
 
     /// The key to seal a KBS session cookie with: the current version's.
     pub fn session_key(&self) -> Result<Arc<LessSafeKey>, Error> {
+        self.of_current(|_, v| v.sessions.clone())
+    }
+
+    /// `take` of the current version (its number and what it derives).
+    fn of_current<T>(&self, take: impl FnOnce(u64, &Version) -> T) -> Result<T, Error> {
         let ring = self
             .ring
             .read()
             .map_err(|_| Error::Crypto("keyring lock poisoned".into()))?;
         ring.versions
             .get(&ring.current)
-            .map(|v| v.sessions.clone())
+            .map(|v| take(ring.current, v))
             .ok_or_else(|| Error::Crypto("no current data key".into()))
     }
 
