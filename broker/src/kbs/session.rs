@@ -188,10 +188,7 @@ mod tests {
     #[tokio::test]
     async fn cookies_follow_the_data_key_across_a_rotation() {
         use crate::keyring::{Keyring, REFRESH_INTERVAL, rotate};
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::SqliteStore::open(&dir.path().join("b.db"))
-            .await
-            .unwrap();
+        let (_dir, store) = crate::store::temp_sqlite_store().await;
         let master = MasterKey::generate().unwrap();
         let copy = || MasterKey::from_bytes(master.expose()).unwrap();
         let keyring = Arc::new(Keyring::load(copy(), &store, LIFETIME).await.unwrap());

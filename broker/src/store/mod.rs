@@ -16,6 +16,8 @@ pub use group::{CommitMetrics, Committed, DecisionInputs, IssuedRecord, Spend};
 pub use postgres::{PgSettings, PgStore};
 pub use sql::HeldTx;
 pub use sqlite::SqliteStore;
+#[cfg(test)]
+pub(crate) use sqlite::tests::store as temp_sqlite_store;
 
 /// Why the store failed.
 #[derive(Clone, Debug, thiserror::Error)]

@@ -336,11 +336,12 @@ impl SqliteStore {
 super::sql::sql_store!(SqliteStore, sqlx::Sqlite, ());
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::Store;
 
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
+    /// A store in a temporary directory of its own, there while the directory is kept.
+    pub(crate) async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("b.db")).await.unwrap();
         (dir, s)
